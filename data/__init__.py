@@ -1,0 +1,1 @@
+"""data/: the CS224N files, tokenisation and batching."""

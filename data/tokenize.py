@@ -1,0 +1,99 @@
+"""WordPiece tokenisation with the ``tokenizers`` library, from a model directory's vocab.txt,
+and a disk cache so that each data file is tokenised once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import BertWordPieceTokenizer
+
+from data.files import Example
+
+
+@dataclass
+class EncodedSplit:
+    """A tokenised split. ``views`` holds one list of sequences per encoder input: one view for
+    single sentences and cross-encoded pairs, two views (sentence 1, sentence 2) for bi-encoding.
+    Each sequence is ``(input_ids, token_type_ids)``, unpadded."""
+
+    ids: list[str]
+    views: list[list[tuple[list[int], list[int]]]]
+    labels: list[float | int] | None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class Tokenizer:
+    """BERT WordPiece tokeniser. Lower-cases when the model's tokenizer_config.json says so
+    (``do_lower_case``, true by default as for bert-base-uncased)."""
+
+    def __init__(self, model_dir: str | Path, max_length: int = 128):
+        model_dir = Path(model_dir)
+        vocab = model_dir / "vocab.txt"
+        if not vocab.is_file():
+            raise FileNotFoundError(f"{model_dir}: no vocab.txt; a Hugging Face BERT directory has one")
+        lowercase = True
+        config_file = model_dir / "tokenizer_config.json"
+        if config_file.is_file():
+            lowercase = bool(json.loads(config_file.read_text()).get("do_lower_case", True))
+        self.max_length = max_length
+        self.lowercase = lowercase
+        self.vocab_digest = hashlib.sha1(vocab.read_bytes()).hexdigest()[:16]
+        self.backend = BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
+        self.backend.enable_truncation(max_length=max_length, strategy="longest_first")
+        self.pad_id = self.backend.token_to_id("[PAD]")
+
+    def encode(self, first: list[str], second: list[str] | None = None) -> list[tuple[list[int], list[int]]]:
+        """Single sentences, or pairs as ``[CLS] a [SEP] b [SEP]`` with segment ids 0/1."""
+        inputs = list(first) if second is None else list(zip(first, second, strict=True))
+        return [(e.ids, e.type_ids) for e in self.backend.encode_batch(inputs)]
+
+    def encode_examples(self, examples: list[Example], pair_encoding: str = "cross") -> EncodedSplit:
+        """``pair_encoding`` is "cross" (one joint sequence) or "bi" (each sentence alone)."""
+        columns = list(zip(*(e.texts for e in examples), strict=True))
+        if len(columns) == 1 or pair_encoding == "bi":
+            views = [self.encode(list(col)) for col in columns]
+        elif pair_encoding == "cross":
+            views = [self.encode(list(columns[0]), list(columns[1]))]
+        else:
+            raise ValueError(f"pair_encoding must be 'cross' or 'bi', not {pair_encoding!r}")
+        labels = None if examples[0].label is None else [e.label for e in examples]
+        return EncodedSplit([e.id for e in examples], views, labels)
+
+
+def cached_encode(
+    tokenizer: Tokenizer,
+    source: Path,
+    examples: list[Example],
+    pair_encoding: str,
+    cache_dir: str | Path | None,
+) -> EncodedSplit:
+    """Tokenise ``examples`` read from ``source``, reusing a cache keyed by the file's bytes,
+    the vocabulary and the settings. The cache is written atomically (temp file, then rename)."""
+    if cache_dir is None:
+        return tokenizer.encode_examples(examples, pair_encoding)
+    key = hashlib.sha1(Path(source).read_bytes()).hexdigest()[:16]
+    name = f"{Path(source).stem}-{key}-{tokenizer.vocab_digest}-{int(tokenizer.lowercase)}-{tokenizer.max_length}-{pair_encoding}.pkl"
+    cache_file = Path(cache_dir) / name
+    if cache_file.is_file():
+        try:
+            with open(cache_file, "rb") as fp:
+                encoded = pickle.load(fp)
+            if isinstance(encoded, EncodedSplit) and len(encoded) == len(examples):
+                return encoded
+        except Exception:  # a corrupt cache entry is rebuilt below
+            pass
+    encoded = tokenizer.encode_examples(examples, pair_encoding)
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
+    with os.fdopen(fd, "wb") as fp:
+        pickle.dump(encoded, fp, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, cache_file)
+    return encoded

@@ -1,0 +1,1 @@
+"""model/: our BERT, our AdamW, the single-task classifier and the multitask trainer."""
