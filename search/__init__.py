@@ -1,0 +1,1 @@
+"""Hyperparameter search: Ray Tune schedules Optuna-sampled trials of the multitask trainer."""
