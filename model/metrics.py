@@ -1,0 +1,105 @@
+"""Task metrics, the overall score and leaderboard CSV files.
+
+``values`` are what the model outputs per example (and what ``outputs/<task>-<split>.npz`` holds):
+class probabilities (N, C) for sentiment tasks, P(duplicate) (N,) for paraphrase, the predicted
+similarity (N,) on the 0-5 scale for STS.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+# Leaderboard header of each task's prediction column.
+PREDICTION_COLUMNS = {
+    "sst": "Predicted_Sentiment",
+    "cfimdb": "Predicted_Sentiment",
+    "para": "Predicted_Is_Paraphrase",
+    "sts": "Predicted_Similarity",
+}
+CLASSIFICATION_TASKS = ("sst", "cfimdb")
+
+
+def predicted_labels(task: str, values: np.ndarray) -> np.ndarray:
+    """The hard prediction: a class for sentiment, 0/1 for paraphrase, the score itself for STS."""
+    values = np.asarray(values)
+    if task in CLASSIFICATION_TASKS:
+        if values.ndim != 2:
+            raise ValueError(f"{task}: expected class probabilities of shape (N, C), got shape {values.shape}")
+        return values.argmax(axis=1)
+    if task == "para":
+        return (values >= 0.5).astype(np.int64)
+    if task == "sts":
+        return values.astype(np.float64)
+    raise KeyError(f"unknown task {task!r}; known tasks: {sorted(PREDICTION_COLUMNS)}")
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r; 0.0 when either side is constant (r is undefined there, and a constant
+    predictor carries no information about the ranking)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
+    return float((x * y).sum() / denom) if denom > 0 else 0.0
+
+
+def task_metric(task: str, values: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy for sst/cfimdb/para, Pearson r for sts."""
+    labels = np.asarray(labels)
+    predicted = predicted_labels(task, values)
+    if len(predicted) != len(labels):
+        raise ValueError(f"{task}: {len(predicted)} predictions but {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError(f"{task}: no examples to score")
+    if task == "sts":
+        return pearson(predicted, labels)
+    return float((predicted == labels.astype(np.int64)).mean())
+
+
+def normalized_score(task: str, metric: float) -> float:
+    """Maps every task metric to 0..1: Pearson r becomes (r + 1) / 2, accuracies stay."""
+    return (metric + 1.0) / 2.0 if task == "sts" else metric
+
+
+def overall_score(metrics: dict[str, float], tasks: Sequence[str]) -> float:
+    """Mean normalised score over ``tasks``: for all three, (SST acc + para acc + (r + 1) / 2) / 3."""
+    if not tasks:
+        raise ValueError("overall_score needs at least one task")
+    missing = [t for t in tasks if t not in metrics]
+    if missing:
+        raise KeyError(f"overall_score: no metric for task(s) {missing}")
+    return sum(normalized_score(t, metrics[t]) for t in tasks) / len(tasks)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file via a temp file in the same directory and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fp:
+            fp.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_predictions(path: str | Path, task: str, ids: Sequence[str], values: np.ndarray) -> None:
+    """Leaderboard CSV: ``id,Predicted_Sentiment`` (class), ``id,Predicted_Is_Paraphrase`` (0/1)
+    or ``id,Predicted_Similarity`` (0-5 float)."""
+    if task not in PREDICTION_COLUMNS:
+        raise KeyError(f"unknown task {task!r}; known tasks: {sorted(PREDICTION_COLUMNS)}")
+    predicted = predicted_labels(task, values)
+    if len(predicted) != len(ids):
+        raise ValueError(f"{task}: {len(ids)} ids but {len(predicted)} predictions")
+    if task == "sts":
+        rows = [f"{i},{float(p):.4f}" for i, p in zip(ids, predicted, strict=True)]
+    else:
+        rows = [f"{i},{int(p)}" for i, p in zip(ids, predicted, strict=True)]
+    atomic_write_text(path, "\n".join([f"id,{PREDICTION_COLUMNS[task]}", *rows]) + "\n")

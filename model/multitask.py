@@ -1,0 +1,188 @@
+"""The multitask model: one shared BERT encoder (``bert``) and one head per task (``heads[task]``).
+
+Sentence tasks (sst, cfimdb) read one pooled vector. Pair tasks (para, sts) are either
+cross-encoded (one view: ``[CLS] s1 [SEP] s2 [SEP]``, one pooled vector) or bi-encoded (two views,
+each sentence alone, pooled to u and v and combined as [u, v, |u-v|, u*v]); bi-encoded STS can
+instead be 5 * cos(u, v), which has no parameters.
+
+Outputs (the "raw" values that losses and ensembles use): class logits (B, C) for sentiment, one
+logit (B,) for paraphrase, the similarity (B,) on the 0-5 scale for STS.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.files import TASK_FILES
+from model.bert import BertModel
+
+PAIR_TASKS = ("para", "sts")
+SENTENCE_TASKS = ("sst", "cfimdb")
+POOLINGS = ("mean", "cls", "pooler")
+PAIR_ENCODINGS = ("cross", "bi")
+SST_HEADS = ("linear", "hidden")
+STS_HEADS = ("regression", "cosine")
+
+View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
+
+
+def pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad a (B, T) id/mask/type tensor with zeros (masked out) to ``width`` columns."""
+    return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]))
+
+
+def combine_pair(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Sentence-BERT's pair features [u, v, |u-v|, u*v]."""
+    return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
+
+
+class SentenceHead(nn.Module):
+    """Dropout + linear, or dropout + hidden layer (GELU) + dropout + linear."""
+
+    def __init__(self, hidden: int, num_classes: int, dropout: float, kind: str):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+        elif kind == "hidden":
+            self.net = nn.Sequential(
+                nn.Dropout(dropout), nn.Linear(hidden, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            )
+        else:
+            raise ValueError(f"sst_head must be one of {SST_HEADS}, not {kind!r}")
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return self.net(pooled[0])
+
+
+class PairHead(nn.Module):
+    """One output per pair from the cross-encoded vector or the bi-encoded [u, v, |u-v|, u*v]."""
+
+    def __init__(self, hidden: int, dropout: float, bi: bool, bias: float = 0.0):
+        super().__init__()
+        self.bi = bi
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(4 * hidden if bi else hidden, 1)
+        with torch.no_grad():
+            self.linear.bias.fill_(bias)
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        features = combine_pair(pooled[0], pooled[1]) if self.bi else pooled[0]
+        return self.linear(self.dropout(features)).squeeze(-1)
+
+
+class CosineHead(nn.Module):
+    """5 * cos(u, v): similarity on the STS scale straight from the sentence embeddings."""
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        return 5.0 * F.cosine_similarity(pooled[0].float(), pooled[1].float(), dim=-1)
+
+
+class MultitaskBert(nn.Module):
+    def __init__(
+        self,
+        bert: BertModel,
+        tasks: list[str],
+        pair_encoding: str = "cross",
+        pooling: str = "mean",
+        sst_head: str = "linear",
+        sts_head: str = "regression",
+        dropout: float = 0.1,
+        freeze_layers: int = 0,
+    ):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
+        if pair_encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"pair_encoding must be one of {PAIR_ENCODINGS}, not {pair_encoding!r}")
+        if sts_head not in STS_HEADS:
+            raise ValueError(f"sts_head must be one of {STS_HEADS}, not {sts_head!r}")
+        if sts_head == "cosine" and pair_encoding != "bi" and "sts" in tasks:
+            raise ValueError("sts_head 'cosine' needs pair_encoding 'bi' (a cross-encoder has no separate sentence vectors)")
+        self.bert = bert
+        self.pooling = pooling
+        self.pair_encoding = pair_encoding
+        hidden = bert.config.hidden_size
+        bi = pair_encoding == "bi"
+        heads = {}
+        for task in tasks:
+            if task in SENTENCE_TASKS:
+                heads[task] = SentenceHead(hidden, TASK_FILES[task].num_classes, dropout, sst_head)
+            elif task == "para":
+                heads[task] = PairHead(hidden, dropout, bi)
+            elif task == "sts":
+                # Start regression at the middle of the 0-5 scale rather than at 0.
+                heads[task] = CosineHead() if sts_head == "cosine" else PairHead(hidden, dropout, bi, bias=2.5)
+            else:
+                raise ValueError(f"unknown task {task!r}; known tasks: {[*SENTENCE_TASKS, *PAIR_TASKS]}")
+        self.heads = nn.ModuleDict(heads)
+        self.freeze(freeze_layers)
+
+    def freeze(self, layers: int) -> None:
+        """Freeze the embeddings and the lowest ``layers`` transformer layers (0 = train everything)."""
+        total = len(self.bert.encoder.layer)
+        if not 0 <= layers <= total:
+            raise ValueError(f"freeze_layers must be in 0..{total} for this {total}-layer model, not {layers}")
+        frozen = [self.bert.embeddings, *self.bert.encoder.layer[:layers]] if layers else []
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The shared, trainable parameters (what gradient surgery operates on)."""
+        return [p for p in self.bert.parameters() if p.requires_grad]
+
+    def pool(self, out: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "cls":
+            return out["last_hidden_state"][:, 0]
+        if self.pooling == "pooler":
+            return out["pooler_output"]
+        hidden = out["last_hidden_state"]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def embed(self, view: View, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled encoder output of one view; ``inputs_embeds`` replaces the word embeddings (SMART)."""
+        input_ids, attention_mask, token_type_ids = view
+        out = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds)
+        return self.pool(out, attention_mask)
+
+    def word_embeddings(self, view: View) -> torch.Tensor:
+        return self.bert.embeddings.word_embeddings(view[0])
+
+    def forward(self, task: str, views: list[View], inputs_embeds: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Raw output of ``task``'s head (logits or STS score) for a batch of one or two views."""
+        if inputs_embeds is None:
+            inputs_embeds = [None] * len(views)
+        pooled = self.encode_views(views, inputs_embeds)
+        return self.heads[task](pooled)
+
+    def encode_views(self, views: list[View], inputs_embeds: list[torch.Tensor | None]) -> list[torch.Tensor]:
+        if len(views) == 2 and inputs_embeds[0] is None and inputs_embeds[1] is None:
+            # Both sentences of a bi-encoded batch go through the encoder as one batch of 2B rows
+            # (fewer, larger matrix products), the narrower view padded to the wider one.
+            width = max(views[0][0].shape[1], views[1][0].shape[1])
+            stacked = tuple(torch.cat([pad_to(a, width), pad_to(b, width)]) for a, b in zip(views[0], views[1], strict=True))
+            return list(self.embed(stacked).chunk(2))
+        return [self.embed(view, emb) for view, emb in zip(views, inputs_embeds, strict=True)]
+
+
+def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (sentiment), binary cross-entropy with logits (paraphrase), MSE (STS)."""
+    output = output.float()
+    if task in SENTENCE_TASKS:
+        return F.cross_entropy(output, labels)
+    if task == "para":
+        return F.binary_cross_entropy_with_logits(output, labels.float())
+    return F.mse_loss(output, labels.float())
+
+
+def output_values(task: str, output: torch.Tensor) -> torch.Tensor:
+    """What is saved and ensembled: class probabilities, P(duplicate), or the STS score."""
+    output = output.float()
+    if task in SENTENCE_TASKS:
+        return output.softmax(-1)
+    if task == "para":
+        return torch.sigmoid(output)
+    return output

@@ -1,0 +1,729 @@
+"""Multitask fine-tuning of one BERT on SST, Quora paraphrase and STS (any subset of them).
+
+Python: ``train(TrainConfig(...) or dict, output_dir, report=callback)``; command line:
+``python -m model.train --tasks sst para sts --output-dir results/run1`` (``--help`` lists every option;
+each flag is a ``TrainConfig`` field).
+
+What a step is: one optimizer update over one batch from each trained task (``round_robin``), or
+over as many batches as there are tasks, each from a task drawn at random (``proportional``:
+p(task) proportional to its number of training examples; ``annealed``: p proportional to n**alpha
+with alpha going linearly from 1 at the first epoch to 0.5 at the last, as in MT-DNN / Stickland &
+Murray 2019, so small tasks get more weight as training goes on). The task losses of a step are
+summed (``surgery="none"``) or their encoder gradients combined by PCGrad / GradVac.
+
+output_dir after training (the best epoch is the one with the highest dev "overall"):
+  config.json, model.safetensors (best weights), last.pt (resume state), metrics.json,
+  outputs/<task>-<split>.npz (ids, values[, labels]) and predictions/<task>-<split>-out.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.batching import BatchStream, iterate_batches
+from data.files import TASK_FILES, Example, load_examples, resolve_data_dir
+from data.tokenize import EncodedSplit, Tokenizer, cached_encode
+from model.bert import BertConfig, BertModel, default_model_path, load_strict
+from model.metrics import atomic_write_text, overall_score, task_metric, write_predictions
+from model.multitask import (
+    PAIR_ENCODINGS,
+    POOLINGS,
+    SST_HEADS,
+    STS_HEADS,
+    MultitaskBert,
+    output_values,
+    task_loss,
+)
+
+TASKS = ("sst", "para", "sts", "cfimdb")
+SURGERIES = ("none", "pcgrad", "gradvac")
+SCHEDULES = ("round_robin", "proportional", "annealed")
+LR_SCHEDULES = ("constant", "linear")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE_DIR = REPO_ROOT / "cache" / "tokens"
+EVAL_BATCH_SIZE = 64
+# Fields that change how a run executes but not what it computes; a resumed run may change them.
+RUNTIME_FIELDS = ("threads", "device", "predict_test", "cache_dir", "data_dir")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite; the run stops (a search records the trial as failed)."""
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass
+class TrainConfig:
+    tasks: list[str] = field(
+        **_help("tasks to train, any subset of sst para sts (and cfimdb)", default_factory=lambda: ["sst", "para", "sts"])
+    )
+    lr: float = field(**_help("AdamW learning rate", default=5e-5))
+    weight_decay: float = field(**_help("AdamW decoupled weight decay", default=0.01))
+    dropout: float = field(**_help("dropout of the encoder's hidden layers and of the heads", default=0.1))
+    surgery: str = field(**_help(f"how task gradients on the shared encoder combine: {', '.join(SURGERIES)}", default="none"))
+    schedule: str = field(**_help(f"task sampling: {', '.join(SCHEDULES)}", default="round_robin"))
+    batch_size: int | dict[str, int] = field(**_help("batch size: one int, or per task as task=int pairs", default=32))
+    epochs: int = field(**_help("number of epochs (dev evaluation and checkpoint after each)", default=3))
+    steps_per_epoch: int | None = field(
+        **_help(
+            "optimizer steps per epoch; default: one pass over the largest task (round_robin) "
+            "or over all the data in expectation (proportional, annealed)",
+            default=None,
+        )
+    )
+    max_length: int = field(
+        **_help("maximum tokens per sequence (a pair counts as one sequence when cross-encoded)", default=128)
+    )
+    seed: int = field(**_help("random seed (weights of the heads, dropout, batches, task sampling)", default=0))
+    pair_encoding: str = field(**_help("para/sts: cross (one joint sequence) or bi (each sentence alone)", default="cross"))
+    sts_head: str = field(**_help("sts: regression (linear) or cosine (5 * cos(u, v); bi only)", default="regression"))
+    sst_head: str = field(**_help("sentiment head: linear or hidden (one hidden layer)", default="linear"))
+    pooling: str = field(**_help("sentence vector: mean (of tokens), cls, or pooler", default="mean"))
+    freeze_layers: int = field(**_help("freeze the embeddings and this many lower layers (0: train all)", default=0))
+    smart_weight: float = field(**_help("weight of the SMART adversarial smoothness loss (0: off)", default=0.0))
+    mnrl_weight: float = field(
+        **_help("weight of the multiple-negatives ranking loss on paraphrase positives (0: off)", default=0.0)
+    )
+    gradvac_beta: float = field(**_help("GradVac: EMA rate of the target cosine similarity", default=0.01))
+    max_grad_norm: float = field(**_help("clip the global gradient norm to this (0: no clipping)", default=1.0))
+    lr_schedule: str = field(**_help("constant, or linear (10%% warm-up then linear decay to 0)", default="constant"))
+    model_path: str | None = field(**_help("Hugging Face BERT directory (default: the embedded all-MiniLM-L6-v2)", default=None))
+    model_config: dict | None = field(
+        **_help("JSON of BertConfig fields: a randomly initialised BERT of that size instead of loaded weights", default=None)
+    )
+    data_dir: str | None = field(**_help("CS224N data directory (default: $MINBERT_DATA, else ./datasets)", default=None))
+    train_limit: int | None = field(**_help("use at most this many training rows per task", default=None))
+    eval_limit: int | None = field(**_help("use at most this many dev/test rows per task", default=None))
+    threads: int | None = field(**_help("torch CPU threads (default: torch's choice)", default=None))
+    device: str | None = field(**_help("cpu, cuda or cuda:N (default: cuda when available)", default=None))
+    predict_test: bool = field(**_help("write test-set outputs and predictions with the best weights", default=True))
+    cache_dir: str | None = field(**_help("token cache directory (default: <repo>/cache/tokens)", default=None))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, str):
+            self.tasks = [self.tasks]
+        self.tasks = list(self.tasks)
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct names from {TASKS}, got {self.tasks}")
+        for name, allowed in (
+            ("surgery", SURGERIES),
+            ("schedule", SCHEDULES),
+            ("pair_encoding", PAIR_ENCODINGS),
+            ("sts_head", STS_HEADS),
+            ("sst_head", SST_HEADS),
+            ("pooling", POOLINGS),
+            ("lr_schedule", LR_SCHEDULES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.sts_head == "cosine" and self.pair_encoding != "bi" and "sts" in self.tasks:
+            raise ValueError("sts_head 'cosine' needs pair_encoding 'bi'")
+        if isinstance(self.batch_size, dict):
+            missing = [t for t in self.tasks if t not in self.batch_size]
+            extra = [t for t in self.batch_size if t not in TASKS]
+            if missing or extra:
+                raise ValueError(
+                    f"batch_size: no size for task(s) {missing}" if missing else f"batch_size: unknown task(s) {extra}"
+                )
+            self.batch_size = {t: int(b) for t, b in self.batch_size.items()}
+            sizes = list(self.batch_size.values())
+        else:
+            sizes = [self.batch_size]
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+            raise ValueError(f"batch_size must be a positive int or task=int pairs, not {self.batch_size!r}")
+        for name in ("epochs", "max_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
+        for name in ("steps_per_epoch", "train_limit", "eval_limit", "threads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, not {value!r}")
+        if self.max_length < 8:
+            raise ValueError(f"max_length must be at least 8, not {self.max_length}")
+        for name in ("lr", "weight_decay", "smart_weight", "mnrl_weight", "max_grad_norm", "freeze_layers"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number >= 0, not {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+        if not 0.0 < self.gradvac_beta <= 1.0:
+            raise ValueError(f"gradvac_beta must be in (0, 1], not {self.gradvac_beta!r}")
+        if self.model_config is not None:
+            known = {f.name for f in fields(BertConfig)}
+            bad = [k for k in self.model_config if k not in known and k != "model_type"]
+            if bad:
+                raise ValueError(f"model_config: unknown BertConfig field(s) {bad}; known: {sorted(known)}")
+        if self.model_path is not None:
+            self.model_path = str(self.model_path)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def task_batch_size(self, task: str) -> int:
+        return self.batch_size[task] if isinstance(self.batch_size, dict) else self.batch_size
+
+
+def as_config(config: TrainConfig | dict) -> TrainConfig:
+    return config if isinstance(config, TrainConfig) else TrainConfig.from_dict(dict(config))
+
+
+# --------------------------------------------------------------------------------------- building
+
+
+def model_dir(cfg: TrainConfig) -> Path:
+    return Path(cfg.model_path) if cfg.model_path else default_model_path()
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(path: str, max_length: int) -> Tokenizer:
+    return Tokenizer(path, max_length)
+
+
+def get_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    return _tokenizer(str(model_dir(cfg)), cfg.max_length)
+
+
+def bert_config_for(cfg: TrainConfig) -> BertConfig:
+    if cfg.model_config is not None:
+        config = BertConfig(**{k: v for k, v in cfg.model_config.items() if k != "model_type"})
+    else:
+        config = BertConfig.from_json(model_dir(cfg) / "config.json")
+    config.hidden_dropout_prob = cfg.dropout
+    if cfg.max_length > config.max_position_embeddings:
+        raise ValueError(
+            f"max_length {cfg.max_length} exceeds the model's max_position_embeddings {config.max_position_embeddings}"
+        )
+    return config
+
+
+def build_model(cfg: TrainConfig) -> MultitaskBert:
+    """The encoder (loaded weights, or random ones of ``model_config``'s size) with fresh heads."""
+    config = bert_config_for(cfg)
+    if cfg.model_config is not None:
+        bert = BertModel(config)
+    else:
+        bert = BertModel.from_pretrained(model_dir(cfg), hidden_dropout_prob=cfg.dropout)
+    vocab = get_tokenizer(cfg).backend.get_vocab_size()
+    if vocab > config.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}")
+    return MultitaskBert(
+        bert,
+        cfg.tasks,
+        pair_encoding=cfg.pair_encoding,
+        pooling=cfg.pooling,
+        sst_head=cfg.sst_head,
+        sts_head=cfg.sts_head,
+        dropout=cfg.dropout,
+        freeze_layers=cfg.freeze_layers,
+    )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; full precision on CPU (bf16 matmuls are slow on most CPUs)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def encoding_for(task: str, cfg: TrainConfig) -> str:
+    # Single sentences encode the same either way; one cache entry serves both.
+    return cfg.pair_encoding if len(TASK_FILES[task].text_columns) == 2 else "cross"
+
+
+def cache_dir_for(cfg: TrainConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else DEFAULT_CACHE_DIR
+
+
+def limit_split(split: EncodedSplit, limit: int | None) -> EncodedSplit:
+    if limit is None or limit >= len(split):
+        return split
+    labels = None if split.labels is None else split.labels[:limit]
+    return EncodedSplit(split.ids[:limit], [view[:limit] for view in split.views], labels)
+
+
+def load_split(
+    cfg: TrainConfig, task: str, split: str, limit: int | None = None, pair_encoding: str | None = None
+) -> EncodedSplit:
+    """Tokenised rows of one file, from the token cache when possible (the whole file is cached,
+    then the first ``limit`` rows kept, so limits never invalidate the cache)."""
+    examples = load_examples(task, split, cfg.data_dir)
+    source = TASK_FILES[task].path(split, cfg.data_dir)
+    encoded = cached_encode(get_tokenizer(cfg), source, examples, pair_encoding or encoding_for(task, cfg), cache_dir_for(cfg))
+    return limit_split(encoded, limit)
+
+
+# ------------------------------------------------------------------------------------- evaluation
+
+
+@torch.inference_mode()
+def predict_values(model: MultitaskBert, task: str, split: EncodedSplit, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+    """The task's output values (probabilities / P(duplicate) / score) for every row, in file order."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad_id = 0
+    chunks, order = [], []
+    try:
+        for batch in iterate_batches(split, batch_size, shuffle=False, pad_id=pad_id):
+            batch = batch.to(device)
+            with autocast(device):
+                out = model(task, batch.views)
+            chunks.append(output_values(task, out).cpu())
+            order.append(batch.index)
+    finally:
+        model.train(was_training)
+    values = torch.cat(chunks).numpy()
+    result = np.empty_like(values)
+    result[torch.cat(order).numpy()] = values
+    return result
+
+
+def evaluate_splits(model: MultitaskBert, splits: dict[str, EncodedSplit]) -> tuple[dict[str, float], dict[str, dict]]:
+    """Metrics (when labelled) and outputs {task: {ids, values[, labels]}} of tokenised splits."""
+    metrics, outputs = {}, {}
+    for task, split in splits.items():
+        values = predict_values(model, task, split)
+        outputs[task] = {"ids": np.array(split.ids), "values": values}
+        if split.labels is not None:
+            labels = np.array(split.labels)
+            outputs[task]["labels"] = labels
+            metrics[task] = task_metric(task, values, labels)
+    if metrics and len(metrics) == len(splits):
+        metrics["overall"] = overall_score(metrics, list(splits))
+    return metrics, outputs
+
+
+def evaluate_model(
+    model: MultitaskBert,
+    cfg: TrainConfig | dict,
+    split: str,
+    data_dir: str | Path | None = None,
+    examples: dict[str, list[Example]] | None = None,
+) -> tuple[dict[str, float], dict[str, dict]]:
+    """Run ``model`` on the dev or test split of each of ``cfg.tasks`` (first ``cfg.eval_limit`` rows),
+    or on ``examples`` ({task: [Example]}) when given. Returns (metrics, outputs): metrics has each
+    task's metric and "overall" when labels exist; outputs[task] = {"ids", "values"[, "labels"]}."""
+    cfg = as_config(cfg)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
+    if examples is not None:
+        tokenizer = get_tokenizer(cfg)
+        splits = {task: tokenizer.encode_examples(rows, encoding_for(task, cfg)) for task, rows in examples.items()}
+    else:
+        splits = {task: load_split(cfg, task, split, cfg.eval_limit) for task in cfg.tasks}
+    return evaluate_splits(model, splits)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(output_dir: str | Path, split: str, outputs: dict[str, dict]) -> None:
+    """outputs/<task>-<split>.npz and predictions/<task>-<split>-out.csv for each task."""
+    output_dir = Path(output_dir)
+    for task, out in outputs.items():
+        save_npz(output_dir / "outputs" / f"{task}-{split}.npz", out)
+        write_predictions(output_dir / "predictions" / f"{task}-{split}-out.csv", task, out["ids"], out["values"])
+
+
+# ------------------------------------------------------------------------------ saving and loading
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(model: MultitaskBert, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def load_trained(output_dir: str | Path, device: str | None = None) -> tuple[MultitaskBert, TrainConfig]:
+    """The best model of a finished (or running) training, in eval mode, and its config."""
+    from safetensors.torch import load_file
+
+    output_dir = Path(output_dir)
+    config_file, weights_file = output_dir / "config.json", output_dir / "model.safetensors"
+    for path in (config_file, weights_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found; is {output_dir} the output directory of a training run?")
+    try:
+        saved = json.loads(config_file.read_text())
+        cfg = TrainConfig.from_dict(saved["train"])
+        bert_config = BertConfig(**{k: v for k, v in saved["bert"].items() if k != "model_type"})
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{config_file}: not a valid training config: {err}") from err
+    model = MultitaskBert(
+        BertModel(bert_config),
+        cfg.tasks,
+        pair_encoding=cfg.pair_encoding,
+        pooling=cfg.pooling,
+        sst_head=cfg.sst_head,
+        sts_head=cfg.sts_head,
+        dropout=cfg.dropout,
+    )
+    load_strict(model, load_file(str(weights_file)), str(weights_file))
+    return model.to(resolve_device(device)).eval(), cfg
+
+
+def predict_split(output_dir: str | Path, split: str = "test", data_dir: str | Path | None = None) -> dict[str, dict]:
+    """Write outputs/ and predictions/ of ``split`` for the saved best model of ``output_dir``
+    (e.g. test files of a run that a search stopped before its end)."""
+    model, cfg = load_trained(output_dir)
+    _, outputs = evaluate_model(model, cfg, split, data_dir=data_dir)
+    write_outputs(output_dir, split, outputs)
+    return outputs
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+def task_probabilities(cfg: TrainConfig, sizes: dict[str, int], epoch: int) -> dict[str, float]:
+    """Sampling probabilities of the proportional (alpha = 1) and annealed schedules."""
+    if cfg.schedule == "annealed":
+        progress = (epoch - 1) / (cfg.epochs - 1) if cfg.epochs > 1 else 0.0
+        alpha = 1.0 - 0.5 * progress
+    else:
+        alpha = 1.0
+    weights = {t: sizes[t] ** alpha for t in cfg.tasks}
+    total = sum(weights.values())
+    return {t: w / total for t, w in weights.items()}
+
+
+def default_steps_per_epoch(cfg: TrainConfig, sizes: dict[str, int]) -> int:
+    batches = {t: math.ceil(sizes[t] / cfg.task_batch_size(t)) for t in cfg.tasks}
+    if cfg.schedule == "round_robin":
+        return max(batches.values())
+    return math.ceil(sum(batches.values()) / len(cfg.tasks))
+
+
+def step_tasks(cfg: TrainConfig, probabilities: dict[str, float], rng: random.Random) -> list[str]:
+    if cfg.schedule == "round_robin":
+        return list(cfg.tasks)
+    return rng.choices(list(probabilities), weights=list(probabilities.values()), k=len(cfg.tasks))
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warmup = max(1, int(0.1 * total_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+class Trainer:
+    """Holds the state of one training run; ``run()`` trains the remaining epochs."""
+
+    def __init__(self, cfg: TrainConfig, output_dir: Path, report: Callable[[dict], None] | None, fresh: bool):
+        self.cfg, self.output_dir, self.report = cfg, output_dir, report
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg).to(self.device)
+        self.train_splits = {t: load_split(cfg, t, "train", cfg.train_limit) for t in cfg.tasks}
+        self.dev_splits = {t: load_split(cfg, t, "dev", cfg.eval_limit) for t in cfg.tasks}
+        self.sizes = {t: len(s) for t, s in self.train_splits.items()}
+        self.streams = {
+            t: BatchStream(split, cfg.task_batch_size(t), seed=cfg.seed * 1000 + i)
+            for i, (t, split) in enumerate(self.train_splits.items())
+        }
+        self.steps_per_epoch = cfg.steps_per_epoch or default_steps_per_epoch(cfg, self.sizes)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.optimizer = self._optimizer()
+        self.rng = random.Random(cfg.seed)
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict] = []
+        self.best: dict | None = None
+        self.last_file = output_dir / "last.pt"
+        if self.last_file.is_file() and not fresh:
+            self._resume()
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        from model.optimizer import AdamW
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    # --- checkpoints
+
+    def _state(self) -> dict:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "streams": {t: s.state_dict() for t, s in self.streams.items()},
+            "sampler": self.rng.getstate(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "best": self.best,
+        }
+
+    def _resume(self) -> None:
+        try:
+            state = torch.load(self.last_file, map_location=self.device, weights_only=True)
+        except Exception as err:
+            raise RuntimeError(
+                f"{self.last_file}: cannot read the checkpoint ({err}); pass fresh=True / --fresh to start over"
+            ) from err
+        saved, current = state["config"], self.cfg.to_dict()
+        differing = sorted(k for k in set(saved) | set(current) if k not in RUNTIME_FIELDS and saved.get(k) != current.get(k))
+        if differing:
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)
+            raise ValueError(
+                f"{self.last_file} was written with a different config ({details}); use another output directory, "
+                "or pass fresh=True / --fresh to overwrite it"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for task, stream_state in state["streams"].items():
+            self.streams[task].load_state_dict(stream_state)
+        version, internal, gauss = state["sampler"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.device.type == "cuda" and state["cuda_rng"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.epoch, self.step, self.history, self.best = state["epoch"], state["step"], state["history"], state["best"]
+
+    def _checkpoint(self) -> None:
+        atomic_torch_save(self._state(), self.last_file)
+
+    def _write_metrics(self) -> dict:
+        summary = {"best_epoch": self.best["epoch"] if self.best else None, "best": self.best, "history": self.history}
+        write_json(self.output_dir / "metrics.json", summary)
+        return summary
+
+    # --- steps
+
+    def _train_step(self, tasks: list[str]) -> float:
+        cfg, model = self.cfg, self.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, self.step, self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for task in tasks:
+            batch = self.streams[task].next().to(self.device)
+            with autocast(self.device):
+                out = model(task, batch.views)
+            loss = task_loss(task, out, batch.labels)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"epoch {self.epoch + 1}, step {self.step + 1}: the {task} loss is {loss.item()}; "
+                    f"training diverged (try a lower learning rate than {cfg.lr})"
+                )
+            # Backward per batch: the gradients sum to those of the summed loss, and each graph is freed at once.
+            loss.backward()
+            total += loss.item()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        return total
+
+    def _new_best(self, record: dict, dev_outputs: dict[str, dict]) -> None:
+        self.best = record
+        save_weights(self.model, self.output_dir / "model.safetensors")
+        write_outputs(self.output_dir, "dev", dev_outputs)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        write_json(self.output_dir / "config.json", {"train": cfg.to_dict(), "bert": self.model.bert.config.to_dict()})
+        while self.epoch < cfg.epochs:
+            self.model.train()
+            probabilities = task_probabilities(cfg, self.sizes, self.epoch + 1)
+            started, losses = time.perf_counter(), []
+            for _ in range(self.steps_per_epoch):
+                losses.append(self._train_step(step_tasks(cfg, probabilities, self.rng)))
+            train_seconds = time.perf_counter() - started
+            metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits)
+            self.epoch += 1
+            record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
+            record["train_seconds"] = round(train_seconds, 2)
+            self.history.append(record)
+            if self.best is None or record["overall"] > self.best["overall"]:
+                self._new_best(record, dev_outputs)
+            self._checkpoint()
+            self._write_metrics()
+            if self.report is not None:
+                self.report(dict(record))
+        if cfg.predict_test:
+            self._predict_test()
+        return self._write_metrics()
+
+    def _predict_test(self) -> None:
+        from safetensors.torch import load_file
+
+        best = load_file(str(self.output_dir / "model.safetensors"), device=str(self.device))
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(best)
+        try:
+            splits = {t: load_split(self.cfg, t, "test", self.cfg.eval_limit) for t in self.cfg.tasks}
+            _, outputs = evaluate_splits(self.model, splits)
+            write_outputs(self.output_dir, "test", outputs)
+        finally:
+            self.model.load_state_dict(current)
+
+
+def train(
+    config: TrainConfig | dict,
+    output_dir: str | Path,
+    report: Callable[[dict], None] | None = None,
+    data_dir: str | Path | None = None,
+    fresh: bool = False,
+) -> dict:
+    """Train, evaluating on dev after every epoch; returns metrics.json's content
+    {"best_epoch", "best", "history"}. ``report(metrics)`` is called after each epoch's evaluation
+    (and checkpoint) with {"epoch", "train_loss", <task metrics>, "overall", "train_seconds"}; an
+    exception it raises propagates. An ``output_dir`` holding a ``last.pt`` of the same config is
+    resumed; ``fresh=True`` starts over instead."""
+    cfg = as_config(config)
+    if data_dir is not None:
+        cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
+    if cfg.data_dir is None:
+        cfg = dataclasses.replace(cfg, data_dir=str(resolve_data_dir(None)))
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(cfg, output_dir, report, fresh).run()
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def parse_batch_size(values: list[str]) -> int | dict[str, int]:
+    if len(values) == 1 and "=" not in values[0]:
+        return int(values[0])
+    sizes = {}
+    for value in values:
+        task, sep, size = value.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--batch-size: give one int or task=int pairs, not {values}")
+        sizes[task] = int(size)
+    return sizes
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--output-dir", required=True, type=Path, help="where the run writes its files (resumed if it holds last.pt)"
+    )
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing last.pt in --output-dir and start over")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        helptext = f"{f.metadata['help']} (default: {default})"
+        if f.name == "tasks":
+            parser.add_argument(flag, nargs="+", choices=TASKS, default=default, help=helptext)
+        elif f.name == "batch_size":
+            parser.add_argument(flag, nargs="+", default=[str(default)], metavar="N|TASK=N", help=helptext)
+        elif f.name == "model_config":
+            parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
+        elif f.name == "predict_test":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        else:
+            kind = {
+                "lr": float,
+                "weight_decay": float,
+                "dropout": float,
+                "smart_weight": float,
+                "mnrl_weight": float,
+                "gradvac_beta": float,
+                "max_grad_norm": float,
+            }.get(f.name, int if isinstance(default, int) else str)
+            if f.name in ("steps_per_epoch", "train_limit", "eval_limit", "threads"):
+                kind = int
+            parser.add_argument(flag, type=kind, default=default, help=helptext)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    try:
+        values["batch_size"] = parse_batch_size(values["batch_size"])
+        cfg = TrainConfig.from_dict(values)
+    except (ValueError, argparse.ArgumentTypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    def show(metrics: dict) -> None:
+        print(json.dumps(metrics), flush=True)
+
+    try:
+        summary = train(cfg, args.output_dir, report=show, fresh=args.fresh)
+    except (ValueError, OSError, NonFiniteLossError) as err:  # DataError is a ValueError
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"best epoch {summary['best_epoch']}: {json.dumps(summary['best'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

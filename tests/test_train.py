@@ -1,0 +1,196 @@
+"""End-to-end tests of the trainer on a tiny random BERT and a few rows of the real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from tiny_model import needs_data, tiny_config
+
+from model.metrics import overall_score, task_metric, write_predictions
+from model.train import (
+    NonFiniteLossError,
+    TrainConfig,
+    build_parser,
+    evaluate_model,
+    load_trained,
+    main,
+    train,
+)
+
+pytestmark = needs_data
+
+HEADERS = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraphrase", "sts": "Predicted_Similarity"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One two-epoch run of all three tasks, shared by the tests that only read its files."""
+    out = tmp_path_factory.mktemp("run")
+    reports = []
+    summary = train(tiny_config(epochs=2), out, report=reports.append)
+    return out, summary, reports
+
+
+def test_report_is_called_after_each_epoch_with_the_metrics(trained):
+    _, summary, reports = trained
+    assert [r["epoch"] for r in reports] == [1, 2]
+    for r in reports:
+        assert {"epoch", "train_loss", "sst", "para", "sts", "overall"} <= set(r)
+        assert 0 <= r["sst"] <= 1 and 0 <= r["para"] <= 1 and -1 <= r["sts"] <= 1
+        assert r["overall"] == pytest.approx((r["sst"] + r["para"] + (r["sts"] + 1) / 2) / 3)
+    assert summary["history"] == reports
+    best = max(reports, key=lambda r: r["overall"])
+    assert summary["best_epoch"] == best["epoch"] and summary["best"] == best
+
+
+def test_output_dir_has_every_file(trained):
+    out, summary, _ = trained
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["tasks"] == ["sst", "para", "sts"] and saved["bert"]["hidden_size"] == 32
+    assert json.loads((out / "metrics.json").read_text()) == summary
+    assert (out / "model.safetensors").is_file() and (out / "last.pt").is_file()
+    rows = {"dev": 24, "test": 24}
+    for task in ("sst", "para", "sts"):
+        for split, n in rows.items():
+            with np.load(out / "outputs" / f"{task}-{split}.npz") as npz:
+                assert npz["ids"].shape == (n,) and npz["ids"].dtype.kind == "U"
+                values = npz["values"]
+                assert values.shape == ((n, 5) if task == "sst" else (n,))
+                if task == "sst":
+                    np.testing.assert_allclose(values.sum(1), 1.0, rtol=1e-5)
+                if task == "para":
+                    assert ((values >= 0) & (values <= 1)).all()
+                assert ("labels" in npz) == (split == "dev")
+                ids = list(npz["ids"])
+            with open(out / "predictions" / f"{task}-{split}-out.csv", newline="") as fp:
+                table = list(csv.reader(fp))
+            assert table[0] == ["id", HEADERS[task]]
+            assert [r[0] for r in table[1:]] == ids
+    # The dev outputs are those of the best epoch: their metrics are the reported best metrics.
+    for task in ("sst", "para", "sts"):
+        with np.load(out / "outputs" / f"{task}-dev.npz") as npz:
+            assert task_metric(task, npz["values"], npz["labels"]) == pytest.approx(summary["best"][task])
+
+
+def test_load_trained_and_evaluate_model_reproduce_the_dev_outputs(trained):
+    out, summary, _ = trained
+    model, cfg = load_trained(out)
+    assert not model.training and cfg.tasks == ["sst", "para", "sts"]
+    metrics, outputs = evaluate_model(model, cfg, "dev")
+    for task in cfg.tasks:
+        with np.load(out / "outputs" / f"{task}-dev.npz") as npz:
+            np.testing.assert_array_equal(outputs[task]["ids"], npz["ids"])
+            np.testing.assert_allclose(outputs[task]["values"], npz["values"], rtol=1e-4, atol=1e-5)
+        assert metrics[task] == pytest.approx(summary["best"][task], abs=1e-6)
+    assert metrics["overall"] == pytest.approx(summary["best"]["overall"], abs=1e-6)
+
+
+def test_evaluate_model_on_given_examples(trained):
+    from data.files import Example
+
+    model, cfg = load_trained(trained[0])
+    examples = {"sts": [Example("a", ("a cat sits", "a cat is sitting"), 4.0), Example("b", ("dogs run", "stocks fell"), 0.0)]}
+    metrics, outputs = evaluate_model(model, cfg, "dev", examples=examples)
+    assert list(outputs["sts"]["ids"]) == ["a", "b"] and outputs["sts"]["values"].shape == (2,)
+    assert set(metrics) == {"sts", "overall"}
+
+
+def test_same_seed_gives_the_same_metrics_and_resume_continues_exactly(tmp_path):
+    config = tiny_config(epochs=2, tasks=["sst", "sts"], predict_test=False)
+    straight = train(config, tmp_path / "a")
+    again = train(config, tmp_path / "b")
+    _same(again, straight)
+
+    # Interrupt after epoch 1 (the report raises, as Ray does to stop a trial), then resume.
+    def stop_after_first(metrics: dict) -> None:
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "c", report=stop_after_first)
+    resumed = train(config, tmp_path / "c")
+    _same(resumed, straight)
+
+
+def _same(a: dict, b: dict) -> None:
+    """Equal histories apart from the wall-clock times."""
+
+    def drop(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "train_seconds"} for r in history]
+
+    assert drop(a["history"]) == drop(b["history"])
+
+
+def test_resume_with_another_config_is_an_error_unless_fresh(tmp_path):
+    train(tiny_config(tasks=["sts"], predict_test=False), tmp_path)
+    with pytest.raises(ValueError, match=r"different config \(lr: 0.001 -> 0.002\).*fresh"):
+        train(tiny_config(tasks=["sts"], predict_test=False, lr=2e-3), tmp_path)
+    summary = train(tiny_config(tasks=["sts"], predict_test=False, lr=2e-3), tmp_path, fresh=True)
+    assert summary["best_epoch"] == 1
+    # Runtime-only fields may change on resume.
+    train(tiny_config(tasks=["sts"], predict_test=False, lr=2e-3, threads=2), tmp_path)
+
+
+def test_a_non_finite_loss_raises(tmp_path):
+    with pytest.raises(NonFiniteLossError, match="loss is (nan|inf)"):
+        train(tiny_config(tasks=["sts"], lr=1e12, max_grad_norm=0.0, epochs=3, predict_test=False), tmp_path)
+
+
+def test_config_validation_names_the_bad_key():
+    with pytest.raises(ValueError, match="unknown TrainConfig key.*'lrr'"):
+        TrainConfig.from_dict({"lrr": 1e-3})
+    with pytest.raises(ValueError, match="surgery"):
+        TrainConfig(surgery="magic")
+    with pytest.raises(ValueError, match=r"batch_size: no size for task\(s\) \['sts'\]"):
+        TrainConfig(tasks=["sst", "sts"], batch_size={"sst": 8})
+    with pytest.raises(ValueError, match="cosine"):
+        TrainConfig(tasks=["sts"], sts_head="cosine", pair_encoding="cross")
+    cfg = TrainConfig(tasks=["sts"], batch_size={"sts": 8})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_flags_map_to_config_fields(tmp_path, capsys):
+    parser = build_parser()
+    help_text = parser.format_help()
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in help_text
+    args = parser.parse_args(["--output-dir", "x", "--tasks", "sst", "sts", "--batch-size", "sst=8", "sts=4"])
+    assert args.tasks == ["sst", "sts"] and args.batch_size == ["sst=8", "sts=4"]
+    out = tmp_path / "cli"
+    argv = [
+        "--output-dir",
+        str(out),
+        "--tasks",
+        "sts",
+        "--model-config",
+        json.dumps(tiny_config()["model_config"]),
+        "--train-limit",
+        "32",
+        "--eval-limit",
+        "16",
+        "--batch-size",
+        "sts=16",
+        "--threads",
+        "1",
+        "--no-predict-test",
+    ]
+    assert main(argv) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["batch_size"] == {"sts": 16}
+    assert '"epoch": 3' in capsys.readouterr().out
+    assert main(["--output-dir", str(out), "--tasks", "sts", "--pooling", "max"]) == 2
+
+
+def test_metrics_helpers(tmp_path):
+    assert task_metric("sst", np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([1, 1])) == 0.5
+    assert task_metric("para", np.array([0.7, 0.2, 0.5]), np.array([1, 0, 0])) == pytest.approx(2 / 3)
+    assert task_metric("sts", np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 6.5])) == pytest.approx(
+        np.corrcoef([1, 2, 3], [2, 4, 6.5])[0, 1]
+    )
+    assert overall_score({"sst": 0.5, "para": 0.8, "sts": 0.6}, ["sst", "para", "sts"]) == pytest.approx((0.5 + 0.8 + 0.8) / 3)
+    write_predictions(tmp_path / "p.csv", "para", ["a", "b"], np.array([0.2, 0.9]))
+    assert (tmp_path / "p.csv").read_text() == "id,Predicted_Is_Paraphrase\na,0\nb,1\n"
+    with pytest.raises(ValueError, match="2 ids but 1 predictions"):
+        write_predictions(tmp_path / "q.csv", "sts", ["a", "b"], np.array([1.0]))

@@ -1,0 +1,34 @@
+"""A tiny randomly initialised BERT config and a few-row training config, for fast tests.
+
+The tokenizer is the embedded default model's (real vocab); the encoder is 2 layers of width 32.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+DATA_DIR = Path(os.environ.get("MINBERT_DATA", Path(__file__).resolve().parent.parent / "datasets"))
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+
+needs_data = pytest.mark.skipif(
+    not (DATA_DIR / "sts-train.csv").is_file(), reason=f"CS224N data not found in {DATA_DIR} (set MINBERT_DATA)"
+)
+
+
+def tiny_config(**overrides) -> dict:
+    """A TrainConfig dict that trains in about a second on one thread."""
+    config = {
+        "tasks": ["sst", "para", "sts"],
+        "model_config": dict(TINY_BERT),
+        "data_dir": str(DATA_DIR),
+        "train_limit": 48,
+        "eval_limit": 24,
+        "batch_size": 16,
+        "epochs": 1,
+        "lr": 1e-3,
+        "threads": 1,
+    }
+    return config | overrides
