@@ -1,0 +1,120 @@
+"""Tables (markdown and JSON) and plots (PNG) of an ensemble build; every file is written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from model.metrics import atomic_write_text  # noqa: E402
+
+
+@dataclass
+class Row:
+    """One line of the dev table: a member, the best single trial, or an ensemble."""
+
+    name: str
+    kind: str  # "member", "best single", "ensemble"
+    members: list[int]  # trial numbers
+    metrics: dict[str, float]  # dev metrics: one per task and "overall"
+    objective: float
+    weights: list[float] | None = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def format_number(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def markdown_table(rows: Sequence[Row], tasks: Sequence[str], metric: str) -> str:
+    columns = [*tasks, "overall"]
+    header = ["name", "kind", "trials", *[f"dev {c}" for c in columns], f"objective ({metric})", "note"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row.name,
+            row.kind,
+            ", ".join(str(n) for n in row.members),
+            *[format_number(row.metrics.get(c)) for c in columns],
+            format_number(row.objective),
+            row.note,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def json_ready(value: object) -> object:
+    """NaN and inf become None: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def write_summary(directory: Path, title: str, header: dict, rows: Sequence[Row], tasks: Sequence[str], metric: str) -> str:
+    """summary.json and summary.md in ``directory``; returns the markdown."""
+    notes = "".join(f"- {note}\n" for note in header.get("notes", []) + [f"skipped {s}" for s in header.get("skipped", [])])
+    markdown = f"# {title}\n\n" + (notes + "\n" if notes else "") + markdown_table(rows, tasks, metric)
+    atomic_write_text(directory / "summary.md", markdown)
+    payload = json_ready({**header, "rows": [asdict(r) for r in rows]})
+    atomic_write_text(directory / "summary.json", json.dumps(payload, indent=2) + "\n")
+    return markdown
+
+
+def save_figure(figure: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(figure)
+
+
+# A curve: (ensemble size or members considered, dev objective) points, with a label.
+Curve = list[tuple[int, float]]
+
+
+def plot_objective_vs_size(path: Path, curves: dict[str, Curve], metric: str, best_single: float, title: str) -> None:
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            axes.plot(xs, ys, marker="o", label=label)
+    axes.axhline(best_single, color="grey", linestyle="--", label="best single trial")
+    axes.set_xlabel("ensemble size (top-n members; greedy: members considered)")
+    axes.set_ylabel(f"dev {metric}")
+    axes.set_title(title)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    save_figure(figure, path)
+
+
+def plot_sts_scatter(path: Path, predicted: Sequence[float], gold: Sequence[float], title: str) -> None:
+    figure, axes = plt.subplots(figsize=(5, 5))
+    axes.scatter(gold, predicted, s=8, alpha=0.5)
+    axes.plot([0, 5], [0, 5], color="grey", linestyle="--", linewidth=1)
+    axes.set_xlabel("gold similarity")
+    axes.set_ylabel("predicted similarity")
+    axes.set_xlim(-0.2, 5.2)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    save_figure(figure, path)

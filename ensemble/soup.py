@@ -1,0 +1,240 @@
+"""Model soups (Wortsman et al. 2022): averaging the weights of fine-tuned checkpoints.
+
+Weights only mix meaningfully when the checkpoints share an architecture and a starting point, so
+members are checked first: the same BERT config (dropout rates aside, they hold no weights), the same
+tasks and head settings, the same initial weights (model_path, or model_config and seed for random
+inits), and the same tensor names and shapes. A soup is judged by running it on dev; those runs are
+cached on disk with joblib.Memory, keyed by the checkpoints' and data files' identities, so that
+greedy and uniform soups (and reruns) share evaluations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from data.files import TASK_FILES, resolve_data_dir
+from ensemble.logits import Outputs, better, score_outputs
+from ensemble.members import EnsembleError, Member
+from model.bert import default_model_path, load_strict
+from model.metrics import atomic_write_text
+
+# Trainer settings that decide which parameters exist and what they start from.
+HEAD_KEYS = ("tasks", "pair_encoding", "pooling", "sst_head", "sts_head")
+INIT_KEYS = ("model_path", "model_config")
+# BERT config fields that change no weight.
+WEIGHTLESS_BERT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+class IncompatibleMembersError(EnsembleError):
+    """Checkpoints that cannot be averaged; the message names the member and the differing key."""
+
+
+def init_signature(train: dict) -> dict:
+    """What the member started from. None and the embedded default's path are the same model."""
+    path = train.get("model_path")
+    signature = {"model_path": str(Path(path or default_model_path()).resolve()), "model_config": train.get("model_config")}
+    if signature["model_config"] is not None:  # a random init is only shared with the same seed
+        signature["seed"] = train.get("seed")
+    return signature
+
+
+def architecture_signature(config: dict) -> dict[str, object]:
+    """Flat {key: value} of everything that must agree for two checkpoints to be averaged."""
+    train, bert = config["train"], config["bert"]
+    signature: dict[str, object] = {f"bert.{k}": v for k, v in bert.items() if k not in WEIGHTLESS_BERT_KEYS}
+    for key in HEAD_KEYS:
+        value = train.get(key)
+        signature[f"train.{key}"] = sorted(value) if key == "tasks" and value is not None else value
+    signature.update({f"train.{k}": v for k, v in init_signature(train).items()})
+    return signature
+
+
+def tensor_shapes(artifact_dir: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(artifact_dir / "model.safetensors"), "pt") as checkpoint:
+        return {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}
+
+
+def first_difference(expected: dict, found: dict) -> str | None:
+    return next((k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)), None)
+
+
+def check_compatible(members: Sequence[Member]) -> None:
+    """Raise IncompatibleMembersError unless every member can be averaged with the first."""
+    reference = members[0]
+    ref_signature, ref_shapes = architecture_signature(reference.config), tensor_shapes(reference.artifact_dir)
+    for member in members[1:]:
+        # Config keys first: they give the clearest reason.
+        for what, expected, found in (
+            ("", ref_signature, architecture_signature(member.config)),
+            ("the shape of tensor ", ref_shapes, tensor_shapes(member.artifact_dir)),
+        ):
+            key = first_difference(expected, found)
+            if key is not None:
+                raise IncompatibleMembersError(
+                    f"cannot average {member.name} ({member.artifact_dir}) with {reference.name}: {what}{key} is "
+                    f"{found.get(key)!r} there but {expected.get(key)!r} in {reference.name}"
+                )
+
+
+def average_checkpoints(artifact_dirs: Sequence[Path], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
+    """(Weighted) mean of the members' model.safetensors, accumulated in float64 and stored in each
+    tensor's own dtype. Non-float tensors (integer buffers) must be equal in every member."""
+    total: dict[str, torch.Tensor] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    for index, artifact_dir in enumerate(artifact_dirs):
+        state = load_file(str(Path(artifact_dir) / "model.safetensors"))
+        scale = 1.0 if weights is None else float(weights[index])
+        for key, tensor in state.items():
+            if not tensor.is_floating_point():
+                if key in total and not torch.equal(total[key], tensor):
+                    raise IncompatibleMembersError(f"{artifact_dir}: integer tensor {key} differs from the first member's")
+                total.setdefault(key, tensor)
+                continue
+            dtypes[key] = tensor.dtype
+            contribution = tensor.to(torch.float64) * scale
+            total[key] = contribution if key not in total else total[key] + contribution
+    divisor = float(len(artifact_dirs)) if weights is None else 1.0
+    return {key: (t / divisor).to(dtypes[key]) if key in dtypes else t for key, t in total.items()}
+
+
+def fingerprint(path: Path) -> tuple[str, int, int]:
+    """Identity of a file for caching: resolved path, size, modification time."""
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def as_numpy_outputs(outputs: dict) -> Outputs:
+    """The trainer's outputs (lists, tensors or arrays) as arrays; labels None when absent."""
+    converted: Outputs = {}
+    for task, out in outputs.items():
+        labels = out.get("labels")
+        converted[task] = {
+            "ids": np.asarray(out["ids"]).astype(str),
+            "values": np.asarray(out["values"], dtype=np.float64),
+            "labels": None if labels is None else np.asarray(labels),
+        }
+    return converted
+
+
+def run_soup(
+    checkpoints: tuple[tuple[str, int, int], ...],
+    weights: tuple[float, ...] | None,
+    split: str,
+    data_dir: str,
+    data_files: tuple[tuple[str, int, int], ...],
+    device: str | None,
+) -> Outputs:
+    """Build the soup of ``checkpoints`` (fingerprints of model.safetensors files) and run it on
+    ``split``. ``data_files`` is only part of the cache key."""
+    from model.train import evaluate_model, load_trained
+
+    artifact_dirs = [Path(path).parent for path, _, _ in checkpoints]
+    model, cfg = load_trained(artifact_dirs[0], device=device)
+    soup_state = average_checkpoints(artifact_dirs, weights)
+    load_strict(model, soup_state, f"soup of {[str(d) for d in artifact_dirs]}")
+    model.eval()
+    _, outputs = evaluate_model(model, cfg, split, data_dir=data_dir)
+    return as_numpy_outputs(outputs)
+
+
+@dataclass
+class SoupResult:
+    members: list[Member]
+    weights: list[float] | None  # None = uniform
+    metrics: dict[str, float]
+    objective: float
+    outputs: Outputs
+
+
+class SoupEvaluator:
+    """Runs soups on a split; results are cached under ``cache_dir`` (no cache when None)."""
+
+    def __init__(
+        self, tasks: Sequence[str], metric: str, data_dir: str | Path | None, device: str | None, cache_dir: Path | None
+    ):
+        self.tasks, self.metric, self.device = list(tasks), metric, device
+        self.data_dir = str(resolve_data_dir(data_dir).resolve())
+        self.memory = joblib.Memory(None if cache_dir is None else str(cache_dir), verbose=0)
+        self.run = self.memory.cache(run_soup)
+
+    def data_files(self, split: str) -> tuple[tuple[str, int, int], ...]:
+        return tuple(fingerprint(TASK_FILES[t].path(split, self.data_dir)) for t in self.tasks)
+
+    def __call__(self, members: Sequence[Member], split: str = "dev", weights: Sequence[float] | None = None) -> SoupResult:
+        checkpoints = tuple(fingerprint(m.artifact_dir / "model.safetensors") for m in members)
+        weight_key = None if weights is None else tuple(float(w) for w in weights)
+        outputs = self.run(checkpoints, weight_key, split, self.data_dir, self.data_files(split), self.device)
+        metrics, objective = score_outputs(outputs, self.tasks, self.metric) if split == "dev" else ({}, float("nan"))
+        return SoupResult(list(members), None if weights is None else list(weights), metrics, objective, outputs)
+
+
+@dataclass
+class GreedyStep:
+    member: str
+    objective: float  # dev objective of the soup with this member added
+    kept: bool
+    size: int  # soup size after this step
+
+
+def greedy_soup(
+    ranked: Sequence[Member], evaluate: Callable[[Sequence[Member]], SoupResult], direction: str
+) -> tuple[SoupResult, list[GreedyStep]]:
+    """Start from the first of ``ranked`` (best dev score first), add each next member only when the
+    soup's dev objective does not drop. The result never scores below the first member alone."""
+    best = evaluate(ranked[:1])
+    steps = [GreedyStep(ranked[0].name, best.objective, True, 1)]
+    ingredients = [ranked[0]]
+    for member in ranked[1:]:
+        candidate = evaluate([*ingredients, member])
+        kept = not better(best.objective, candidate.objective, direction)
+        if kept:
+            ingredients.append(member)
+            best = candidate
+        steps.append(GreedyStep(member.name, candidate.objective, kept, len(ingredients)))
+    return best, steps
+
+
+def write_soup_predictor(directory: Path, members: Sequence[Member], weights: Sequence[float] | None, method: str) -> None:
+    """The soup as a trainer output dir (config.json + model.safetensors, so load_trained reads it),
+    plus soup.json naming its members. Each file is written to a temp file and renamed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in average_checkpoints([m.artifact_dir for m in members], weights).items()}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, directory / "model.safetensors")
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(directory / "config.json", json.dumps(members[0].config, indent=2) + "\n")
+    described = [
+        {"trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": None if weights is None else float(w)}
+        for m, w in zip(members, weights or [None] * len(members), strict=True)
+    ]
+    atomic_write_text(directory / "soup.json", json.dumps({"method": method, "members": described}, indent=2) + "\n")
+
+
+def compatible_members(members: Sequence[Member]) -> tuple[list[Member], list[str]]:
+    """The members that can be averaged with the first one, and the reasons the others were refused."""
+    compatible, refusals = [members[0]], []
+    for member in members[1:]:
+        try:
+            check_compatible([members[0], member])
+        except IncompatibleMembersError as err:
+            refusals.append(str(err))
+            continue
+        compatible.append(member)
+    return compatible, refusals
