@@ -118,6 +118,9 @@ class MultitaskBert(nn.Module):
                 raise ValueError(f"unknown task {task!r}; known tasks: {[*SENTENCE_TASKS, *PAIR_TASKS]}")
         self.heads = nn.ModuleDict(heads)
         self.freeze(freeze_layers)
+        if pooling != "pooler":
+            # Unused: no gradient, and no weight decay or surgery work spent on it.
+            self.bert.pooler.requires_grad_(False)
 
     def freeze(self, layers: int) -> None:
         """Freeze the embeddings and the lowest ``layers`` transformer layers (0 = train everything)."""
@@ -186,3 +189,10 @@ def output_values(task: str, output: torch.Tensor) -> torch.Tensor:
     if task == "para":
         return torch.sigmoid(output)
     return output
+
+
+def multiple_negatives_ranking_loss(anchors: torch.Tensor, positives: torch.Tensor, scale: float = 20.0) -> torch.Tensor:
+    """Henderson et al. 2017 / Sentence-BERT's MNRL: for each anchor u_i, its paraphrase v_i must
+    score higher (scaled cosine) than every other v_j of the batch (in-batch negatives)."""
+    scores = scale * F.cosine_similarity(anchors.float()[:, None], positives.float()[None], dim=-1)
+    return F.cross_entropy(scores, torch.arange(len(anchors), device=anchors.device))

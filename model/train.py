@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.batching import BatchStream, iterate_batches
+from data.batching import Batch, BatchStream, iterate_batches, make_batch
 from data.files import TASK_FILES, Example, load_examples, resolve_data_dir
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode
 from model.bert import BertConfig, BertModel, default_model_path, load_strict
@@ -47,9 +47,12 @@ from model.multitask import (
     SST_HEADS,
     STS_HEADS,
     MultitaskBert,
+    multiple_negatives_ranking_loss,
     output_values,
     task_loss,
 )
+from model.smart import smart_loss
+from model.surgery import gradvac, pcgrad, random_orders
 
 TASKS = ("sst", "para", "sts", "cfimdb")
 SURGERIES = ("none", "pcgrad", "gradvac")
@@ -279,10 +282,28 @@ def load_split(
 ) -> EncodedSplit:
     """Tokenised rows of one file, from the token cache when possible (the whole file is cached,
     then the first ``limit`` rows kept, so limits never invalidate the cache)."""
-    examples = load_examples(task, split, cfg.data_dir)
     source = TASK_FILES[task].path(split, cfg.data_dir)
-    encoded = cached_encode(get_tokenizer(cfg), source, examples, pair_encoding or encoding_for(task, cfg), cache_dir_for(cfg))
+    try:
+        stat = source.stat()
+    except OSError:
+        load_examples(task, split, cfg.data_dir)  # raises the DataError that explains what is missing
+        raise
+    key = (str(source), stat.st_mtime_ns, stat.st_size)
+    encoded = _encoded_file(
+        task, split, key, str(model_dir(cfg)), cfg.max_length, pair_encoding or encoding_for(task, cfg), str(cache_dir_for(cfg))
+    )
     return limit_split(encoded, limit)
+
+
+@lru_cache(maxsize=32)
+def _encoded_file(
+    task: str, split: str, key: tuple, tokenizer_dir: str, max_length: int, encoding: str, cache_dir: str
+) -> EncodedSplit:
+    """In-process memo over the disk cache: trials and tests in one process parse each file once.
+    ``key`` (path, mtime, size) makes an edited file a new entry. Callers never mutate the result."""
+    path = Path(key[0])
+    examples = load_examples(task, split, path.parent)
+    return cached_encode(_tokenizer(tokenizer_dir, max_length), path, examples, encoding, cache_dir)
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -493,6 +514,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.optimizer = self._optimizer()
         self.rng = random.Random(cfg.seed)
+        # GradVac's EMA target cosine per task pair (Wang et al. start them at 0).
+        self.gradvac_targets = torch.zeros(len(cfg.tasks), len(cfg.tasks))
+        # MNRL encodes paraphrase sentences alone, whatever the pair encoding of the classifier.
+        self.para_bi_split = None
+        if cfg.mnrl_weight > 0 and "para" in cfg.tasks:
+            self.para_bi_split = load_split(cfg, "para", "train", cfg.train_limit, pair_encoding="bi")
         self.step = 0
         self.epoch = 0
         self.history: list[dict] = []
@@ -518,6 +545,7 @@ class Trainer:
             "sampler": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "gradvac_targets": self.gradvac_targets,
             "epoch": self.epoch,
             "step": self.step,
             "history": self.history,
@@ -548,6 +576,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"].cpu())
         if self.device.type == "cuda" and state["cuda_rng"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.gradvac_targets = state["gradvac_targets"].cpu()
         self.epoch, self.step, self.history, self.best = state["epoch"], state["step"], state["history"], state["best"]
 
     def _checkpoint(self) -> None:
@@ -560,30 +589,90 @@ class Trainer:
 
     # --- steps
 
+    def _batch_loss(self, task: str, batch: Batch) -> torch.Tensor:
+        """The task loss of one batch plus its optional SMART and MNRL terms; raises on NaN/inf."""
+        cfg, model = self.cfg, self.model
+        with autocast(self.device):
+            out = model(task, batch.views)
+            loss = task_loss(task, out, batch.labels)
+            if cfg.smart_weight > 0:
+                loss = loss + cfg.smart_weight * smart_loss(model, task, batch.views, out)
+            if cfg.mnrl_weight > 0 and task == "para":
+                loss = loss + cfg.mnrl_weight * self._mnrl_loss(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"epoch {self.epoch + 1}, step {self.step + 1}: the {task} loss is {loss.item()}; "
+                f"training diverged (try a lower learning rate than {cfg.lr})"
+            )
+        return loss
+
+    def _mnrl_loss(self, batch: Batch) -> torch.Tensor:
+        """MNRL on the paraphrase positives of the batch, each sentence encoded alone."""
+        positives = batch.index[batch.labels.cpu() == 1].tolist()
+        if len(positives) < 2:  # a single pair has no in-batch negative
+            return torch.zeros((), device=self.device)
+        pairs = make_batch(self.para_bi_split, positives).to(self.device)
+        anchors, paraphrases = self.model.encode_views(pairs.views, [None, None])
+        return multiple_negatives_ranking_loss(anchors, paraphrases)
+
     def _train_step(self, tasks: list[str]) -> float:
+        """One optimizer update over one batch of each of ``tasks``; returns the summed loss."""
         cfg, model = self.cfg, self.model
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for task in tasks:
-            batch = self.streams[task].next().to(self.device)
-            with autocast(self.device):
-                out = model(task, batch.views)
-            loss = task_loss(task, out, batch.labels)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"epoch {self.epoch + 1}, step {self.step + 1}: the {task} loss is {loss.item()}; "
-                    f"training diverged (try a lower learning rate than {cfg.lr})"
-                )
-            # Backward per batch: the gradients sum to those of the summed loss, and each graph is freed at once.
-            loss.backward()
-            total += loss.item()
+        if cfg.surgery == "none" or len(set(tasks)) == 1:
+            for task in tasks:
+                loss = self._batch_loss(task, self.streams[task].next().to(self.device))
+                # Backward per batch: the gradients add up to those of the summed loss, and each
+                # batch's graph is freed at once.
+                loss.backward()
+                total += loss.item()
+        else:
+            task_losses: dict[str, torch.Tensor] = {}
+            for task in tasks:
+                loss = self._batch_loss(task, self.streams[task].next().to(self.device))
+                task_losses[task] = task_losses[task] + loss if task in task_losses else loss
+                total += loss.item()
+            self._surgery_backward(task_losses)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
         self.optimizer.step()
         self.step += 1
         return total
+
+    def _surgery_backward(self, task_losses: dict[str, torch.Tensor]) -> None:
+        """One backward per task: each head gets its own task's gradient; the shared encoder gets
+        the per-task gradients combined by PCGrad or GradVac."""
+        encoder = self.model.encoder_parameters()
+        flat = []
+        for task, loss in task_losses.items():
+            head = [p for p in self.model.heads[task].parameters() if p.requires_grad]
+            grads = torch.autograd.grad(loss, encoder + head, allow_unused=True)
+            for p, g in zip(head, grads[len(encoder) :], strict=True):
+                p.grad = g
+            flat.append(
+                torch.cat(
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for p, g in zip(encoder, grads[: len(encoder)], strict=True)
+                    ]
+                )
+            )
+        stacked = torch.stack(flat)
+        orders = random_orders(len(flat), self.rng)
+        if self.cfg.surgery == "pcgrad":
+            combined = pcgrad(stacked, orders)
+        else:
+            index = torch.tensor([self.cfg.tasks.index(t) for t in task_losses])
+            targets = self.gradvac_targets[index][:, index]
+            combined, targets = gradvac(stacked, targets, self.cfg.gradvac_beta, orders)
+            self.gradvac_targets[index[:, None], index[None, :]] = targets.cpu()
+        offset = 0
+        for p in encoder:
+            p.grad = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
 
     def _new_best(self, record: dict, dev_outputs: dict[str, dict]) -> None:
         self.best = record

@@ -9,6 +9,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models run fastest on one thread; two threads on a busy 2-core machine mostly spin.
+torch.set_num_threads(1)
 
 DATA_DIR = Path(os.environ.get("MINBERT_DATA", Path(__file__).resolve().parent.parent / "datasets"))
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}

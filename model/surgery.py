@@ -1,0 +1,97 @@
+"""Gradient surgery: combining per-task gradients of the shared encoder into one update.
+
+Every function is pure: it takes the task gradients as rows of a (tasks, params) tensor (each
+task's gradient of the shared encoder, flattened) and returns the combined (params,) gradient.
+The random task orders are arguments so that the results are reproducible and testable.
+
+- ``sum_gradients``: plain multitask learning (the sum of the task losses).
+- ``pcgrad`` (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"): for each task i, in a
+  random order over the other tasks j, if g_i . g_j < 0, g_i <- g_i - (g_i . g_j / |g_j|^2) g_j
+  (g_i is projected onto the normal plane of g_j; g_j stays the original gradient). The
+  projected gradients are summed.
+- ``gradvac`` (Wang et al. 2020, "Gradient Vaccine", Algorithm 1, one granularity: the whole
+  encoder): each task pair keeps an EMA target cosine phi_hat_ij (initially 0). When the current
+  cosine phi_ij = cos(g_i, g_j) is below the target, g_i <- g_i + w g_j with the closed form
+      w = |g_i| (phi_hat sqrt(1 - phi^2) - phi sqrt(1 - phi_hat^2)) / (|g_j| sqrt(1 - phi_hat^2)),
+  which makes cos(g_i + w g_j, g_j) exactly phi_hat. Then phi_hat_ij <- (1 - beta) phi_hat_ij + beta phi_ij.
+  With all targets at 0 the first step equals PCGrad.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+EPS = 1e-12
+
+
+def random_orders(num_tasks: int, rng: random.Random) -> list[list[int]]:
+    """For each task i, the other tasks in a random order."""
+    orders = []
+    for i in range(num_tasks):
+        others = [j for j in range(num_tasks) if j != i]
+        rng.shuffle(others)
+        orders.append(others)
+    return orders
+
+
+def _check(grads: torch.Tensor, orders: list[list[int]] | None) -> list[list[int]]:
+    if grads.dim() != 2:
+        raise ValueError(f"expected task gradients of shape (tasks, params), got {tuple(grads.shape)}")
+    num_tasks = grads.shape[0]
+    if orders is None:
+        return [[j for j in range(num_tasks) if j != i] for i in range(num_tasks)]
+    if len(orders) != num_tasks or any(sorted(o) != [j for j in range(num_tasks) if j != i] for i, o in enumerate(orders)):
+        raise ValueError(f"orders must list, for each of the {num_tasks} tasks, every other task once; got {orders}")
+    return orders
+
+
+def sum_gradients(grads: torch.Tensor) -> torch.Tensor:
+    return grads.sum(0)
+
+
+def pcgrad(grads: torch.Tensor, orders: list[list[int]] | None = None) -> torch.Tensor:
+    """PCGrad; ``orders[i]`` is the order in which task i meets the other tasks (default: index order)."""
+    orders = _check(grads, orders)
+    grads = grads.float()
+    squared_norms = (grads * grads).sum(1)
+    projected = grads.clone()
+    for i, order in enumerate(orders):
+        for j in order:
+            dot = projected[i] @ grads[j]
+            if dot < 0 and squared_norms[j] > EPS:
+                projected[i] -= (dot / squared_norms[j]) * grads[j]
+    return projected.sum(0)
+
+
+def gradvac(
+    grads: torch.Tensor,
+    targets: torch.Tensor,
+    beta: float,
+    orders: list[list[int]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GradVac; returns (combined gradient, updated targets). ``targets[i, j]`` is the EMA target
+    cosine of the pair (i, j) and is not modified in place."""
+    orders = _check(grads, orders)
+    num_tasks = grads.shape[0]
+    if targets.shape != (num_tasks, num_tasks):
+        raise ValueError(f"targets must have shape ({num_tasks}, {num_tasks}), got {tuple(targets.shape)}")
+    grads = grads.float()
+    targets = targets.clone().float()
+    norms = grads.norm(dim=1)
+    vaccinated = grads.clone()
+    for i, order in enumerate(orders):
+        for j in order:
+            norm_i = vaccinated[i].norm()
+            if norm_i <= EPS or norms[j] <= EPS:
+                continue  # a zero gradient has no direction to align
+            phi = (vaccinated[i] @ grads[j]) / (norm_i * norms[j])
+            phi = phi.clamp(-1.0, 1.0)
+            target = targets[i, j]
+            if phi < target:
+                weight = norm_i * (target * (1 - phi**2).sqrt() - phi * (1 - target**2).sqrt())
+                weight = weight / (norms[j] * (1 - target**2).sqrt().clamp(min=EPS))
+                vaccinated[i] += weight * grads[j]
+            targets[i, j] = (1 - beta) * target + beta * phi
+    return vaccinated.sum(0), targets
