@@ -1,0 +1,47 @@
+"""Hyperparameter search of the multitask BERT: ``python run_search.py --study sts``.
+
+Ray Tune runs the trials, Optuna (TPE) samples them and records everything in an Optuna study
+(watch it live: ``optuna-dashboard sqlite:///studies/optuna.db``), ASHA stops weak trials early.
+A study is a file studies/<name>.toml; see search/study.py for its format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from search.storage import DEFAULT_STORAGE_URL
+from search.tune import RESULTS_DIR_ENV, SearchOptions, main_exit
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--study", default="sts", help="study name (studies/<name>.toml) or path to a .toml file (default: sts)")
+    parser.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE_URL,
+        help="Optuna storage: any SQLAlchemy URL (default: %(default)s)",
+    )
+    parser.add_argument("--results-dir", type=Path, help=f"results folder (default: ${RESULTS_DIR_ENV}, else ./results)")
+    parser.add_argument("--data-dir", help="CS224N data directory (default: $MINBERT_DATA, else ./datasets)")
+    parser.add_argument("--address", help="connect to this running Ray cluster instead of starting a local one")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    parser.add_argument("--trials", type=int, help="override the study's budget.trials")
+    parser.add_argument("--max-concurrent", type=int, help="override budget.max_concurrent")
+    parser.add_argument("--cpus-per-trial", type=float, help="override budget.cpus_per_trial")
+    parser.add_argument("--gpus-per-trial", type=float, help="override budget.gpus_per_trial")
+    parser.add_argument("--top", type=int, default=5, help="how many of the best trials to print (default: 5)")
+    again = parser.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue an interrupted run of this study")
+    again.add_argument("--fresh", action="store_true", help="delete this study's Optuna records and results, then start over")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    return main_exit(SearchOptions(**args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Keeping the Optuna study truthful while Ray Tune runs the trials.
+
+Ray's ``OptunaSearch`` alone gets several things wrong: it never reports the result on which a
+trial stops (so the last epoch is missing from the intermediate values), it records trials that
+ASHA stopped as COMPLETE with their early value, and it marks failed trials FAIL without saying
+why. Here the searcher only samples (``ask``), and a Tune callback on the driver writes everything
+else, because callbacks see every result (the stopping one too), every completion and every error:
+
+- every per-epoch dev value is an intermediate value at step = epoch;
+- a trial that ran all ``max_epochs`` is COMPLETE, with value = its best epoch's dev metric (the
+  epoch whose weights the trainer kept); one that ASHA stopped earlier is PRUNED (Optuna then takes
+  its last intermediate value as the value) with user attr ``early_stopped`` True;
+- a trial that raised (NaN loss included) is FAIL with user attr ``error`` holding the message;
+- user attrs ``artifact_dir``, ``epochs_run``, ``best_epoch``, ``best_value``, ``ray_trial_id``.
+
+Resuming: Ray checkpoints the searcher together with its own trial list, so on restore the
+searcher knows exactly which Optuna trials Ray will continue. Any other trial still RUNNING in the
+storage was started after that checkpoint; Ray will never continue it, so it is marked FAIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray.cloudpickle as cloudpickle
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
+
+from search import storage as names
+from search.storage import open_storage
+
+logger = logging.getLogger(__name__)
+
+# Config key through which the searcher tells the trainable its Optuna trial number.
+TRIAL_NUMBER_KEY = "optuna_trial_number"
+ORPHAN_ERROR = "interrupted: the driver stopped before Ray's experiment checkpoint recorded this trial, so Ray does not resume it"
+
+
+def artifact_dir_for(artifacts_root: str | Path, number: int) -> Path:
+    return Path(artifacts_root) / str(number)
+
+
+def fail_trial(study: optuna.Study, number: int, message: str) -> None:
+    """Mark a RUNNING trial FAIL with its error message as user attr."""
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    storage.set_trial_user_attr(trial_id, names.TRIAL_ERROR, message)
+    study.tell(number, state=TrialState.FAIL)
+
+
+def fail_running_trials(study: optuna.Study, keep: set[int] = frozenset(), message: str = ORPHAN_ERROR) -> list[int]:
+    """Mark FAIL every RUNNING trial whose number is not in ``keep``; returns their numbers."""
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.number not in keep:
+            fail_trial(study, trial.number, message)
+            failed.append(trial.number)
+    if failed:
+        logger.warning("marked FAIL the Optuna trials %s left RUNNING by an interrupted run", failed)
+    return failed
+
+
+class RecordingOptunaSearch(OptunaSearch):
+    """OptunaSearch that only samples; ``OptunaRecorder`` records results, stops and errors.
+
+    ``suggest`` adds the Optuna trial number to the config and writes the artifact location and
+    Ray trial id as user attrs at once, so that the dashboard shows where a running trial writes.
+    """
+
+    def __init__(self, *args: Any, artifacts_root: str | Path, **kwargs: Any) -> None:
+        self._artifacts_root = str(artifacts_root)
+        super().__init__(*args, **kwargs)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        params = super().suggest(trial_id)
+        if params is None:
+            return None
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr(names.TRIAL_ARTIFACT_DIR, str(artifact_dir_for(self._artifacts_root, ot_trial.number)))
+        ot_trial.set_user_attr(names.TRIAL_RAY_ID, trial_id)
+        return {**params, TRIAL_NUMBER_KEY: ot_trial.number}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass  # OptunaRecorder.on_trial_result reports every epoch, the stopping one included
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self._completed_trials.add(trial_id)  # OptunaRecorder tells Optuna the outcome
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        resumed = {t.number for trial_id, t in self._ot_trials.items() if trial_id not in self._completed_trials}
+        fail_running_trials(self._ot_study, keep=resumed)
+
+
+class OptunaRecorder(tune.Callback):
+    """Writes per-epoch values, final states and errors of Ray trials into the Optuna study."""
+
+    def __init__(self, storage_url: str, study_name: str, metric: str, max_epochs: int) -> None:
+        self.storage_url, self.study_name, self.metric, self.max_epochs = storage_url, study_name, metric, max_epochs
+        self._study: optuna.Study | None = None
+
+    def __getstate__(self) -> dict:
+        # Ray pickles callbacks into its experiment state; the open storage must not go with them.
+        return {**self.__dict__, "_study": None}
+
+    @property
+    def study(self) -> optuna.Study:
+        if self._study is None:
+            self._study = optuna.load_study(study_name=self.study_name, storage=open_storage(self.storage_url))
+        return self._study
+
+    def _running_trial_id(self, trial: Any) -> tuple[int, int] | None:
+        """(number, storage id) of the Optuna trial behind a Ray trial, or None when it is already finished."""
+        number = trial.config.get(TRIAL_NUMBER_KEY)
+        if number is None:
+            return None
+        storage = self.study._storage
+        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        if storage.get_trial(trial_id).state != TrialState.RUNNING:
+            # A trial that finished after Ray's last experiment checkpoint and was re-run on resume.
+            logger.warning("Optuna trial %d is already finished; not recording Ray trial %s again", number, trial.trial_id)
+            return None
+        return number, trial_id
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        ids = self._running_trial_id(trial)
+        if ids is None or "epoch" not in result or self.metric not in result:
+            return
+        _, trial_id = ids
+        storage = self.study._storage
+        storage.set_trial_intermediate_value(trial_id, int(result["epoch"]), float(result[self.metric]))
+        storage.set_trial_user_attr(trial_id, names.TRIAL_EPOCHS_RUN, int(result["epoch"]))
+        storage.set_trial_user_attr(trial_id, names.TRIAL_RAY_ID, trial.trial_id)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        ids = self._running_trial_id(trial)
+        if ids is None:
+            return
+        number, trial_id = ids
+        storage = self.study._storage
+        reported = storage.get_trial(trial_id).intermediate_values
+        finite = {epoch: value for epoch, value in reported.items() if math.isfinite(value)}
+        epochs_run = max(reported, default=0)
+        storage.set_trial_user_attr(trial_id, names.TRIAL_EPOCHS_RUN, epochs_run)
+        if not finite:
+            problem = "no dev evaluation was reported" if not reported else f"the dev {self.metric} was never finite"
+            fail_trial(self.study, number, f"{problem} (epochs run: {epochs_run})")
+            return
+        # The first best epoch, as the trainer keeps (it replaces its best only on a strict improvement).
+        best_epoch = max(sorted(finite), key=lambda epoch: finite[epoch])
+        early_stopped = epochs_run < self.max_epochs
+        storage.set_trial_user_attr(trial_id, names.TRIAL_EARLY_STOPPED, early_stopped)
+        storage.set_trial_user_attr(trial_id, "best_epoch", best_epoch)
+        storage.set_trial_user_attr(trial_id, "best_value", finite[best_epoch])
+        if early_stopped:
+            self.study.tell(number, state=TrialState.PRUNED)
+        else:
+            self.study.tell(number, finite[best_epoch], state=TrialState.COMPLETE)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        ids = self._running_trial_id(trial)
+        if ids is None:
+            return
+        number, trial_id = ids
+        self.study._storage.set_trial_user_attr(trial_id, names.TRIAL_EARLY_STOPPED, False)
+        fail_trial(self.study, number, error_message(trial))
+
+
+def error_message(trial: Any) -> str:
+    """'ExceptionType: message' of the exception that ended a Ray trial."""
+    error = None
+    path = trial.pickled_error_file  # written on the driver by Trial.handle_error just before this callback
+    if path and Path(path).is_file():
+        try:
+            with open(path, "rb") as fp:
+                error = cloudpickle.load(fp)
+        except Exception:  # an unreadable error: fall back to the text trace
+            error = None
+    cause = getattr(error, "cause", None) or error
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"
+    path = trial.error_file
+    text = Path(path).read_text().strip() if path and Path(path).is_file() else ""
+    return text.splitlines()[-1] if text else "the trial failed without an error message"
