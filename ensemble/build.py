@@ -33,8 +33,8 @@ from pathlib import Path
 from ensemble.logits import Outputs, align_outputs, average_outputs, fit_weights, score_outputs
 from ensemble.members import EnsembleError, Member, Selection, select_members
 from ensemble.report import Curve, Row, plot_objective_vs_size, plot_sts_scatter, write_summary
-from ensemble.soup import GreedyStep, SoupEvaluator, compatible_members, greedy_soup, write_soup_predictor
-from model.metrics import atomic_write_text, write_predictions
+from ensemble.soup import GreedyStep, SoupEvaluator, SoupResult, compatible_members, greedy_soup, write_soup_predictor
+from model.metrics import atomic_write_text, task_metric, write_predictions
 from search.storage import DEFAULT_STORAGE_URL
 
 METHODS = ("logits", "uniform-soup", "greedy-soup")
@@ -48,7 +48,7 @@ class MethodResult:
     rows: list[Row]  # the ensemble rows of the table
     curves: dict[str, Curve]
     dev_outputs: Outputs
-    test_outputs: Outputs | None
+    test_outputs: Outputs
     write_predictor: Callable[[Path], None]
     details: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -72,19 +72,21 @@ def names_of(members: Sequence[Member]) -> list[str]:
 # ------------------------------------------------------------------------------------------ logits
 
 
-def build_logits(selection: Selection, fit: bool, folds: int) -> MethodResult:
+def build_logits(selection: Selection, fit: bool, folds: int, evaluate: SoupEvaluator) -> MethodResult:
     members, tasks, metric = selection.members, selection.tasks, selection.metric
     dev = align_outputs(names_of(members), [m.outputs["dev"] for m in members], "dev")
     curve = [(n, score_outputs(average_outputs(dev[:n]), tasks, metric)[1]) for n in range(1, len(dev) + 1)]
     metrics, objective = score_outputs(average_outputs(dev), tasks, metric)
-    rows = [ensemble_row(f"logits, uniform ({len(members)})", members, metrics, objective, [1 / len(members)] * len(members))]
-    weights, details, notes = [1.0 / len(members)] * len(members), {}, []
+    uniform = [1.0 / len(members)] * len(members)
+    rows = [ensemble_row(f"logits, uniform ({len(members)})", members, metrics, objective, uniform)]
+    weights, details, notes, final = uniform, {}, [], rows[0]
     if fit:
         weight_fit = fit_weights(dev, tasks, metric, selection.direction, folds=folds)
         details["weight_fit"] = weight_fit.to_dict()
         notes.append(f"--fit-weights: {weight_fit.reason}")
         if weight_fit.folds:
             fitted_metrics, fitted_objective = score_outputs(average_outputs(dev, weight_fit.fitted_weights), tasks, metric)
+            note = f"in-sample (fitted on dev); {weight_fit.folds}-fold CV {metric} {weight_fit.cv_dev:.4f}"
             rows.append(
                 ensemble_row(
                     f"logits, fitted weights ({len(members)})",
@@ -92,18 +94,18 @@ def build_logits(selection: Selection, fit: bool, folds: int) -> MethodResult:
                     fitted_metrics,
                     fitted_objective,
                     weight_fit.fitted_weights,
-                    note=f"in-sample (fitted on dev); {weight_fit.folds}-fold CV {metric} {weight_fit.cv_dev:.4f}"
-                    + (", kept" if weight_fit.kept else ", not kept"),
+                    note,
                 )
             )
         weights = weight_fit.weights
+        final = rows[-1] if weight_fit.kept else final
+    final.note = "; ".join(filter(None, [final.note, "final predictor"]))
     final_dev = average_outputs(dev, weights)
-    test = None
-    lacking = [m.name for m in members if not m.has_split("test")]
-    if lacking:
-        notes.append(f"no test predictions: {', '.join(lacking)} saved no test outputs")
-    else:
-        test = average_outputs(align_outputs(names_of(members), [m.outputs["test"] for m in members], "test"), weights)
+    for member in members:
+        if not member.has_split("test"):  # e.g. an early-stopped trial: its test outputs were never written
+            notes.append(f"{member.name} saved no test outputs: ran its checkpoint on test")
+            member.outputs["test"] = evaluate([member], split="test").outputs
+    test = average_outputs(align_outputs(names_of(members), [m.outputs["test"] for m in members], "test"), weights)
 
     def write_predictor(directory: Path) -> None:
         manifest = {
@@ -134,18 +136,20 @@ def soup_members(selection: Selection) -> tuple[list[Member], list[str]]:
     return compatible, refusals
 
 
-def soup_result(method: str, chosen: Sequence[Member], dev, evaluate: SoupEvaluator, **kwargs) -> MethodResult:
-    test = evaluate(chosen, split="test").outputs if all(m.has_split("test") for m in chosen) else None
-    notes = [] if test is not None else ["no test predictions: a member saved no test outputs (predict_test was off)"]
+def soup_result(
+    method: str, soup: SoupResult, evaluate: SoupEvaluator, rows: list[Row], curves: dict, details: dict
+) -> MethodResult:
+    """The soup's dev results plus its run on test, and how to write it as the final predictor."""
+    rows[-1].note = "; ".join(filter(None, [rows[-1].note, "final predictor"]))
+    test = evaluate(soup.members, split="test").outputs
     return MethodResult(
         method,
-        kwargs.pop("rows"),
-        kwargs.pop("curves"),
-        dev.outputs,
+        rows,
+        curves,
+        soup.outputs,
         test,
-        lambda directory: write_soup_predictor(directory, chosen, None, method),
-        notes=notes,
-        **kwargs,
+        lambda directory: write_soup_predictor(directory, soup.members, None, method),
+        details,
     )
 
 
@@ -155,9 +159,7 @@ def build_uniform_soup(selection: Selection, evaluate: SoupEvaluator) -> MethodR
     soup = evaluate(members)
     curve.append((len(members), soup.objective))
     row = ensemble_row(f"uniform soup ({len(members)})", members, soup.metrics, soup.objective)
-    return soup_result(
-        "uniform-soup", members, soup, evaluate, rows=[row], curves={"uniform soup (top-n)": curve}, details={"refused": refusals}
-    )
+    return soup_result("uniform-soup", soup, evaluate, [row], {"uniform soup (top-n)": curve}, {"refused": refusals})
 
 
 def build_greedy_soup(selection: Selection, evaluate: SoupEvaluator) -> MethodResult:
@@ -179,7 +181,7 @@ def build_greedy_soup(selection: Selection, evaluate: SoupEvaluator) -> MethodRe
         "greedy soup: kept": [(i + 1, value) for i, value in enumerate(running_best(steps))],
     }
     details = {"refused": refusals, "steps": [s.__dict__ for s in steps], "order": names_of(ranked)}
-    return soup_result("greedy-soup", soup.members, soup, evaluate, rows=[row], curves=curves, details=details)
+    return soup_result("greedy-soup", soup, evaluate, [row], curves, details)
 
 
 def running_best(steps: Sequence[GreedyStep]) -> list[float]:
@@ -200,14 +202,17 @@ def write_method_outputs(directory: Path, selection: Selection, base_rows: list[
     directory.mkdir(parents=True, exist_ok=True)
     result.write_predictor(directory / "predictor")
     for split, outputs in (("dev", result.dev_outputs), ("test", result.test_outputs)):
-        for task, out in (outputs or {}).items():
+        for task, out in outputs.items():
             write_predictions(directory / "predictions" / f"{task}-{split}-out.csv", task, out["ids"], out["values"])
     best_single = base_rows[-1].objective
     title = f"{selection.study_name}: {result.method}"
     plot_objective_vs_size(directory / "objective_vs_size.png", result.curves, selection.metric, best_single, title)
     if "sts" in result.dev_outputs:
         sts = result.dev_outputs["sts"]
-        plot_sts_scatter(directory / "sts_dev_scatter.png", sts["values"], sts["labels"], f"{title}: STS dev")
+        r = task_metric("sts", sts["values"], sts["labels"])
+        plot_sts_scatter(
+            directory / "sts_dev_scatter.png", sts["values"], sts["labels"], f"{title}: STS dev, Pearson r = {r:.3f}"
+        )
     header = summary_header(selection, {result.method: result})
     return write_summary(
         directory,
@@ -280,7 +285,7 @@ def build(args: argparse.Namespace) -> dict[str, MethodResult]:
         selection.tasks, selection.metric, args.data_dir, args.device, None if args.no_cache else root / ".cache"
     )
     builders = {
-        "logits": lambda: build_logits(selection, args.fit_weights, args.folds),
+        "logits": lambda: build_logits(selection, args.fit_weights, args.folds, evaluate),
         "uniform-soup": lambda: build_uniform_soup(selection, evaluate),
         "greedy-soup": lambda: build_greedy_soup(selection, evaluate),
     }

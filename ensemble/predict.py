@@ -119,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def predict(args: argparse.Namespace) -> tuple[Path, float | None]:
-    """Write the predictions; returns their path and the metric when the file has labels."""
+def predict(args: argparse.Namespace) -> tuple[Path, str, float | None]:
+    """Write the predictions; returns their path, the task, and its metric when the file has labels."""
     predictor = find_predictor(args.ensemble)
     manifest, tasks = predictor_tasks(predictor)
     header = read_header(args.input)
@@ -134,17 +134,20 @@ def predict(args: argparse.Namespace) -> tuple[Path, float | None]:
     output = args.output or default_output(args.ensemble, args.input, task)
     write_predictions(output, task, outputs["ids"], outputs["values"])
     score = task_metric(task, outputs["values"], [e.label for e in examples]) if labelled else None
-    return output, score
+    return output, task, score
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        output, score = predict(args)
+        output, task, score = predict(args)
     except (EnsembleError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {output}" + ("" if score is None else f" (metric on the file's labels: {score:.4f})"))
+    print(
+        f"wrote {output}"
+        + ("" if score is None else f" ({'Pearson r' if task == 'sts' else 'accuracy'} on the file's labels: {score:.4f})")
+    )
     return 0
 
 

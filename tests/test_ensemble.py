@@ -303,3 +303,19 @@ def test_members_must_agree_on_ids():
     np.testing.assert_array_equal(aligned[1]["sts"]["values"], [3.0, 4.0])
     with pytest.raises(EnsembleError, match="disagree on the sts-dev ids"):
         align_outputs(["a", "c"], [a, c], "dev")
+
+
+def test_a_member_without_test_outputs_is_run_on_test(tmp_path, runs):
+    """ASHA-stopped trials never wrote test outputs; the logit ensemble runs their checkpoint instead."""
+    stopped = tmp_path / "stopped"
+    shutil.copytree(runs[1], stopped)
+    for task in TASKS:
+        (stopped / "outputs" / f"{task}-test.npz").unlink()
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = new_study(url, "stopped")
+    add_trial(study, runs[0], 0.9)
+    add_trial(study, stopped, None, state=optuna.trial.TrialState.PRUNED, early_stopped=True)
+    results = ensemble_build.build(build_args(tmp_path, url, "stopped", "--method", "logits", "--include-early-stopped"))
+    assert any("trial 1 saved no test outputs" in note for note in results["logits"].notes)
+    for task in TASKS:
+        np.testing.assert_allclose(results["logits"].test_outputs[task]["values"], hand_mean(runs[:2], task, "test"), atol=1e-5)
