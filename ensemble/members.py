@@ -151,9 +151,17 @@ def is_early_stopped(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.PRUNED or bool(trial.user_attrs.get(TRIAL_EARLY_STOPPED, False))
 
 
+# Written by search.records: the dev objective of the epoch whose weights the trainer kept.
+TRIAL_BEST_VALUE = "best_value"
+
+
 def trial_objective(trial: FrozenTrial, direction: str) -> float | None:
-    """The trial's value; for an early-stopped trial without one, its best intermediate value
-    (the trainer keeps the best epoch's checkpoint)."""
+    """The dev objective of the trial's saved checkpoint: its ``best_value`` attribute, else its value,
+    else (an early-stopped trial without either) its best intermediate value. A PRUNED trial's Optuna
+    value is its last epoch's, which need not be the epoch whose weights were kept."""
+    recorded = trial.user_attrs.get(TRIAL_BEST_VALUE)
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+        return float(recorded)
     if trial.value is not None:
         return float(trial.value)
     steps = [v for v in trial.intermediate_values.values() if v is not None and math.isfinite(v)]

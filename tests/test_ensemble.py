@@ -77,13 +77,14 @@ def build_args(tmp_path: Path, url: str, study: str, *extra: str):
 @pytest.fixture
 def study_url(tmp_path, runs):
     """A study holding the three runs, plus a FAIL trial pointing at good artifacts, an early-stopped
-    trial with the highest value, a trial whose artifact dir is gone and one with a truncated checkpoint."""
+    trial, a trial whose artifact dir is gone and one with a truncated checkpoint."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = new_study(url, "tiny")
     for run in runs:
         add_trial(study, run, overall_of(run))
     add_trial(study, runs[0], None, state=optuna.trial.TrialState.FAIL, error="boom")
-    add_trial(study, runs[1], None, state=optuna.trial.TrialState.PRUNED, early_stopped=True)  # intermediate 0.9
+    # Early-stopped: Optuna's intermediate value 0.9, but the epoch whose weights were kept scored 0.2.
+    add_trial(study, runs[1], None, state=optuna.trial.TrialState.PRUNED, early_stopped=True, best_value=0.2)
     add_trial(study, tmp_path / "gone", 0.95)
     corrupt = tmp_path / "corrupt"
     shutil.copytree(runs[2], corrupt)
@@ -121,7 +122,7 @@ def test_selection_skips_failed_early_stopped_missing_and_corrupt_trials(study_u
     with pytest.warns(MemberSkippedWarning):
         with_early = select_members("tiny", study_url, top_k=10, include_early_stopped=True)
     assert 4 in [m.trial_number for m in with_early.members] and 3 not in [m.trial_number for m in with_early.members]
-    assert with_early.members[0].trial_number == 4  # its best intermediate value 0.9 ranks it first
+    assert with_early.members[-1].trial_number == 4 and with_early.members[-1].value == 0.2  # ranked by best_value
 
 
 def test_no_usable_trial_is_a_clear_error(tmp_path, runs, capsys):
