@@ -29,6 +29,7 @@ import optuna
 import ray.cloudpickle as cloudpickle
 from optuna.trial import TrialState
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from search import storage as names
@@ -187,3 +188,34 @@ def error_message(trial: Any) -> str:
     path = trial.error_file
     text = Path(path).read_text().strip() if path and Path(path).is_file() else ""
     return text.splitlines()[-1] if text else "the trial failed without an error message"
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rung records survive an interrupted driver.
+
+    Ray checkpoints the searcher but not the scheduler, so after Tuner.restore a plain ASHA has
+    forgotten every value it ranked trials by. This one, before its first trial is added, refills
+    its rungs from the Optuna study: a trial's value at a rung is the metric at the first epoch at
+    or past the rung's milestone, exactly what ASHA itself records, keyed by the Ray trial id.
+    """
+
+    def __init__(self, *, storage_url: str, study_name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._storage_url, self._study_name, self._seeded = storage_url, study_name, False
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        if not self._seeded:
+            self._seeded = True
+            self.seed_rungs(optuna.load_study(study_name=self._study_name, storage=open_storage(self._storage_url)))
+        super().on_trial_add(tune_controller, trial)
+
+    def seed_rungs(self, study: optuna.Study) -> None:
+        for trial in study.get_trials(deepcopy=False):
+            ray_id, values = trial.user_attrs.get(names.TRIAL_RAY_ID), trial.intermediate_values
+            if ray_id is None or not values:
+                continue
+            for bracket in self._brackets:
+                for milestone, recorded in bracket._rungs:
+                    reached = [epoch for epoch in values if epoch >= milestone]
+                    if reached and math.isfinite(values[min(reached)]):
+                        recorded[ray_id] = self._metric_op * values[min(reached)]

@@ -363,11 +363,13 @@ def _check_fields(fixed: dict, space: dict[str, Param], tasks: list[str], where:
         raise StudyError(f"{where}: fixed.surgery: gradient surgery combines several tasks' gradients; {tasks} is one task")
     if single_task and "surgery" in space:
         raise StudyError(f"{where}: search.surgery: gradient surgery combines several tasks' gradients; {tasks} is one task")
-    base = {**fixed, "tasks": list(tasks)}
+    # Searched fields take their first value in the base, so that a fixed setting that needs one of them is valid.
+    base = {**fixed, **{name: param.corner_values()[0] for name, param in space.items()}, "tasks": list(tasks)}
     try:
         TrainConfig.from_dict(base)
     except (ValueError, TypeError) as error:
-        raise StudyError(f"{where}: fixed: {error}") from None
+        context = " (with the first value of each searched field)" if space else ""
+        raise StudyError(f"{where}: fixed: {error}{context}") from None
     for name, param in space.items():
         for value in param.corner_values():
             try:

@@ -35,6 +35,7 @@ from search.records import (
     TRIAL_NUMBER_KEY,
     OptunaRecorder,
     RecordingOptunaSearch,
+    ResumableASHA,
     artifact_dir_for,
     fail_running_trials,
 )
@@ -88,6 +89,12 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     # One torch thread per reserved CPU, so that concurrent trials do not fight over the cores.
     train_config.setdefault("threads", max(1, int(job.study.budget.cpus_per_trial)))
     output_dir = artifact_dir_for(job.artifacts_root, number)
+    # A trial resumed after an interrupted driver first reports again the epochs its checkpoint holds:
+    # an epoch checkpointed but not yet reported when the driver died is not lost (repeats are harmless).
+    metrics_file = output_dir / "metrics.json"
+    if metrics_file.is_file():
+        for record in json.loads(metrics_file.read_text(encoding="utf-8")).get("history", []):
+            tune.report(dict(record))
     train(train_config, output_dir, report=lambda metrics: tune.report(dict(metrics)), data_dir=job.data_dir)
 
 
@@ -216,7 +223,6 @@ def prepare_optuna_study(study: Study, url: str, paths: StudyPaths) -> optuna.St
 def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -255,7 +261,9 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
                 storage=open_storage(options.storage),
                 artifacts_root=paths.trials,
             )
-            scheduler = ASHAScheduler(
+            scheduler = ResumableASHA(
+                storage_url=options.storage,
+                study_name=study.name,
                 time_attr="epoch",
                 metric=study.metric,
                 mode=study.mode,

@@ -1,0 +1,185 @@
+"""Study files: the shipped ones load, and every kind of bad file fails at once naming the file and key."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pytest
+
+from search.study import STUDIES_DIR, StudyError, load_study_file
+
+GOOD = """
+tasks = ["sts"]
+
+[objective]
+metric = "sts"
+direction = "maximize"
+
+[budget]
+trials = 4
+max_epochs = 3
+grace_period = 1
+
+[search]
+lr = { low = 1e-5, high = 1e-3, log = true }
+dropout = { low = 0.0, high = 0.2 }
+batch_size = { choices = [16, 32] }
+freeze_layers = { low = 0, high = 3 }
+
+[fixed]
+max_length = 64
+pair_encoding = "bi"
+"""
+
+MULTI = """
+tasks = ["sst", "para", "sts"]
+
+[objective]
+metric = "overall"
+direction = "maximize"
+
+[budget]
+trials = 4
+max_epochs = 3
+grace_period = 1
+
+[search]
+surgery = { choices = ["none", "pcgrad", "gradvac"] }
+"""
+
+
+def write(tmp_path, text: str, name: str = "study.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["sts", "sst", "para", "multitask"])
+def test_shipped_studies_load(name):
+    study = load_study_file(name)
+    assert study.name == name and study.path == STUDIES_DIR / f"{name}.toml"
+    assert {"lr", "dropout", "weight_decay"} <= set(study.space)
+    assert study.space["lr"].log
+    if len(study.tasks) > 1:
+        assert study.metric == "overall" and set(study.space["surgery"].choices) == {"none", "pcgrad", "gradvac"}
+    else:
+        assert study.metric == study.tasks[0]
+    config = study.train_config({k: p.corner_values()[0] for k, p in study.space.items()})
+    assert config["epochs"] == study.budget.max_epochs and config["tasks"] == study.tasks
+
+
+def test_good_file_parses_into_distributions(tmp_path):
+    study = load_study_file(write(tmp_path, GOOD))
+    dists = study.distributions()
+    assert dists["lr"] == optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
+    assert dists["freeze_layers"] == optuna.distributions.IntDistribution(0, 3)
+    assert dists["batch_size"] == optuna.distributions.CategoricalDistribution([16, 32])
+    assert study.budget.reduction_factor == 2 and study.budget.max_concurrent == 1  # defaults
+    assert study.mode == "max"
+    assert study.with_budget(trials=9, max_concurrent=None).budget.trials == 9
+
+
+def test_unknown_study_name_lists_the_available_ones():
+    with pytest.raises(StudyError, match=r"no-such-study\.toml: no such study file; studies available: .*'sts'"):
+        load_study_file("no-such-study")
+
+
+BAD_CASES = [
+    # (replace this, with this, key named in the message, words of the message)
+    ('tasks = ["sts"]', 'tasks = ["sts"]\nbogus = 1', "bogus", "unknown key"),
+    ('direction = "maximize"', 'direction = "maximize"\nextra = 1', "objective.extra", "unknown key"),
+    ("grace_period = 1", "grace_period = 1\npatience = 2", "budget.patience", "unknown key"),
+    ('tasks = ["sts"]', 'tasks = ["stsb"]', "tasks", "unknown task 'stsb'"),
+    ('tasks = ["sts"]', "tasks = []", "tasks", "non-empty"),
+    ('tasks = ["sts"]', 'tasks = "sts"', "tasks", "must be a list"),
+    ('metric = "sts"', 'metric = "sst"', "objective.metric", "not a trained task's metric"),
+    ('direction = "maximize"', 'direction = "up"', "objective.direction", "'maximize' or 'minimize'"),
+    ('direction = "maximize"', 'direction = "minimize"', "objective.direction", "higher-is-better"),
+    ("trials = 4", "trials = 0", "budget.trials", "at least 1"),
+    ("trials = 4", 'trials = "4"', "budget.trials", "must be an integer"),
+    ("trials = 4", "trials = 4.5", "budget.trials", "must be an integer"),
+    ("trials = 4", "", "budget.trials", "missing"),
+    ("grace_period = 1", "grace_period = 5", "budget.grace_period", "between 1 and max_epochs"),
+    ("grace_period = 1", "grace_period = 1\nreduction_factor = 1", "budget.reduction_factor", "greater than 1"),
+    ("grace_period = 1", "grace_period = 1\ncpus_per_trial = true", "budget.cpus_per_trial", "must be an integer or a number"),
+    ("lr = { low = 1e-5, high = 1e-3, log = true }", "lr = { low = 1e-3, high = 1e-5 }", "search.lr", "must be less than high"),
+    ("lr = { low = 1e-5, high = 1e-3, log = true }", "lr = { low = 1e-3, high = 1e-3 }", "search.lr", "must be less than high"),
+    ("lr = { low = 1e-5, high = 1e-3, log = true }", "lr = { low = 0.0, high = 1e-3, log = true }", "search.lr.low", "log-scale"),
+    ("lr = { low = 1e-5, high = 1e-3, log = true }", "lr = { low = 1e-5 }", "search.lr.high", "missing"),
+    ("lr = { low = 1e-5, high = 1e-3, log = true }", 'lr = { low = "a", high = 1e-3 }', "search.lr.low", "must be"),
+    (
+        "lr = { low = 1e-5, high = 1e-3, log = true }",
+        "lr = { low = 1e-5, high = 1e-3, lg = true }",
+        "search.lr.lg",
+        "unknown key",
+    ),
+    ("lr = { low = 1e-5, high = 1e-3, log = true }", "lr = { low = 1e-5, high = 1e-3, log = 1 }", "search.lr.log", "true/false"),
+    ("lr = { low = 1e-5, high = 1e-3, log = true }", "lr = 1e-4", "search.lr", "must be a table"),
+    ("batch_size = { choices = [16, 32] }", "batch_size = { choices = [] }", "search.batch_size.choices", "empty"),
+    ("batch_size = { choices = [16, 32] }", "batch_size = { choices = [16, 16] }", "search.batch_size.choices", "repeated"),
+    ("batch_size = { choices = [16, 32] }", 'batch_size = { choices = [16, "32"] }', "search.batch_size.choices[1]", "must be"),
+    ("freeze_layers = { low = 0, high = 3 }", "freeze_layers = { low = 0, high = 2.5 }", "search.freeze_layers.high", "integer"),
+    ("freeze_layers = { low = 0, high = 3 }", "learning_rate = { low = 0.1, high = 0.2 }", "search.learning_rate", "unknown"),
+    ("freeze_layers = { low = 0, high = 3 }", "epochs = { low = 1, high = 3 }", "search.epochs", "budget.max_epochs"),
+    ("freeze_layers = { low = 0, high = 3 }", "threads = { choices = [1, 2] }", "search.threads", "cannot be searched"),
+    ("freeze_layers = { low = 0, high = 3 }", 'pooling = { choices = ["mean", "max"] }', "search.pooling", "'max'"),
+    ("freeze_layers = { low = 0, high = 3 }", "pooling = { low = 0, high = 1 }", "search.pooling", "give choices"),
+    ("freeze_layers = { low = 0, high = 3 }", 'surgery = { choices = ["none", "pcgrad"] }', "search.surgery", "one task"),
+    ('pair_encoding = "bi"', 'pair_encoding = "cross"\nsts_head = "cosine"', "fixed", "needs pair_encoding 'bi'"),
+    ("dropout = { low = 0.0, high = 0.2 }", "dropout = { low = 0.0, high = 1.0 }", "search.dropout", "dropout must be in"),
+    ("max_length = 64", "max_length = 64\nepochs = 3", "fixed.epochs", "budget.max_epochs"),
+    ("max_length = 64", "max_length = 64\nnum_layers = 3", "fixed.num_layers", "unknown TrainConfig field"),
+    ("max_length = 64", "max_length = 64\ndropout = 0.1", "fixed.dropout", "either fixed or searched"),
+    ("max_length = 64", 'max_length = 64\nsurgery = "pcgrad"', "fixed.surgery", "one task"),
+    ("max_length = 64", "max_length = 4", "fixed", "max_length must be at least 8"),
+    ("max_length = 64", "max_length = 64\n[[start_points]]\nlr = 1.0", "start_points[0].lr", "outside search.lr"),
+    ("max_length = 64", "max_length = 64\n[[start_points]]\nwd = 0.1", "start_points[0].wd", "not a searched field"),
+    ("max_length = 64", "max_length = 64\n[[start_points]]\nbatch_size = 8", "start_points[0].batch_size", "outside"),
+]
+
+
+@pytest.mark.parametrize("old,new,key,words", BAD_CASES, ids=[case[2] + ":" + case[3] for case in BAD_CASES])
+def test_bad_file_names_file_and_key(tmp_path, old, new, key, words):
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(StudyError) as caught:
+        load_study_file(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {key}"), message
+    assert words in message, message
+
+
+def test_multitask_rules(tmp_path):
+    study = load_study_file(write(tmp_path, MULTI))
+    assert study.space["surgery"].choices == ("none", "pcgrad", "gradvac")
+    bad = write(tmp_path, MULTI.replace('metric = "overall"', 'metric = "sst"'), "bad.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{bad}: objective.metric: a study of several tasks optimises 'overall'")):
+        load_study_file(bad)
+    bad = write(tmp_path, MULTI.replace('"gradvac"]', '"gradvac", "mgda"]'), "bad2.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{bad}: search.surgery: value 'mgda'")):
+        load_study_file(bad)
+
+
+def test_missing_sections_and_bad_toml(tmp_path):
+    path = write(tmp_path, GOOD.replace("[search]", "[searchspace]"))
+    with pytest.raises(StudyError, match=re.escape(f"{path}: searchspace: unknown key")):
+        load_study_file(path)
+    path = write(tmp_path, "tasks = [", "broken.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{path}: not valid TOML")):
+        load_study_file(path)
+    path = write(tmp_path, GOOD.split("[search]")[0], "nosearch.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{path}: search: missing")):
+        load_study_file(path)
+
+
+def test_fixed_setting_may_rely_on_a_searched_field(tmp_path):
+    # sts_head "cosine" needs pair_encoding "bi": fine when every searched pair_encoding is "bi" ...
+    text = GOOD.replace('pair_encoding = "bi"', 'sts_head = "cosine"').replace(
+        "[fixed]", 'pair_encoding = { choices = ["bi"] }\n[fixed]'
+    )
+    assert load_study_file(write(tmp_path, text)).fixed == {"max_length": 64, "sts_head": "cosine"}
+    # ... and an error naming the searched value that can never work with it.
+    path = write(tmp_path, text.replace('choices = ["bi"]', 'choices = ["bi", "cross"]'), "bad.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{path}: search.pair_encoding: value 'cross' is not a valid setting")):
+        load_study_file(path)
