@@ -2,8 +2,9 @@
 
 Methods:
   logits        the mean of the members' saved dev/test outputs (probabilities, P(duplicate), STS
-                values); no model run. ``--fit-weights`` fits member weights on dev, kept only when
-                they beat uniform weights in k-fold cross-validation within dev.
+                values); no model run, except on test for members that saved no test outputs.
+                ``--fit-weights`` fits member weights on dev, kept only when they beat uniform
+                weights in k-fold cross-validation within dev.
   uniform-soup  one model whose weights are the mean of the members' checkpoints.
   greedy-soup   Wortsman et al. 2022: members sorted by dev score, each added to the soup only if
                 the soup's dev objective does not drop.
@@ -24,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.files import DATA_DIR_ENV
 from ensemble.logits import Outputs, align_outputs, average_outputs, fit_weights, score_outputs
 from ensemble.members import EnsembleError, Member, Selection, select_members
 from ensemble.report import Curve, Row, plot_objective_vs_size, plot_sts_scatter, write_summary
@@ -38,8 +41,9 @@ from model.metrics import atomic_write_text, task_metric, write_predictions
 from search.storage import DEFAULT_STORAGE_URL
 
 METHODS = ("logits", "uniform-soup", "greedy-soup")
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
+# The search's results folder (search.tune's defaults; not imported from there because that pulls in Ray).
+RESULTS_DIR_ENV = "MINBERT_RESULTS"
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 
 @dataclass
@@ -260,7 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--method", choices=[*METHODS, "all"], default="all", help="what to build (default all)")
     parser.add_argument("--storage", default=DEFAULT_STORAGE_URL, help="Optuna storage URL (default: %(default)s)")
     parser.add_argument(
-        "--results-dir", type=Path, default=DEFAULT_RESULTS_DIR, help="outputs go to RESULTS_DIR/<study>/ensemble/<method>/"
+        "--results-dir",
+        type=Path,
+        help=f"outputs go to RESULTS_DIR/<study>/ensemble/<method>/ (default: ${RESULTS_DIR_ENV}, else ./results)",
     )
     parser.add_argument("--output-dir", type=Path, help="outputs go to OUTPUT_DIR/<method>/ instead")
     parser.add_argument("--include-early-stopped", action="store_true", help="also use trials that ASHA stopped early")
@@ -268,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--fit-weights", action="store_true", help="logits: fit member weights on dev (kept only if they win cross-validation)"
     )
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds for --fit-weights (default 5)")
-    parser.add_argument("--data-dir", help="CS224N data directory for running soups (default: $MINBERT_DATA, else ./datasets)")
+    parser.add_argument(
+        "--data-dir",
+        help="CS224N data directory for running soups (default: $MINBERT_DATA, else the best member's data_dir, else ./datasets)",
+    )
     parser.add_argument("--device", help="cpu, cuda or cuda:N for running soups (default: cuda when available)")
     parser.add_argument("--no-cache", action="store_true", help="do not cache soup evaluations (default cache: OUTPUT/.cache)")
     return parser
@@ -278,12 +287,14 @@ def build(args: argparse.Namespace) -> dict[str, MethodResult]:
     selection = select_members(args.study, args.storage, args.top_k, args.include_early_stopped)
     for note in selection.notes:
         print(f"note: {note}", file=sys.stderr)
-    root = args.output_dir or args.results_dir / args.study / "ensemble"
+    results_dir = Path(args.results_dir or os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR)
+    root = args.output_dir or results_dir / args.study / "ensemble"
     base_rows = [member_row(m, selection.tasks, selection.metric) for m in selection.members]
     base_rows.append(member_row(selection.members[0], selection.tasks, selection.metric, kind="best single"))
-    evaluate = SoupEvaluator(
-        selection.tasks, selection.metric, args.data_dir, args.device, None if args.no_cache else root / ".cache"
-    )
+    # Where the members were trained is the best guess when neither --data-dir nor $MINBERT_DATA says.
+    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or selection.members[0].config["train"].get("data_dir")
+    cache_dir = None if args.no_cache else root / ".cache"
+    evaluate = SoupEvaluator(selection.tasks, selection.metric, data_dir, args.device, cache_dir)
     builders = {
         "logits": lambda: build_logits(selection, args.fit_weights, args.folds, evaluate),
         "uniform-soup": lambda: build_uniform_soup(selection, evaluate),
