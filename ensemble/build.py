@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,9 +131,8 @@ def build_logits(selection: Selection, fit: bool, folds: int, evaluate: SoupEval
 
 
 def soup_members(selection: Selection) -> tuple[list[Member], list[str]]:
+    """The members that can be averaged with the best one; the others' refusals become notes."""
     compatible, refusals = compatible_members(selection.members)
-    for refusal in refusals:
-        warnings.warn(f"soup: refused {refusal}", stacklevel=2)
     if len(compatible) < 2 <= len(selection.members):
         raise EnsembleError("no soup: no member can be averaged with the best one:\n  " + "\n  ".join(refusals))
     return compatible, refusals
@@ -154,6 +152,7 @@ def soup_result(
         test,
         lambda directory: write_soup_predictor(directory, soup.members, None, method),
         details,
+        [f"refused: {refusal}" for refusal in details["refused"]],
     )
 
 

@@ -274,8 +274,12 @@ def test_incompatible_checkpoints_are_refused_with_the_key(tmp_path, study_url, 
     study = new_study(url, "mixed")
     add_trial(study, runs[0], 0.9)
     add_trial(study, other, 0.8)
-    with pytest.raises(EnsembleError, match="train.pooling"), pytest.warns(UserWarning, match="refused"):
+    with pytest.raises(EnsembleError, match="train.pooling"):
         ensemble_build.build(build_args(tmp_path, url, "mixed", "--method", "uniform-soup"))
+    add_trial(study, runs[2], 0.7)  # compatible: the soup goes on without the refused member
+    results = ensemble_build.build(build_args(tmp_path, url, "mixed", "--method", "uniform-soup"))
+    assert results["uniform-soup"].rows[0].members == [0, 2]
+    assert "refused: cannot average trial 1" in (tmp_path / "out" / "uniform-soup" / "summary.md").read_text()
 
 
 def test_weight_fitting_is_kept_only_when_it_wins_cross_validation():
