@@ -1,0 +1,380 @@
+"""data/: tokenisation (against transformers), the token cache, batching, file errors, the real
+files' row counts and data.fetch."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+
+import pytest
+import torch
+from tiny_model import DATA_DIR, needs_data
+
+from data import fetch as fetch_module
+from data.batching import BatchStream, batch_indices, iterate_batches, make_batch, pad
+from data.files import SPLITS, TASK_FILES, DataError, Example, load_examples
+from data.tokenize import EncodedSplit, Tokenizer, cached_encode
+from model.bert import default_model_path
+
+SENTENCES = [
+    "A gorgeous, witty, seductive movie.",
+    "The PLOT is nothing but boilerplate clichés -- from start to finish!",
+    "Café naïve résumé, 12,000 rupees & $3.50 ... (really?)",
+    "don't won't can't   extra   spaces\tand tabs",
+    "東京 is in Japan",
+]
+SECONDS = ["Why?", "How do I learn Python quickly?", "What is the fastest way to learn Python?", "ok", "x " * 40]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(default_model_path(), max_length=128)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertTokenizerFast.from_pretrained(default_model_path())
+
+
+# ------------------------------------------------------------------------------ tokenisation
+
+
+def test_single_sentences_match_transformers(tokenizer, reference):
+    expected = reference(SENTENCES, truncation=True, max_length=128)
+    got = tokenizer.encode(SENTENCES)
+    assert [ids for ids, _ in got] == expected["input_ids"]
+    assert [types for _, types in got] == expected["token_type_ids"]
+
+
+def test_pairs_match_transformers(tokenizer, reference):
+    expected = reference(SENTENCES, SECONDS, truncation=True, max_length=128)
+    got = tokenizer.encode(SENTENCES, SECONDS)
+    assert [ids for ids, _ in got] == expected["input_ids"]
+    assert [types for _, types in got] == expected["token_type_ids"]
+
+
+def test_known_ids_and_segments(tokenizer):
+    [(ids, types)] = tokenizer.encode(["Hello World!"], ["Second one here."])
+    assert ids == [101, 7592, 2088, 999, 102, 2117, 2028, 2182, 1012, 102]  # [CLS] ... [SEP] ... [SEP]
+    assert types == [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    assert tokenizer.pad_id == 0
+
+
+def test_lowercasing(tokenizer):
+    assert tokenizer.encode(["HELLO World"]) == tokenizer.encode(["hello world"])
+    assert tokenizer.lowercase
+
+
+def test_truncation_to_max_length(reference):
+    short = Tokenizer(default_model_path(), max_length=12)
+    long_text = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    [(ids, types)] = short.encode([long_text])
+    assert len(ids) == 12 and ids[0] == 101 and ids[-1] == 102 and types == [0] * 12
+    pairs = short.encode([long_text, "a b"], ["short one", long_text])
+    expected = reference([long_text, "a b"], ["short one", long_text], truncation=True, max_length=12)
+    assert [ids for ids, _ in pairs] == expected["input_ids"]
+    assert all(len(ids) == 12 for ids, _ in pairs)
+
+
+def test_encode_examples_cross_and_bi(tokenizer):
+    examples = [Example("a", ("first one", "second"), 1), Example("b", ("third", "fourth here"), 0)]
+    cross = tokenizer.encode_examples(examples, "cross")
+    assert len(cross.views) == 1 and cross.ids == ["a", "b"] and cross.labels == [1, 0]
+    assert cross.views[0] == tokenizer.encode(["first one", "third"], ["second", "fourth here"])
+    bi = tokenizer.encode_examples(examples, "bi")
+    assert bi.views == [tokenizer.encode(["first one", "third"]), tokenizer.encode(["second", "fourth here"])]
+    unlabelled = tokenizer.encode_examples([Example("c", ("x",), None)])
+    assert unlabelled.labels is None
+    with pytest.raises(ValueError, match="pair_encoding"):
+        tokenizer.encode_examples(examples, "triple")
+
+
+def test_missing_vocab_is_reported(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no vocab.txt"):
+        Tokenizer(tmp_path)
+
+
+def test_token_cache_round_trips_and_is_keyed_by_file_content(tokenizer, tmp_path, monkeypatch):
+    source = tmp_path / "ids-sst-train.csv"
+    write_file(source, ["", "id", "sentence", "sentiment"], [["0", "a", "good film", "4"], ["1", "b", "bad film", "0"]])
+    examples = load_examples("sst", "train", tmp_path)
+    cache = tmp_path / "cache"
+    first = cached_encode(tokenizer, source, examples, "cross", cache)
+    [entry] = list(cache.iterdir())
+    assert not list(cache.glob("*.tmp"))
+
+    def must_not_encode(*args, **kwargs):
+        raise AssertionError("a cache hit must not tokenise again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer, "encode_examples", must_not_encode)
+        again = cached_encode(tokenizer, source, examples, "cross", cache)
+    assert again == first
+
+    # New bytes in the file: a new cache entry and a fresh encoding.
+    write_file(source, ["", "id", "sentence", "sentiment"], [["0", "a", "great film", "4"], ["1", "b", "bad film", "0"]])
+    changed = cached_encode(tokenizer, source, load_examples("sst", "train", tmp_path), "cross", cache)
+    assert changed.views[0][0] == tokenizer.encode(["great film"])[0]
+    assert len(list(cache.iterdir())) == 2
+
+    # Back to the first bytes with a corrupt entry: it is rebuilt rather than trusted.
+    entry.write_bytes(b"not a pickle")
+    write_file(source, ["", "id", "sentence", "sentiment"], [["0", "a", "good film", "4"], ["1", "b", "bad film", "0"]])
+    assert cached_encode(tokenizer, source, examples, "cross", cache) == first
+    assert cached_encode(tokenizer, source, examples, "cross", None) == first  # no cache dir: plain encoding
+
+
+# ---------------------------------------------------------------------------------- batching
+
+
+def toy_split(lengths: list[int], labels: list | None = None, two_views: bool = False) -> EncodedSplit:
+    view = [(list(range(100, 100 + n)), [0] * n) for n in lengths]
+    views = [view, [(ids[:2], types[:2]) for ids, types in view]] if two_views else [view]
+    return EncodedSplit([f"id{i}" for i in range(len(lengths))], views, labels)
+
+
+def test_pad_builds_ids_masks_and_segments():
+    input_ids, mask, types = pad([([5, 6, 7], [0, 0, 1]), ([8], [0])], pad_id=3)
+    assert input_ids.tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert types.tolist() == [[0, 0, 1], [0, 0, 0]]
+    assert input_ids.dtype == mask.dtype == types.dtype == torch.long
+
+
+def test_make_batch_keeps_positions_and_label_types():
+    split = toy_split([3, 5, 2], labels=[1, 0, 4], two_views=True)
+    batch = make_batch(split, [2, 0])
+    assert batch.index.tolist() == [2, 0] and len(batch) == 2
+    assert batch.labels.tolist() == [4, 1] and batch.labels.dtype == torch.long
+    assert len(batch.views) == 2 and batch.views[0][0].shape == (2, 3) and batch.views[1][0].shape == (2, 2)
+    scores = make_batch(toy_split([3, 5], labels=[0.5, 4.2]), [0, 1]).labels
+    assert scores.dtype == torch.float and scores.tolist() == pytest.approx([0.5, 4.2])
+    assert make_batch(toy_split([3]), [0]).labels is None
+    assert make_batch(split, [0]).to("cpu").views[0][0].device.type == "cpu"
+
+
+def test_shuffled_batches_cover_every_example_once():
+    rng = random.Random(0)
+    split = toy_split([rng.randint(1, 60) for _ in range(1003)])
+    batches = batch_indices(split, 16, shuffle=True, rng=random.Random(5), pool_batches=4)
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == list(range(1003))
+    assert all(1 <= len(b) <= 16 for b in batches)
+    # Bucketing: within a batch the lengths are close (each pool of 64 is sorted before cutting).
+    spread = sum(max(len(split.views[0][i][0]) for i in b) - min(len(split.views[0][i][0]) for i in b) for b in batches)
+    assert spread / len(batches) < 15
+    assert batch_indices(split, 16, shuffle=True, rng=random.Random(6), pool_batches=4) != batches
+
+
+def test_eval_batches_cover_all_in_length_order():
+    split = toy_split([7, 3, 9, 1, 5, 5, 2], labels=list(range(7)))
+    batches = list(iterate_batches(split, 3))
+    order = [i for b in batches for i in b.index.tolist()]
+    assert sorted(order) == list(range(7))
+    lengths = [len(split.views[0][i][0]) for i in order]
+    assert lengths == sorted(lengths)
+    for batch in batches:  # every row is the example at its position, padded on the right
+        for row, i in enumerate(batch.index.tolist()):
+            ids = split.views[0][i][0]
+            assert batch.views[0][0][row, : len(ids)].tolist() == ids
+            assert batch.views[0][1][row].sum().item() == len(ids)
+            assert batch.labels[row].item() == i
+
+
+def test_batch_stream_reshuffles_each_pass_and_resumes_from_its_state():
+    split = toy_split(list(range(1, 24)))
+    stream = BatchStream(split, batch_size=5, seed=3)
+    first_pass = [stream.next().index.tolist() for _ in range(5)]  # 23 examples: 5 batches a pass
+    assert sorted(i for b in first_pass for i in b) == list(range(23))
+    for _ in range(2):
+        stream.next()
+    state = stream.state_dict()
+    assert state == {"passes": 1, "position": 2}
+    expected = [stream.next().index.tolist() for _ in range(6)]
+    resumed = BatchStream(split, batch_size=5, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next().index.tolist() for _ in range(6)] == expected
+    assert BatchStream(split, 5, seed=3).next().index.tolist() == first_pass[0], "the same seed gives the same stream"
+    second_pass = BatchStream(split, 5, seed=3)
+    second_pass.load_state_dict({"passes": 1, "position": 0})
+    second = [second_pass.next().index.tolist() for _ in range(5)]
+    assert sorted(i for b in second for i in b) == list(range(23)) and second != first_pass
+
+
+# --------------------------------------------------------------------------------- data files
+
+SST_HEADER = ["", "id", "sentence", "sentiment"]
+
+
+def write_file(path, header: list[str], rows: list[list[str]]) -> None:
+    path.write_text("\n".join("\t".join(fields) for fields in [header, *rows]) + "\n", encoding="utf-8")
+
+
+def sst_train(tmp_path, rows: list[list[str]], header: list[str] = SST_HEADER):
+    write_file(tmp_path / "ids-sst-train.csv", header, rows)
+    return tmp_path
+
+
+def test_reads_quoted_fields_and_strips_text(tmp_path):
+    write_file(
+        tmp_path / "quora-train.csv",
+        ["", "id", "sentence1", "sentence2", "is_duplicate"],
+        [["1", "p1", '"""Quoted"" question?"', " What now? ", "1.0"], ["2", "p2", "a", "b", "0.0"]],
+    )
+    examples = load_examples("para", "train", tmp_path)
+    assert examples == [Example("p1", ('"Quoted" question?', "What now?"), 1), Example("p2", ("a", "b"), 0)]
+    assert isinstance(examples[0].label, int)
+
+
+def test_test_split_needs_no_label(tmp_path):
+    write_file(tmp_path / "ids-sst-test-student.csv", ["0", "", "id", "sentence"], [["1", "0.0", "t1", "Nice ."]])
+    assert load_examples("sst", "test", tmp_path) == [Example("t1", ("Nice .",), None)]
+
+
+def test_sts_scores_are_floats(tmp_path):
+    write_file(tmp_path / "sts-dev.csv", ["", "id", "sentence1", "sentence2", "similarity"], [["0", "s", "a", "b", "3.8"]])
+    assert load_examples("sts", "dev", tmp_path)[0].label == pytest.approx(3.8)
+
+
+def test_missing_file_says_where_it_looked_and_how_to_get_the_data(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_examples("sst", "dev", tmp_path)
+    message = str(err.value)
+    assert str(tmp_path / "ids-sst-dev.csv") in message
+    assert "python -m data.fetch" in message and "MINBERT_DATA" in message and "--data-dir" in message
+
+
+def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
+    sst_train(tmp_path, [["0", "a", "fine", "2"]])
+    monkeypatch.setenv("MINBERT_DATA", str(tmp_path))
+    assert load_examples("sst", "train")[0].id == "a"
+
+
+@pytest.mark.parametrize(
+    ("header", "rows", "message"),
+    [
+        (["", "id", "sentence"], [["0", "a", "x"]], r"ids-sst-train.csv:1: missing column\(s\) \['sentiment'\]"),
+        (SST_HEADER, [["0", "a", "x", "2"], ["1", "b", "y", "good"]], r"ids-sst-train.csv:3: sentiment 'good' is not a number"),
+        (SST_HEADER, [["0", "a", "x", "5"]], r"ids-sst-train.csv:2: sentiment '5' is not a class in 0..4"),
+        (SST_HEADER, [["0", "a", "x", "-1"]], r"ids-sst-train.csv:2: sentiment '-1' is not a class"),
+        (SST_HEADER, [["0", "a", "x", "2.5"]], r"ids-sst-train.csv:2: sentiment '2.5' is not a class"),
+        (SST_HEADER, [["0", "a", "x", "2", "extra"]], r"ids-sst-train.csv:2: the row has the wrong number of fields"),
+        (SST_HEADER, [["0", "a", "x", "1"], ["1", "b"]], r"ids-sst-train.csv:3: the row has the wrong number of fields"),
+        (SST_HEADER, [], r"ids-sst-train.csv: no data rows after the header"),
+    ],
+)
+def test_bad_sst_files_name_the_file_and_line(tmp_path, header, rows, message):
+    with pytest.raises(DataError, match=message):
+        load_examples("sst", "train", sst_train(tmp_path, rows, header))
+
+
+@pytest.mark.parametrize(
+    ("task", "file", "header", "value", "message"),
+    [
+        ("para", "quora-dev.csv", ["", "id", "sentence1", "sentence2", "is_duplicate"], "0.5", "must be 0 or 1"),
+        ("sts", "sts-dev.csv", ["", "id", "sentence1", "sentence2", "similarity"], "5.5", "outside 0..5"),
+        ("cfimdb", "ids-cfimdb-dev.csv", SST_HEADER[:3] + ["sentiment"], "2", "not a class in 0..1"),
+    ],
+)
+def test_out_of_range_labels_of_other_tasks(tmp_path, task, file, header, value, message):
+    texts = ["s1", "s2"][: len(header) - 3]
+    write_file(tmp_path / file, header, [["0", "a", *texts, value]])
+    with pytest.raises(DataError, match=f"{file}:2: .*{message}"):
+        load_examples(task, "dev", tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "ids-sst-train.csv").write_text("")
+    with pytest.raises(DataError, match="ids-sst-train.csv: the file is empty"):
+        load_examples("sst", "train", tmp_path)
+
+
+def test_undecodable_bytes(tmp_path):
+    (tmp_path / "ids-sst-train.csv").write_bytes(b"\tid\tsentence\tsentiment\n0\ta\tna\xefve \xff\t2\n")
+    with pytest.raises(DataError, match="ids-sst-train.csv: not valid UTF-8"):
+        load_examples("sst", "train", tmp_path)
+
+
+def test_rows_with_an_empty_label_are_skipped_and_counted(tmp_path):
+    rows = [["0", "a", "x", "1"], ["1", "b", "y", ""], ["2", "c", "z", "3"], ["3", "d", "w", " "]]
+    with pytest.warns(UserWarning, match=r"ids-sst-train.csv: skipped 2 row\(s\) with an empty 'sentiment'"):
+        examples = load_examples("sst", "train", sst_train(tmp_path, rows))
+    assert [e.id for e in examples] == ["a", "c"]
+
+
+def test_unknown_task_or_split(tmp_path):
+    with pytest.raises(KeyError, match="unknown task"):
+        load_examples("mnli", "train", tmp_path)
+    with pytest.raises(KeyError, match="unknown split"):
+        load_examples("sst", "validation", tmp_path)
+
+
+ROW_COUNTS = {
+    ("sst", "train"): 8544,
+    ("sst", "dev"): 1101,
+    ("sst", "test"): 2210,
+    ("cfimdb", "train"): 1707,
+    ("cfimdb", "dev"): 245,
+    ("cfimdb", "test"): 488,
+    ("para", "train"): 14212,
+    ("para", "dev"): 3000,
+    ("para", "test"): 3000,
+    ("sts", "train"): 6040,
+    ("sts", "dev"): 863,
+    ("sts", "test"): 1725,
+}
+
+
+@needs_data
+def test_real_files_load_with_the_documented_row_counts():
+    started = time.perf_counter()
+    counts = {key: load_examples(*key, DATA_DIR) for key in ROW_COUNTS}
+    elapsed = time.perf_counter() - started
+    assert {key: len(rows) for key, rows in counts.items()} == ROW_COUNTS
+    assert elapsed < 10, f"loading every file took {elapsed:.1f} s"
+    sst = counts[("sst", "train")]
+    assert sst[0].id == "32a4f146782cbde1b7fa65799" and sst[0].texts[0].startswith("The Rock is destined")
+    assert {e.label for e in sst} == {0, 1, 2, 3, 4}
+    assert all(e.label is None for e in counts[("sts", "test")])
+    assert all(0 <= e.label <= 5 for e in counts[("sts", "train")])
+    for key, rows in counts.items():
+        assert len({e.id for e in rows}) == len(rows), f"{key}: ids are unique"
+
+
+# ------------------------------------------------------------------------------------- fetch
+
+
+def test_fetch_copies_from_a_local_folder_and_reports_missing_files(tmp_path, capsys):
+    source, dest = tmp_path / "source", tmp_path / "dest"
+    source.mkdir()
+    names = fetch_module.data_file_names()
+    assert len(names) == len(TASK_FILES) * len(SPLITS)
+    for i, name in enumerate(names[:-2]):
+        (source / name).write_bytes(f"file {i}\n".encode())
+    missing = fetch_module.fetch(dest, source)
+    assert missing == names[-2:]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(names[:-2])  # no temp files left behind
+    assert all((dest / n).read_bytes() == (source / n).read_bytes() for n in names[:-2])
+    assert fetch_module.main(["--source", str(source), "--dest", str(dest)]) == 1
+    assert "missing: " + ", ".join(names[-2:]) in capsys.readouterr().out
+    for name in names[-2:]:
+        (source / name).write_text("late\n")
+    assert fetch_module.main(["--source", str(source), "--dest", str(dest)]) == 0
+
+
+def test_interrupted_fetch_leaves_no_partial_file(tmp_path, monkeypatch):
+    source, dest = tmp_path / "source", tmp_path / "dest"
+    source.mkdir()
+    for name in fetch_module.data_file_names():
+        (source / name).write_text("content\n")
+
+    def fail_midway(src, out):
+        out.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copyfileobj", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        fetch_module.fetch(dest, source)
+    assert list(dest.iterdir()) == []
