@@ -133,11 +133,12 @@ def run_soup(
     weights: tuple[float, ...] | None,
     split: str,
     data_dir: str,
-    data_files: tuple[tuple[str, int, int], ...],
     device: str | None,
+    cache_key: tuple,
 ) -> Outputs:
     """Build the soup of ``checkpoints`` (fingerprints of model.safetensors files) and run it on
-    ``split``. ``data_files`` is only part of the cache key."""
+    ``split`` with the first member's config. ``cache_key`` (that config's and the data files'
+    fingerprints) only tells joblib.Memory when a cached result is stale."""
     from model.train import evaluate_model, load_trained
 
     artifact_dirs = [Path(path).parent for path, _, _ in checkpoints]
@@ -169,13 +170,12 @@ class SoupEvaluator:
         self.memory = joblib.Memory(None if cache_dir is None else str(cache_dir), verbose=0)
         self.run = self.memory.cache(run_soup)
 
-    def data_files(self, split: str) -> tuple[tuple[str, int, int], ...]:
-        return tuple(fingerprint(TASK_FILES[t].path(split, self.data_dir)) for t in self.tasks)
-
     def __call__(self, members: Sequence[Member], split: str = "dev", weights: Sequence[float] | None = None) -> SoupResult:
         checkpoints = tuple(fingerprint(m.artifact_dir / "model.safetensors") for m in members)
         weight_key = None if weights is None else tuple(float(w) for w in weights)
-        outputs = self.run(checkpoints, weight_key, split, self.data_dir, self.data_files(split), self.device)
+        data_files = tuple(fingerprint(TASK_FILES[t].path(split, self.data_dir)) for t in self.tasks)
+        cache_key = (fingerprint(members[0].artifact_dir / "config.json"), data_files)
+        outputs = self.run(checkpoints, weight_key, split, self.data_dir, self.device, cache_key)
         metrics, objective = score_outputs(outputs, self.tasks, self.metric) if split == "dev" else ({}, float("nan"))
         return SoupResult(list(members), None if weights is None else list(weights), metrics, objective, outputs)
 

@@ -64,7 +64,7 @@ def runs(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("trials")
     dirs = []
     for index, lr in enumerate((1e-3, 3e-3, 3e-4)):
-        train(tiny_config(lr=lr, epochs=2), root / f"trial{index}")
+        train(tiny_config(lr=lr), root / f"trial{index}")
         dirs.append(root / f"trial{index}")
     return sorted(dirs, key=overall_of, reverse=True)
 
@@ -324,3 +324,31 @@ def test_a_member_without_test_outputs_is_run_on_test(tmp_path, runs):
     assert any("trial 1 saved no test outputs" in note for note in results["logits"].notes)
     for task in TASKS:
         np.testing.assert_allclose(results["logits"].test_outputs[task]["values"], hand_mean(runs[:2], task, "test"), atol=1e-5)
+
+
+def test_soup_evaluations_are_cached_until_a_checkpoint_changes(tmp_path, runs, monkeypatch):
+    import os
+
+    import model.train
+    from ensemble.soup import SoupEvaluator
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = new_study(url, "cache")
+    member_dir = tmp_path / "member"
+    shutil.copytree(runs[0], member_dir)
+    add_trial(study, member_dir, 0.9)
+    members = select_members("cache", url, top_k=1).members
+    evaluate = SoupEvaluator(TASKS, "overall", DATA_DIR, "cpu", tmp_path / "cache")
+    first = evaluate(members)
+
+    def no_model_runs(*args, **kwargs):
+        raise AssertionError("the model ran although the result was cached")
+
+    monkeypatch.setattr(model.train, "evaluate_model", no_model_runs)
+    again = evaluate(members)
+    assert again.objective == first.objective
+    np.testing.assert_array_equal(again.outputs["sts"]["values"], first.outputs["sts"]["values"])
+    weights_file = member_dir / "model.safetensors"
+    os.utime(weights_file, ns=(weights_file.stat().st_atime_ns, weights_file.stat().st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="the model ran"):
+        evaluate(members)
