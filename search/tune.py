@@ -243,7 +243,9 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
         ray.init(address=options.address)
     else:
         # Workers must import this project whether or not it is pip-installed.
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH")) if p)
+        python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if str(PROJECT_ROOT) not in python_path:
+            os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *python_path])
         temp_dir = paths.ray_temp_dir()
         temp_dir.mkdir(parents=True, exist_ok=True)
         ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir))

@@ -1,0 +1,285 @@
+"""The search end to end on a tiny random BERT: a driver is killed mid-run, resumed, and the Optuna
+records are checked against the trainer's own artifacts and Ray's trials.
+
+One scenario (two Ray sessions, started once for the module) serves every end-to-end check:
+  1. ``run_search.py`` runs as a subprocess in its own process group; one trial draws lr = 1e30,
+     whose loss goes NaN (the last one, so that no new Ray worker has to start after its failure);
+     ASHA stops some of the others after their first epoch;
+  2. once two trials have ended and another is mid-way, the whole process group is SIGKILLed
+     (driver and Ray alike), as a crashed machine would leave it;
+  3. a rerun without flags refuses; an Optuna trial asked after Ray's last checkpoint is simulated;
+  4. ``--resume`` finishes the experiment in this process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from tiny_model import DATA_DIR, TINY_BERT, needs_data
+
+from search import storage as names
+from search.records import ORPHAN_ERROR
+from search.storage import PROJECT_ROOT
+from search.study import load_study_file
+from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, best_ray_result, run_search
+
+TRIALS, MAX_EPOCHS = 6, 3
+STUDY_TOML = f"""
+description = "tiny random BERT, a few rows; a trial with lr = 1e30 diverges"
+tasks = ["sts"]
+
+[objective]
+metric = "sts"
+direction = "maximize"
+
+[budget]
+trials = {TRIALS}
+max_epochs = {MAX_EPOCHS}
+grace_period = 1
+reduction_factor = 2
+max_concurrent = 1
+cpus_per_trial = 1
+seed = 12
+startup_trials = {TRIALS}  # random sampling: with seed 12 the last trial, and only it, draws lr = 1e30
+
+[search]
+lr = {{ choices = [1e-3, 3e-3, 1e30] }}  # 1e30: the loss goes NaN at once
+dropout = {{ low = 0.0, high = 0.2 }}
+
+[fixed]
+model_config = {json.dumps(TINY_BERT).replace('": ', '" = ')}
+train_limit = 32
+eval_limit = 32
+max_length = 32
+batch_size = 8
+steps_per_epoch = 10
+predict_test = false
+
+[[start_points]]
+lr = 1e-3
+dropout = 0.0
+"""
+
+
+def optuna_trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+MARK = "MINBERT_SEARCH_TEST_MARK"
+
+
+def live_processes_marked(mark: str, group: int) -> list[str]:
+    """Running (not zombie) Ray processes, other than this one, with MARK=mark in their environment
+    or in process group ``group``.
+
+    Ray's workers inherit the driver's environment but start their own process group; its agents
+    (ray::DashboardAgent, ray::RuntimeEnvAgent) get another environment but stay in the group."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            name = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:100]
+        except OSError:
+            continue
+        state, pgrp = fields[0], int(fields[2])
+        marked = f"{MARK}={mark}".encode() in environ or (pgrp == group and "ray" in name)
+        if marked and state != "Z":
+            found.append(f"{proc.name}: {name}")
+    return found
+
+
+def leftovers_after_wait(mark: str, group: int, seconds: float = 15) -> list[str]:
+    """Ray's processes take a moment to exit after a shutdown or a kill; wait for them, up to a limit."""
+    deadline = time.monotonic() + seconds
+    while (found := live_processes_marked(mark, group)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    if not (DATA_DIR / "sts-train.csv").is_file():
+        pytest.skip(f"CS224N data not found in {DATA_DIR}")
+    tmp = tmp_path_factory.mktemp("search")
+    study_file = tmp / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    url = f"sqlite:///{tmp / 'optuna.db'}"
+    results = tmp / "results"
+    paths = StudyPaths(results / "tiny")
+    args = ["--study", str(study_file), "--storage", url, "--results-dir", str(results), "--data-dir", str(DATA_DIR)]
+    # Ray saves its experiment state at every step, so the trial running at the kill is in it and resumes.
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0", "PYTHONPATH": str(PROJECT_ROOT), MARK: "first-run"}
+    log = open(tmp / "first-run.log", "w")
+    driver = subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "run_search.py"), *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    killed_running = None
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and driver.poll() is None:
+            try:
+                trials = optuna_trials(url, "tiny")
+            except KeyError:
+                trials = []
+            ended = [t for t in trials if t.state.is_finished()]
+            mid_way = [t for t in trials if t.state == TrialState.RUNNING and t.intermediate_values]
+            if len(ended) >= 2 and mid_way:
+                killed_running = mid_way[0].number
+                break
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+        driver.wait()
+        log.close()
+    first_log = (tmp / "first-run.log").read_text()
+    assert killed_running is not None, f"the first run ended before it could be killed mid-way:\n{first_log[-3000:]}"
+    leftovers = leftovers_after_wait("first-run", driver.pid)
+    assert not leftovers, leftovers
+
+    refused_output = io.StringIO()
+    with contextlib.redirect_stdout(refused_output):
+        refused = run_search(SearchOptions(study=str(study_file), storage=url, results_dir=results))
+
+    # An Optuna trial that the searcher asked for after Ray's last checkpoint: Ray will never resume it.
+    study = optuna.load_study(study_name="tiny", storage=url)
+    orphan = study.ask(fixed_distributions=load_study_file(study_file).distributions()).number
+
+    options = SearchOptions(study=str(study_file), storage=url, results_dir=results, data_dir=str(DATA_DIR), resume=True)
+    os.environ[MARK] = "resume"  # inherited by the Ray processes that the resumed driver starts
+    try:
+        outcome = run_search(options)
+    finally:
+        del os.environ[MARK]
+    leftovers_after = leftovers_after_wait("resume", os.getpgid(0))
+    rerun = run_search(SearchOptions(study=str(study_file), storage=url, results_dir=results))
+    # The fallback Ray temp dir is under /tmp, outside tmp_path: remove it (its processes are gone).
+    shutil.rmtree(paths.ray_temp_dir(), ignore_errors=True)
+    yield {
+        "url": url,
+        "paths": paths,
+        "killed_running": killed_running,
+        "orphan": orphan,
+        "refused": refused,
+        "refused_output": refused_output.getvalue(),
+        "outcome": outcome,
+        "rerun": rerun,
+        "leftovers_after": leftovers_after,
+        "first_log": first_log,
+    }
+
+
+@needs_data
+def test_optuna_records_tell_the_truth(scenario):
+    study = optuna.load_study(study_name="tiny", storage=scenario["url"])
+    assert study.user_attrs[names.STUDY_METRIC] == "sts"
+    assert study.user_attrs[names.STUDY_DIRECTION] == "maximize"
+    assert study.user_attrs[names.STUDY_TASKS] == ["sts"]
+    assert study.user_attrs[names.STUDY_FILE].endswith("tiny.toml")
+    trials = [t for t in study.trials if t.number != scenario["orphan"]]
+    assert len(trials) == TRIALS, [(t.number, t.state) for t in study.trials]
+    by_state = {state: [t for t in trials if t.state == state] for state in TrialState}
+    assert not by_state[TrialState.RUNNING]
+
+    # The diverging trial: FAIL, with the trainer's NaN error as the message; no other trial failed.
+    diverged = [t for t in trials if t.params["lr"] == 1e30]
+    assert diverged and by_state[TrialState.FAIL] == diverged
+    for t in diverged:
+        assert t.user_attrs[names.TRIAL_ERROR].startswith("NonFiniteLossError: ")
+        assert "loss is nan" in t.user_attrs[names.TRIAL_ERROR]
+    assert trials[0].params == {"lr": 1e-3, "dropout": 0.0}  # the start point came first
+
+    assert by_state[TrialState.COMPLETE] and by_state[TrialState.PRUNED], [(t.number, t.state.name) for t in trials]
+    for t in by_state[TrialState.COMPLETE] + by_state[TrialState.PRUNED]:
+        attrs = t.user_attrs
+        epochs_run = attrs[names.TRIAL_EPOCHS_RUN]
+        # Every epoch is an intermediate value, the last (stopping) one too.
+        assert sorted(t.intermediate_values) == list(range(1, epochs_run + 1))
+        assert attrs[names.TRIAL_EARLY_STOPPED] == (t.state == TrialState.PRUNED)
+        assert (epochs_run < MAX_EPOCHS) == (t.state == TrialState.PRUNED)
+        # The artifacts are the trainer's, and agree with the records.
+        artifact_dir = Path(attrs[names.TRIAL_ARTIFACT_DIR])
+        assert artifact_dir == scenario["paths"].trials / str(t.number)
+        metrics = json.loads((artifact_dir / "metrics.json").read_text())
+        assert [h["epoch"] for h in metrics["history"]] == list(range(1, epochs_run + 1))
+        assert [h["sts"] for h in metrics["history"]] == [t.intermediate_values[e] for e in range(1, epochs_run + 1)]
+        assert metrics["best_epoch"] == attrs["best_epoch"]
+        assert attrs["best_value"] == max(t.intermediate_values.values())
+        assert (artifact_dir / "model.safetensors").is_file()
+        if t.state == TrialState.COMPLETE:
+            assert t.value == attrs["best_value"]
+        else:
+            assert t.value == t.intermediate_values[epochs_run]  # Optuna's convention for PRUNED
+    assert len({t.user_attrs[names.TRIAL_RAY_ID] for t in trials}) == TRIALS
+
+
+@needs_data
+def test_resume_loses_and_repeats_nothing(scenario):
+    said = scenario["refused_output"]
+    assert scenario["refused"].exit_code == EXIT_REFUSED, said
+    assert "unfinished run" in said and "--resume" in said and "--fresh" in said
+
+    trials = {t.number: t for t in optuna_trials(scenario["url"], "tiny")}
+    orphan = trials.pop(scenario["orphan"])
+    assert orphan.state == TrialState.FAIL and orphan.user_attrs[names.TRIAL_ERROR] == ORPHAN_ERROR
+    # Trials that the kill left RUNNING: Ray resumed them (from the trainer's checkpoint) or, when
+    # they started after Ray's last experiment checkpoint, they are orphans marked FAIL.
+    others = [t for t in trials.values() if t.user_attrs.get(names.TRIAL_ERROR) == ORPHAN_ERROR]
+    assert not others, "with TUNE_GLOBAL_CHECKPOINT_S=0 every started trial is in Ray's state"
+    resumed = trials[scenario["killed_running"]]
+    assert resumed.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+    # Ray and Optuna agree: one Ray trial (directory named after the Optuna number) per Optuna trial.
+    ray_dirs = sorted(p.name for p in scenario["paths"].experiment.glob("trial_*"))
+    assert ray_dirs == sorted(f"trial_{n}" for n in trials)
+    assert scenario["outcome"].exit_code == 0
+    assert scenario["paths"].finished.is_file()
+    assert not scenario["leftovers_after"], scenario["leftovers_after"]
+
+
+@needs_data
+def test_end_of_run_report_and_rerun(scenario, capsys):
+    outcome = scenario["outcome"]
+    ranked = outcome.ranked
+    assert ranked and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in ranked)
+    values = [t.user_attrs["best_value"] for t in ranked]
+    assert values == sorted(values, reverse=True)
+    # A finished study is not appended to: the rerun says so, shows the results and adds no trial.
+    rerun = scenario["rerun"]
+    assert rerun.exit_code == 0
+    assert [t.number for t in rerun.ranked] == [t.number for t in ranked]
+    assert len(optuna_trials(scenario["url"], "tiny")) == TRIALS + 1
+
+
+class FakeResult:
+    def __init__(self, values, error=None):
+        import pandas as pd
+
+        self.metrics_dataframe = pd.DataFrame({"sts": values})
+        self.error = error
+        self.config = {}
+
+
+def test_best_ray_result_never_picks_an_errored_trial():
+    errored = FakeResult([0.9, 0.95], error=RuntimeError("diverged"))
+    good, better = FakeResult([0.2, 0.5]), FakeResult([0.7, 0.6])
+    assert best_ray_result([errored, good, better], "sts", "max") is better
+    assert best_ray_result([errored, FakeResult([float("nan")])], "sts", "max") is None
