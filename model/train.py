@@ -58,6 +58,7 @@ TASKS = ("sst", "para", "sts", "cfimdb")
 SURGERIES = ("none", "pcgrad", "gradvac")
 SCHEDULES = ("round_robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear")
+PRECISIONS = ("auto", "fp32", "bf16")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO_ROOT / "cache" / "tokens"
 EVAL_BATCH_SIZE = 64
@@ -117,6 +118,11 @@ class TrainConfig:
     eval_limit: int | None = field(**_help("use at most this many dev/test rows per task", default=None))
     threads: int | None = field(**_help("torch CPU threads (default: torch's choice)", default=None))
     device: str | None = field(**_help("cpu, cuda or cuda:N (default: cuda when available)", default=None))
+    precision: str = field(
+        **_help(
+            "fp32, bf16 (autocast), or auto: bf16 on CUDA and on CPUs with bf16 matrix units (AMX), else fp32", default="auto"
+        )
+    )
     predict_test: bool = field(**_help("write test-set outputs and predictions with the best weights", default=True))
     cache_dir: str | None = field(**_help("token cache directory (default: <repo>/cache/tokens)", default=None))
 
@@ -135,6 +141,7 @@ class TrainConfig:
             ("sst_head", SST_HEADS),
             ("pooling", POOLINGS),
             ("lr_schedule", LR_SCHEDULES),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
@@ -256,9 +263,21 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; full precision on CPU (bf16 matmuls are slow on most CPUs)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX); elsewhere bf16 is slower."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check and check())
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul())
+    return precision == "bf16"
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast (weights, optimizer state and losses stay fp32), or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
 def encoding_for(task: str, cfg: TrainConfig) -> str:
@@ -310,33 +329,59 @@ def _encoded_file(
 
 
 @torch.inference_mode()
-def predict_values(model: MultitaskBert, task: str, split: EncodedSplit, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
+def predict_values(
+    model: MultitaskBert, task: str, split: EncodedSplit, bf16: bool = False, batch_size: int = EVAL_BATCH_SIZE
+) -> np.ndarray:
     """The task's output values (probabilities / P(duplicate) / score) for every row, in file order."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    pad_id = 0
-    chunks, order = [], []
     try:
-        for batch in iterate_batches(split, batch_size, shuffle=False, pad_id=pad_id):
-            batch = batch.to(device)
-            with autocast(device):
-                out = model(task, batch.views)
-            chunks.append(output_values(task, out).cpu())
-            order.append(batch.index)
+        with autocast(device, bf16):
+            if len(split.views) == 2:
+                out = bi_encoded_outputs(model, task, split, device, batch_size)
+            else:
+                out = torch.empty(0)
+                for batch in iterate_batches(split, batch_size, shuffle=False):
+                    batch_out = model(task, batch.to(device).views).float()
+                    if out.numel() == 0:
+                        out = torch.empty((len(split), *batch_out.shape[1:]), device=device)
+                    out[batch.index.to(device)] = batch_out
     finally:
         model.train(was_training)
-    values = torch.cat(chunks).numpy()
-    result = np.empty_like(values)
-    result[torch.cat(order).numpy()] = values
-    return result
+    return output_values(task, out).cpu().numpy()
 
 
-def evaluate_splits(model: MultitaskBert, splits: dict[str, EncodedSplit]) -> tuple[dict[str, float], dict[str, dict]]:
+def bi_encoded_outputs(
+    model: MultitaskBert, task: str, split: EncodedSplit, device: torch.device, batch_size: int
+) -> torch.Tensor:
+    """Head outputs of bi-encoded pairs, encoding each distinct sentence of the split once."""
+    position: dict[tuple, int] = {}
+    for view in split.views:
+        for ids, types in view:
+            position.setdefault((tuple(ids), tuple(types)), len(position))
+    sentences = EncodedSplit([str(i) for i in range(len(position))], [[(list(a), list(b)) for a, b in position]], None)
+    embeddings = torch.empty((len(position), model.bert.config.hidden_size), device=device)
+    for batch in iterate_batches(sentences, batch_size, shuffle=False):
+        embeddings[batch.index.to(device)] = model.embed(batch.to(device).views[0]).float()
+    first, second = (
+        torch.tensor([position[(tuple(ids), tuple(types))] for ids, types in view], device=device) for view in split.views
+    )
+    return torch.cat(
+        [
+            model.heads[task]([embeddings[first[i : i + batch_size]], embeddings[second[i : i + batch_size]]]).float()
+            for i in range(0, len(split), batch_size)
+        ]
+    )
+
+
+def evaluate_splits(
+    model: MultitaskBert, splits: dict[str, EncodedSplit], bf16: bool = False
+) -> tuple[dict[str, float], dict[str, dict]]:
     """Metrics (when labelled) and outputs {task: {ids, values[, labels]}} of tokenised splits."""
     metrics, outputs = {}, {}
     for task, split in splits.items():
-        values = predict_values(model, task, split)
+        values = predict_values(model, task, split, bf16)
         outputs[task] = {"ids": np.array(split.ids), "values": values}
         if split.labels is not None:
             labels = np.array(split.labels)
@@ -365,7 +410,8 @@ def evaluate_model(
         splits = {task: tokenizer.encode_examples(rows, encoding_for(task, cfg)) for task, rows in examples.items()}
     else:
         splits = {task: load_split(cfg, task, split, cfg.eval_limit) for task in cfg.tasks}
-    return evaluate_splits(model, splits)
+    device = next(model.parameters()).device
+    return evaluate_splits(model, splits, use_bf16(cfg.precision, device))
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -501,6 +547,7 @@ class Trainer:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         self.train_splits = {t: load_split(cfg, t, "train", cfg.train_limit) for t in cfg.tasks}
@@ -592,7 +639,7 @@ class Trainer:
     def _batch_loss(self, task: str, batch: Batch) -> torch.Tensor:
         """The task loss of one batch plus its optional SMART and MNRL terms; raises on NaN/inf."""
         cfg, model = self.cfg, self.model
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             out = model(task, batch.views)
             loss = task_loss(task, out, batch.labels)
             if cfg.smart_weight > 0:
@@ -689,7 +736,7 @@ class Trainer:
             for _ in range(self.steps_per_epoch):
                 losses.append(self._train_step(step_tasks(cfg, probabilities, self.rng)))
             train_seconds = time.perf_counter() - started
-            metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits)
+            metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16)
             self.epoch += 1
             record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
             record["train_seconds"] = round(train_seconds, 2)
@@ -712,7 +759,7 @@ class Trainer:
         self.model.load_state_dict(best)
         try:
             splits = {t: load_split(self.cfg, t, "test", self.cfg.eval_limit) for t in self.cfg.tasks}
-            _, outputs = evaluate_splits(self.model, splits)
+            _, outputs = evaluate_splits(self.model, splits, self.bf16)
             write_outputs(self.output_dir, "test", outputs)
         finally:
             self.model.load_state_dict(current)

@@ -175,3 +175,24 @@ def test_single_task_training_reports_only_that_task(tmp_path):
     train(tiny_config(tasks=["sts"], steps_per_epoch=2, surgery="pcgrad", predict_test=False), tmp_path, report=reports.append)
     assert set(reports[0]) == {"epoch", "train_loss", "sts", "overall", "train_seconds"}
     assert reports[0]["overall"] == pytest.approx((reports[0]["sts"] + 1) / 2)
+
+
+@pytest.mark.parametrize("task", ["para", "sts"])
+def test_bi_encoded_evaluation_encodes_each_sentence_once_with_the_same_outputs(task):
+    from data.tokenize import EncodedSplit
+    from model.multitask import output_values
+    from model.train import predict_values
+
+    model = make_model(pair_encoding="bi").eval()
+    g = torch.Generator().manual_seed(3)
+    sentences = [(torch.randint(1, 50, (n,), generator=g).tolist(), [0] * n) for n in (3, 9, 5, 4)]
+    pairs = [(0, 1), (1, 2), (2, 0), (3, 3), (0, 1)]  # repeated sentences and a repeated pair
+    split = EncodedSplit([f"p{i}" for i in range(5)], [[sentences[a] for a, _ in pairs], [sentences[b] for _, b in pairs]], None)
+    calls = []
+    model.bert.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    values = predict_values(model, task, split, batch_size=2)
+    assert sum(calls) == 4  # four distinct sentences
+    for row, (a, b) in enumerate(pairs):
+        one = [tuple(torch.tensor([x]) for x in (sentences[i][0], [1] * len(sentences[i][0]), sentences[i][1])) for i in (a, b)]
+        expected = output_values(task, model(task, one))
+        torch.testing.assert_close(torch.tensor(values[row]), expected[0], atol=1e-5, rtol=1e-4)
