@@ -158,12 +158,12 @@ def run_search(options: SearchOptions) -> Outcome:
         where = f"Optuna study {study.name!r} in {options.storage}" if in_storage else f"results in {paths.root}"
         if paths.finished.is_file():
             print(f"Study {study.name!r} has already finished ({where}); showing its results.")
-            print(f"  To start it over: python run_search.py --study {options.study} --fresh  (deletes it first)")
+            print(f"  To start it over: {command_line(options, '--fresh')}  (deletes it first)")
             return summarize(study, options.storage, paths, options.top)
         print(
             f"Study {study.name!r} already has an unfinished run ({where}).\n"
-            f"  To continue it: python run_search.py --study {options.study} --resume\n"
-            f"  To delete it and start over: python run_search.py --study {options.study} --fresh"
+            f"  To continue it: {command_line(options, '--resume')}\n"
+            f"  To delete it and start over: {command_line(options, '--fresh')}"
         )
         return Outcome(EXIT_REFUSED)
     if options.resume and not (in_storage or on_disk):
@@ -187,6 +187,16 @@ def run_search(options: SearchOptions) -> Outcome:
         gpus_per_trial=options.gpus_per_trial,
     )
     return execute(study, options, paths)
+
+
+def command_line(options: SearchOptions, flag: str) -> str:
+    """The run_search.py command for this study with ``flag``, keeping non-default locations."""
+    words = ["python run_search.py --study", options.study, flag]
+    if options.storage != DEFAULT_STORAGE_URL:
+        words += ["--storage", options.storage]
+    if options.results_dir is not None:
+        words += ["--results-dir", str(options.results_dir)]
+    return " ".join(words)
 
 
 def delete_study_run(name: str, url: str, storage: optuna.storages.RDBStorage, paths: StudyPaths, in_storage: bool) -> None:
@@ -296,10 +306,7 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
 
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
     if run_interrupted(ot_study, study.budget.trials):
-        print(
-            f"\nThe run was interrupted. Continue it with: python run_search.py --study {options.study} --resume"
-            + (f" --storage {options.storage}" if options.storage != DEFAULT_STORAGE_URL else "")
-        )
+        print(f"\nThe run was interrupted. Continue it with: {command_line(options, '--resume')}")
         return Outcome(EXIT_INTERRUPTED, ot_study)
     failed_in_ray = [r for r in grid if r.error is not None]
     atomic_write_text(paths.finished, json.dumps({"ray_trials": len(grid), "errored": len(failed_in_ray)}, indent=2))
