@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, help="override budget.max_concurrent")
     parser.add_argument("--cpus-per-trial", type=float, help="override budget.cpus_per_trial")
     parser.add_argument("--gpus-per-trial", type=float, help="override budget.gpus_per_trial")
+    parser.add_argument("--name", help="name of the Optuna study and results folder (default: the study file's name)")
+    parser.add_argument(
+        "--no-early-stopping",
+        dest="early_stopping",
+        action="store_false",
+        help="no ASHA: every trial runs budget.max_epochs (to measure what early stopping saves; use with --name)",
+    )
     parser.add_argument("--top", type=int, default=5, help="how many of the best trials to print (default: 5)")
     again = parser.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true", help="continue an interrupted run of this study")

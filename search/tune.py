@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -67,6 +68,8 @@ class SearchOptions:
     gpus_per_trial: float | None = None
     resume: bool = False
     fresh: bool = False
+    name: str | None = None  # Optuna study and results folder name; default: the study file's name
+    early_stopping: bool = True  # False: no ASHA, every trial runs max_epochs (to measure what ASHA saves)
     top: int = 5
 
 
@@ -146,6 +149,10 @@ def run_search(options: SearchOptions) -> Outcome:
     if options.resume and options.fresh:
         raise StudyError("--resume and --fresh exclude each other")
     study = load_study_file(options.study)
+    if options.name:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", options.name):
+            raise StudyError(f"--name {options.name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
+        study = dataclasses.replace(study, name=options.name)
     paths = StudyPaths(results_root(options) / study.name)
     storage = open_storage(options.storage)
     in_storage = study.name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
@@ -196,6 +203,8 @@ def command_line(options: SearchOptions, flag: str) -> str:
         words += ["--storage", options.storage]
     if options.results_dir is not None:
         words += ["--results-dir", str(options.results_dir)]
+    if options.name:
+        words += ["--name", options.name]
     return " ".join(words)
 
 
@@ -233,12 +242,15 @@ def prepare_optuna_study(study: Study, url: str, paths: StudyPaths) -> optuna.St
 def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
     import ray
     from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
     paths.root.mkdir(parents=True, exist_ok=True)
     if not paths.snapshot.is_file():
         atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
     ot_study = prepare_optuna_study(study, options.storage, paths)
+    if not options.resume:
+        ot_study.set_user_attr("early_stopping", options.early_stopping)
     restoring = options.resume and tune.Tuner.can_restore(str(paths.experiment))
     if not restoring:
         # Nothing of Ray's to continue: whatever is RUNNING in Optuna belongs to a run that cannot resume.
@@ -273,15 +285,19 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
                 storage=open_storage(options.storage),
                 artifacts_root=paths.trials,
             )
-            scheduler = ResumableASHA(
-                storage_url=options.storage,
-                study_name=study.name,
-                time_attr="epoch",
-                metric=study.metric,
-                mode=study.mode,
-                max_t=study.budget.max_epochs,
-                grace_period=study.budget.grace_period,
-                reduction_factor=study.budget.reduction_factor,
+            scheduler = (
+                ResumableASHA(
+                    storage_url=options.storage,
+                    study_name=study.name,
+                    time_attr="epoch",
+                    metric=study.metric,
+                    mode=study.mode,
+                    max_t=study.budget.max_epochs,
+                    grace_period=study.budget.grace_period,
+                    reduction_factor=study.budget.reduction_factor,
+                )
+                if options.early_stopping
+                else FIFOScheduler()
             )
             tuner = tune.Tuner(
                 trainable,

@@ -313,6 +313,16 @@ def test_new_study_runs_with_command_line_overrides(no_ray):
     assert calls[0]["study"].budget.trials == 2 and calls[0]["study"].budget.cpus_per_trial == 0.5
 
 
+def test_name_renames_study_and_results_folder(no_ray, capsys):
+    from search.tune import main_exit
+
+    calls, options, _ = no_ray
+    options.name = "tiny-no-asha"
+    assert run_search(options).exit_code == 0 and calls[0]["study"].name == "tiny-no-asha"
+    options.name = "../elsewhere"
+    assert main_exit(options) == EXIT_REFUSED and "--name '../elsewhere'" in capsys.readouterr().err
+
+
 def test_unfinished_study_is_not_appended_to(no_ray, capsys):
     calls, options, paths = no_ray
     optuna.create_study(study_name="tiny", storage=options.storage)
