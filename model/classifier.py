@@ -35,6 +35,7 @@ from model.multitask import POOLINGS, MultitaskBert, output_values, task_loss
 from model.optimizer import AdamW
 from model.train import (
     EVAL_BATCH_SIZE,
+    PRECISIONS,
     NonFiniteLossError,
     TrainConfig,
     autocast,
@@ -42,6 +43,7 @@ from model.train import (
     load_split,
     predict_values,
     resolve_device,
+    use_bf16,
 )
 
 TASKS = ("sst", "cfimdb")
@@ -57,12 +59,12 @@ def progress(batches: Iterable, examples: int, batch_size: int, desc: str) -> It
     return tqdm(batches, total=-(-examples // batch_size), desc=desc, leave=False, disable=None)
 
 
-def pooled_features(model: MultitaskBert, split: EncodedSplit, device: torch.device) -> torch.Tensor:
+def pooled_features(model: MultitaskBert, split: EncodedSplit, device: torch.device, bf16: bool) -> torch.Tensor:
     """(N, H) pooled encoder outputs in the split's order, in eval mode and without gradients."""
     model.eval()
     features = torch.empty(len(split), model.bert.config.hidden_size, device=device)
     batches = iterate_batches(split, EVAL_BATCH_SIZE)
-    with torch.inference_mode(), autocast(device):
+    with torch.inference_mode(), autocast(device, bf16):
         for batch in progress(batches, len(split), EVAL_BATCH_SIZE, "encode"):
             batch = batch.to(device)
             features[batch.index.to(device)] = model.embed(batch.views[0]).float()
@@ -78,6 +80,7 @@ class ClassifierRun:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
+        self.bf16 = use_bf16(cfg.precision, self.device)
         limits = {"train": cfg.train_limit, "dev": cfg.eval_limit, "test": cfg.eval_limit}
         self.splits = {name: load_split(cfg, self.task, name, limits[name]) for name in SPLIT_NAMES}
         torch.manual_seed(cfg.seed)
@@ -97,7 +100,7 @@ class ClassifierRun:
         # The frozen encoder runs once, in eval mode, and the head trains on the cached pooled
         # outputs. That is the handout's frozen-encoder training with the encoder in eval mode
         # (the head's dropout still applies at every step), at a fraction of the cost.
-        features = {name: pooled_features(self.model, split, self.device) for name, split in self.splits.items()}
+        features = {name: pooled_features(self.model, split, self.device, self.bf16) for name, split in self.splits.items()}
         labels = torch.as_tensor(self.splits["train"].labels, device=self.device)
         head = self.model.heads[self.task]
         generator = torch.Generator().manual_seed(self.cfg.seed)
@@ -127,12 +130,12 @@ class ClassifierRun:
             batches = iterate_batches(train, self.cfg.batch_size, shuffle=True, rng=random.Random(f"{self.cfg.seed}-{epoch}"))
             for batch in progress(batches, len(train), self.cfg.batch_size, f"epoch {epoch}"):
                 batch = batch.to(self.device)
-                with autocast(self.device):
+                with autocast(self.device, self.bf16):
                     logits = self.model(self.task, batch.views)
                 losses.append(self.step(task_loss(self.task, logits, batch.labels)))
             return float(np.mean(losses))
 
-        return self.fit(train_epoch, lambda split: predict_values(self.model, self.task, self.splits[split]))
+        return self.fit(train_epoch, lambda split: predict_values(self.model, self.task, self.splits[split], self.bf16))
 
     def step(self, loss: torch.Tensor) -> float:
         if not torch.isfinite(loss):
@@ -218,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="predictions", help="where the prediction CSVs go (default: predictions)")
     parser.add_argument("--cache-dir", default=None, help="token cache (default: <repo>/cache/tokens)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with bf16 matrix units (AMX), else fp32",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")
     parser.add_argument("--eval-limit", type=int, default=None, help="use the first N dev and test examples")
@@ -243,6 +252,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         eval_limit=args.eval_limit,
         threads=args.threads,
         device=args.device,
+        precision=args.precision,
         cache_dir=args.cache_dir,
     )
 

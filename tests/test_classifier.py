@@ -75,7 +75,7 @@ def test_writes_both_prediction_files_for_every_id(tmp_path, task, mode):
 
 def test_pretrain_head_trains_on_features_like_the_full_model(tmp_path):
     """The cached-feature shortcut: the head's dev predictions equal those of the whole model."""
-    run, result, _ = run_classifier("sst", "pretrain", tmp_path, "--pooling", "cls")
+    run, result, _ = run_classifier("sst", "pretrain", tmp_path, "--pooling", "cls", "--precision", "fp32")
     _, rows = read_predictions(tmp_path / "pretrain-sst-dev-out.csv")
     full_model = predict_values(run.model, "sst", run.splits["dev"]).argmax(1)
     assert [int(p) for _, p in rows] == full_model.tolist()
