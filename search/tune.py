@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from data.files import DATA_DIR_ENV, TASK_FILES, DataError, resolve_data_dir
 from model.metrics import atomic_write_text
 from model.train import train
 from search import storage as names
@@ -42,8 +42,6 @@ from search.records import (
 )
 from search.storage import DEFAULT_STORAGE_URL, PROJECT_ROOT, open_storage
 from search.study import Study, StudyError, load_study_file
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
 RESULTS_DIR_ENV = "MINBERT_RESULTS"
@@ -245,6 +243,7 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
 
+    data_dir = check_data(study, options.data_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
     if not paths.snapshot.is_file():
         atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
@@ -256,7 +255,7 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
         # Nothing of Ray's to continue: whatever is RUNNING in Optuna belongs to a run that cannot resume.
         fail_running_trials(ot_study)
 
-    job = TrialJob(study=study, artifacts_root=str(paths.trials), data_dir=options.data_dir)
+    job = TrialJob(study=study, artifacts_root=str(paths.trials), data_dir=str(data_dir))
     resources = {"cpu": study.budget.cpus_per_trial, "gpu": study.budget.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), resources)
 
@@ -326,10 +325,24 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
         return Outcome(EXIT_INTERRUPTED, ot_study)
     failed_in_ray = [r for r in grid if r.error is not None]
     atomic_write_text(paths.finished, json.dumps({"ray_trials": len(grid), "errored": len(failed_in_ray)}, indent=2))
+    outcome = summarize(study, options.storage, paths, options.top)
+    # Cross-check with Ray's own records, errored trials left out (Ray's get_best_result can pick them).
     best = best_ray_result(grid, study.metric, study.mode)
-    if best is not None:
-        logger.info("Ray's best non-errored trial: %s", best.config.get(TRIAL_NUMBER_KEY))
-    return summarize(study, options.storage, paths, options.top)
+    best_number = None if best is None else best.config.get(TRIAL_NUMBER_KEY)
+    if outcome.ranked and best_number != outcome.ranked[0].number:
+        print(f"Note: by Ray's results the best non-errored trial is {best_number}, not {outcome.ranked[0].number}.")
+    return outcome
+
+
+def check_data(study: Study, data_dir: str | None) -> Path:
+    """The resolved data directory, once every file the trials read is there (else every trial would fail)."""
+    resolved = resolve_data_dir(data_dir).resolve()
+    splits = ("train", "dev", "test") if study.fixed.get("predict_test", True) else ("train", "dev")
+    missing = [str(TASK_FILES[task].path(split, resolved)) for task in study.tasks for split in splits]
+    missing = [path for path in missing if not Path(path).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: file not found (data directory: --data-dir, else ${DATA_DIR_ENV}, else ./datasets)")
+    return resolved
 
 
 def run_interrupted(ot_study: optuna.Study, budget_trials: int) -> bool:
@@ -401,6 +414,6 @@ def format_value(value: Any) -> str:
 def main_exit(options: SearchOptions) -> int:
     try:
         return run_search(options).exit_code
-    except StudyError as error:
+    except (StudyError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED

@@ -396,3 +396,15 @@ def test_asha_rungs_are_refilled_from_optuna(tmp_path):
     assert fail_running_trials(study, keep={0}) == [1, 2]
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL]
     assert study.trials[1].user_attrs[names.TRIAL_ERROR] == ORPHAN_ERROR
+
+
+def test_missing_data_fails_before_anything_starts(tmp_path, capsys):
+    from search.tune import main_exit
+
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    options = SearchOptions(study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r")
+    options.data_dir = str(tmp_path / "no-data")
+    assert main_exit(options) == EXIT_REFUSED
+    assert f"{tmp_path / 'no-data' / 'sts-train.csv'}: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
