@@ -32,21 +32,13 @@ max_length = 64
 pair_encoding = "bi"
 """
 
-MULTI = """
-tasks = ["sst", "para", "sts"]
-
-[objective]
-metric = "overall"
-direction = "maximize"
-
-[budget]
-trials = 4
-max_epochs = 3
-grace_period = 1
-
-[search]
-surgery = { choices = ["none", "pcgrad", "gradvac"] }
-"""
+# Three tasks, the overall objective, gradient surgery searched; same budget as GOOD.
+MULTI = (
+    GOOD.replace('tasks = ["sts"]', 'tasks = ["sst", "para", "sts"]')
+    .replace('metric = "sts"', 'metric = "overall"')
+    .split("[search]")[0]
+    + '[search]\nsurgery = { choices = ["none", "pcgrad", "gradvac"] }\n'
+)
 
 
 def write(tmp_path, text: str, name: str = "study.toml"):
