@@ -41,7 +41,7 @@ from search.records import (
     fail_running_trials,
 )
 from search.storage import DEFAULT_STORAGE_URL, PROJECT_ROOT, open_storage
-from search.study import Study, StudyError, load_study_file
+from search.study import Budget, Study, StudyError, load_study_file
 
 DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
 RESULTS_DIR_ENV = "MINBERT_RESULTS"
@@ -183,6 +183,11 @@ def run_search(options: SearchOptions) -> Outcome:
         if paths.snapshot.read_bytes() != study.path.read_bytes():
             print(f"Note: {study.path} changed since the run started; resuming with the copy in {paths.snapshot}.")
         study = dataclasses.replace(load_study_file(paths.snapshot), name=study.name, path=study.path)
+    if options.resume and in_storage:
+        # The budget the run started with, command-line overrides included (Ray keeps its own copy of it).
+        started = optuna.load_study(study_name=study.name, storage=storage).user_attrs.get("budget")
+        if started:
+            study = dataclasses.replace(study, budget=Budget(**started))
     if options.resume and (options.trials is not None or options.max_concurrent is not None):
         print("Note: --trials and --max-concurrent do not change a resumed run; it keeps the budget it started with.")
     study = study.with_budget(

@@ -357,15 +357,20 @@ def test_resume_needs_something_and_uses_the_saved_study_file(no_ray, capsys):
     calls, options, paths = no_ray
     options.resume = True
     assert run_search(options).exit_code == EXIT_REFUSED and "Nothing to resume" in capsys.readouterr().out
-    optuna.create_study(study_name="tiny", storage=options.storage)
+    started = optuna.create_study(study_name="tiny", storage=options.storage)
     paths.root.mkdir(parents=True)
     paths.snapshot.write_text(STUDY_TOML)
-    Path(options.study).write_text(STUDY_TOML.replace(f"trials = {TRIALS}", "trials = 99"))
+    Path(options.study).write_text(STUDY_TOML.replace("max_epochs = 3", "max_epochs = 2"))
     options.trials = 50
     assert run_search(options).exit_code == 0
     said = capsys.readouterr().out
     assert "changed since the run started" in said and "--trials and --max-concurrent do not change a resumed run" in said
-    assert calls[0]["study"].budget.trials == TRIALS and calls[0]["study"].path == Path(options.study)
+    assert calls[0]["study"].budget.max_epochs == 3 and calls[0]["study"].path == Path(options.study)
+    # The budget the run started with (e.g. `--trials 2`) is the one a resumed run finishes.
+    started.set_user_attr("budget", {**calls[0]["study"].budget.__dict__, "trials": 2})
+    options.cpus_per_trial = 0.5
+    assert run_search(options).exit_code == 0
+    assert calls[1]["study"].budget.trials == 2 and calls[1]["study"].budget.cpus_per_trial == 0.5
 
 
 def test_bad_study_file_exits_2_naming_it(tmp_path, capsys):
