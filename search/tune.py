@@ -243,10 +243,9 @@ def prepare_optuna_study(study: Study, url: str, paths: StudyPaths) -> optuna.St
 
 
 def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
+    """Run (or restore) the Ray Tune experiment of a study to its end or an interruption."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
-    from ray.tune.search import ConcurrencyLimiter
 
     data_dir = check_data(study, options.data_dir)
     paths.root.mkdir(parents=True, exist_ok=True)
@@ -264,62 +263,13 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
     resources = {"cpu": study.budget.cpus_per_trial, "gpu": study.budget.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), resources)
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if options.address:
-        ray.init(address=options.address)
-    else:
-        # Workers must import this project whether or not it is pip-installed.
-        python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if str(PROJECT_ROOT) not in python_path:
-            os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *python_path])
-        temp_dir = paths.ray_temp_dir()
-        temp_dir.mkdir(parents=True, exist_ok=True)
-        ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir))
+    start_ray(options, paths)
     try:
         if restoring:
             print(f"Resuming {paths.experiment}")
             tuner = tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
         else:
-            searcher = RecordingOptunaSearch(
-                space=study.distributions(),
-                metric=study.metric,
-                mode=study.mode,
-                sampler=optuna.samplers.TPESampler(seed=study.budget.seed, n_startup_trials=study.budget.startup_trials),
-                study_name=study.name,
-                storage=open_storage(options.storage),
-                artifacts_root=paths.trials,
-            )
-            scheduler = (
-                ResumableASHA(
-                    storage_url=options.storage,
-                    study_name=study.name,
-                    time_attr="epoch",
-                    metric=study.metric,
-                    mode=study.mode,
-                    max_t=study.budget.max_epochs,
-                    grace_period=study.budget.grace_period,
-                    reduction_factor=study.budget.reduction_factor,
-                )
-                if options.early_stopping
-                else FIFOScheduler()
-            )
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=ConcurrencyLimiter(searcher, max_concurrent=study.budget.max_concurrent),
-                    scheduler=scheduler,
-                    num_samples=study.budget.trials,
-                    reuse_actors=True,
-                    trial_dirname_creator=trial_dirname,
-                ),
-                run_config=tune.RunConfig(
-                    name=EXPERIMENT_NAME,
-                    storage_path=str(paths.root),
-                    callbacks=[OptunaRecorder(options.storage, study.name, study.metric, study.budget.max_epochs)],
-                    failure_config=tune.FailureConfig(max_failures=0),
-                    verbose=1,
-                ),
-            )
+            tuner = new_tuner(study, options, paths, trainable)
         grid = tuner.fit()
     finally:
         ray.shutdown()
@@ -337,6 +287,71 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
     if outcome.ranked and best_number != outcome.ranked[0].number:
         print(f"Note: by Ray's results the best non-errored trial is {best_number}, not {outcome.ranked[0].number}.")
     return outcome
+
+
+def start_ray(options: SearchOptions, paths: StudyPaths) -> None:
+    """Connect to the cluster at --address, or start a local one whose files stay under the results folder."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if options.address:
+        ray.init(address=options.address)
+        return
+    # Workers must import this project whether or not it is pip-installed.
+    python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(PROJECT_ROOT) not in python_path:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), *python_path])
+    temp_dir = paths.ray_temp_dir()
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir))
+
+
+def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable: Any) -> Any:
+    """A Tuner: TPE sampling recorded in Optuna, ASHA (or no early stopping), at most max_concurrent trials."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import ConcurrencyLimiter
+
+    searcher = RecordingOptunaSearch(
+        space=study.distributions(),
+        metric=study.metric,
+        mode=study.mode,
+        sampler=optuna.samplers.TPESampler(seed=study.budget.seed, n_startup_trials=study.budget.startup_trials),
+        study_name=study.name,
+        storage=open_storage(options.storage),
+        artifacts_root=paths.trials,
+    )
+    scheduler = (
+        ResumableASHA(
+            storage_url=options.storage,
+            study_name=study.name,
+            time_attr="epoch",
+            metric=study.metric,
+            mode=study.mode,
+            max_t=study.budget.max_epochs,
+            grace_period=study.budget.grace_period,
+            reduction_factor=study.budget.reduction_factor,
+        )
+        if options.early_stopping
+        else FIFOScheduler()
+    )
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=ConcurrencyLimiter(searcher, max_concurrent=study.budget.max_concurrent),
+            scheduler=scheduler,
+            num_samples=study.budget.trials,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=EXPERIMENT_NAME,
+            storage_path=str(paths.root),
+            callbacks=[OptunaRecorder(options.storage, study.name, study.metric, study.budget.max_epochs)],
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=1,
+        ),
+    )
 
 
 def check_data(study: Study, data_dir: str | None) -> Path:
