@@ -156,8 +156,8 @@ class OptunaRecorder(tune.Callback):
         best_epoch = max(sorted(finite), key=lambda epoch: finite[epoch])
         early_stopped = epochs_run < self.max_epochs
         storage.set_trial_user_attr(trial_id, names.TRIAL_EARLY_STOPPED, early_stopped)
-        storage.set_trial_user_attr(trial_id, "best_epoch", best_epoch)
-        storage.set_trial_user_attr(trial_id, "best_value", finite[best_epoch])
+        storage.set_trial_user_attr(trial_id, names.TRIAL_BEST_EPOCH, best_epoch)
+        storage.set_trial_user_attr(trial_id, names.TRIAL_BEST_VALUE, finite[best_epoch])
         if early_stopped:
             self.study.tell(number, state=TrialState.PRUNED)
         else:

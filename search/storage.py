@@ -28,6 +28,8 @@ STUDY_FILE = "study_file"  # absolute path of the studies/*.toml file
 TRIAL_ARTIFACT_DIR = "artifact_dir"  # absolute path of the trainer output_dir of the trial
 TRIAL_EPOCHS_RUN = "epochs_run"  # number of epochs that reported a dev evaluation
 TRIAL_EARLY_STOPPED = "early_stopped"  # True when ASHA stopped the trial (the trial is then PRUNED)
+TRIAL_BEST_EPOCH = "best_epoch"  # the epoch whose weights the trainer kept (model.safetensors)
+TRIAL_BEST_VALUE = "best_value"  # the objective's dev value at that epoch (= value of a COMPLETE trial)
 TRIAL_ERROR = "error"  # error message of a FAIL trial
 TRIAL_RAY_ID = "ray_trial_id"
 

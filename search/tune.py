@@ -394,10 +394,10 @@ def ranked_trials(ot_study: optuna.Study) -> list[FrozenTrial]:
     usable = [
         t
         for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if t.user_attrs.get("best_value") is not None
+        if t.user_attrs.get(names.TRIAL_BEST_VALUE) is not None
     ]
     sign = -1.0 if ot_study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return sorted(usable, key=lambda t: (sign * t.user_attrs["best_value"], t.number))
+    return sorted(usable, key=lambda t: (sign * t.user_attrs[names.TRIAL_BEST_VALUE], t.number))
 
 
 def summarize(study: Study, url: str, paths: StudyPaths, top: int) -> Outcome:
@@ -416,7 +416,8 @@ def summarize(study: Study, url: str, paths: StudyPaths, top: int) -> Outcome:
             attrs = t.user_attrs
             params = ", ".join(f"{k}={format_value(v)}" for k, v in sorted(t.params.items()))
             print(
-                f"  {rank}. trial {t.number}  {study.metric}={attrs['best_value']:.4f} (epoch {attrs.get('best_epoch')})"
+                f"  {rank}. trial {t.number}  {study.metric}={attrs[names.TRIAL_BEST_VALUE]:.4f}"
+                f" (epoch {attrs.get(names.TRIAL_BEST_EPOCH)})"
                 f"  epochs run {attrs.get(names.TRIAL_EPOCHS_RUN)}  {t.state.name}\n"
                 f"     {params}\n     artifacts: {attrs.get(names.TRIAL_ARTIFACT_DIR)}"
             )
