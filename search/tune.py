@@ -20,6 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,6 +264,7 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
     resources = {"cpu": study.budget.cpus_per_trial, "gpu": study.budget.gpus_per_trial}
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), resources)
 
+    started = time.monotonic()
     start_ray(options, paths)
     try:
         if restoring:
@@ -273,14 +275,17 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
         grid = tuner.fit()
     finally:
         ray.shutdown()
+    wall_seconds = time.monotonic() - started
 
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
     if run_interrupted(ot_study, study.budget.trials):
         print(f"\nThe run was interrupted. Continue it with: {command_line(options, '--resume')}")
         return Outcome(EXIT_INTERRUPTED, ot_study)
     failed_in_ray = [r for r in grid if r.error is not None]
-    atomic_write_text(paths.finished, json.dumps({"ray_trials": len(grid), "errored": len(failed_in_ray)}, indent=2))
+    record = {"ray_trials": len(grid), "errored": len(failed_in_ray), "last_session_wall_seconds": round(wall_seconds, 1)}
+    atomic_write_text(paths.finished, json.dumps(record, indent=2))
     outcome = summarize(study, options.storage, paths, options.top)
+    print(f"Wall time of this session: {wall_seconds / 60:.1f} min (Ray's start included)")
     # Cross-check with Ray's own records, errored trials left out (Ray's get_best_result can pick them).
     best = best_ray_result(grid, study.metric, study.mode)
     best_number = None if best is None else best.config.get(TRIAL_NUMBER_KEY)
