@@ -78,7 +78,7 @@ def gradvac(
     if targets.shape != (num_tasks, num_tasks):
         raise ValueError(f"targets must have shape ({num_tasks}, {num_tasks}), got {tuple(targets.shape)}")
     grads = grads.float()
-    targets = targets.clone().float()
+    targets = targets.to(grads.device, torch.float32, copy=True)
     norms = grads.norm(dim=1)
     vaccinated = grads.clone()
     for i, order in enumerate(orders):

@@ -81,7 +81,9 @@ class TrainConfig:
     )
     lr: float = field(**_help("AdamW learning rate", default=5e-5))
     weight_decay: float = field(**_help("AdamW decoupled weight decay", default=0.01))
-    dropout: float = field(**_help("dropout of the encoder's hidden layers and of the heads", default=0.1))
+    dropout: float = field(
+        **_help("dropout of the encoder's hidden layers and of the heads (attention dropout stays the model's)", default=0.1)
+    )
     surgery: str = field(**_help(f"how task gradients on the shared encoder combine: {', '.join(SURGERIES)}", default="none"))
     schedule: str = field(**_help(f"task sampling: {', '.join(SCHEDULES)}", default="round_robin"))
     batch_size: int | dict[str, int] = field(**_help("batch size: one int, or per task as task=int pairs", default=32))
@@ -811,10 +813,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fresh", action="store_true", help="ignore an existing last.pt in --output-dir and start over")
     defaults = TrainConfig()
+    choices = {
+        "surgery": SURGERIES,
+        "schedule": SCHEDULES,
+        "pair_encoding": PAIR_ENCODINGS,
+        "sts_head": STS_HEADS,
+        "sst_head": SST_HEADS,
+        "pooling": POOLINGS,
+        "lr_schedule": LR_SCHEDULES,
+        "precision": PRECISIONS,
+    }
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        helptext = f"{f.metadata['help']} (default: {default})"
+        helptext = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {default})")
         if f.name == "tasks":
             parser.add_argument(flag, nargs="+", choices=TASKS, default=default, help=helptext)
         elif f.name == "batch_size":
@@ -823,16 +835,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
         elif f.name == "predict_test":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif f.name in choices:
+            parser.add_argument(flag, choices=choices[f.name], default=default, help=helptext)
         else:
-            kind = {
-                "lr": float,
-                "weight_decay": float,
-                "dropout": float,
-                "smart_weight": float,
-                "mnrl_weight": float,
-                "gradvac_beta": float,
-                "max_grad_norm": float,
-            }.get(f.name, int if isinstance(default, int) else str)
+            kind = float if isinstance(default, float) else int if isinstance(default, int) else str
             if f.name in ("steps_per_epoch", "train_limit", "eval_limit", "threads"):
                 kind = int
             parser.add_argument(flag, type=kind, default=default, help=helptext)

@@ -180,7 +180,10 @@ def test_cli_flags_map_to_config_fields(tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads((out / "config.json").read_text())["train"]["batch_size"] == {"sts": 16}
     assert '"epoch": 3' in capsys.readouterr().out
-    assert main(["--output-dir", str(out), "--tasks", "sts", "--pooling", "max"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(out), "--tasks", "sts", "--pooling", "max"])
+    assert main(["--output-dir", str(out), "--tasks", "sts", "--sts-head", "cosine"]) == 2
+    assert "needs pair_encoding 'bi'" in capsys.readouterr().err
 
 
 def test_metrics_helpers(tmp_path):
