@@ -244,6 +244,11 @@ def build_model(cfg: TrainConfig) -> MultitaskBert:
     vocab = get_tokenizer(cfg).backend.get_vocab_size()
     if vocab > config.vocab_size:
         raise ValueError(f"the tokenizer has {vocab} tokens but the model's vocab_size is {config.vocab_size}")
+    return wrap_encoder(bert, cfg, cfg.freeze_layers)
+
+
+def wrap_encoder(bert: BertModel, cfg: TrainConfig, freeze_layers: int = 0) -> MultitaskBert:
+    """``bert`` with fresh heads for ``cfg``'s tasks, encodings and pooling."""
     return MultitaskBert(
         bert,
         cfg.tasks,
@@ -252,7 +257,7 @@ def build_model(cfg: TrainConfig) -> MultitaskBert:
         sst_head=cfg.sst_head,
         sts_head=cfg.sts_head,
         dropout=cfg.dropout,
-        freeze_layers=cfg.freeze_layers,
+        freeze_layers=freeze_layers,
     )
 
 
@@ -482,15 +487,7 @@ def load_trained(output_dir: str | Path, device: str | None = None) -> tuple[Mul
         bert_config = BertConfig(**{k: v for k, v in saved["bert"].items() if k != "model_type"})
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{config_file}: not a valid training config: {err}") from err
-    model = MultitaskBert(
-        BertModel(bert_config),
-        cfg.tasks,
-        pair_encoding=cfg.pair_encoding,
-        pooling=cfg.pooling,
-        sst_head=cfg.sst_head,
-        sts_head=cfg.sts_head,
-        dropout=cfg.dropout,
-    )
+    model = wrap_encoder(BertModel(bert_config), cfg)
     load_strict(model, load_file(str(weights_file)), str(weights_file))
     return model.to(resolve_device(device)).eval(), cfg
 
@@ -731,6 +728,8 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         write_json(self.output_dir / "config.json", {"train": cfg.to_dict(), "bert": self.model.bert.config.to_dict()})
+        if self.epoch:
+            self._write_metrics()  # resumed: metrics.json says what last.pt holds
         while self.epoch < cfg.epochs:
             self.model.train()
             probabilities = task_probabilities(cfg, self.sizes, self.epoch + 1)
@@ -745,8 +744,10 @@ class Trainer:
             self.history.append(record)
             if self.best is None or record["overall"] > self.best["overall"]:
                 self._new_best(record, dev_outputs)
-            self._checkpoint()
+            # metrics.json first: it may run one epoch ahead of last.pt after a crash, never behind
+            # (a resumed run then redoes that epoch, with the same result on CPU).
             self._write_metrics()
+            self._checkpoint()
             if self.report is not None:
                 self.report(dict(record))
         if cfg.predict_test:
@@ -776,7 +777,8 @@ def train(
 ) -> dict:
     """Train, evaluating on dev after every epoch; returns metrics.json's content
     {"best_epoch", "best", "history"}. ``report(metrics)`` is called after each epoch's evaluation
-    (and checkpoint) with {"epoch", "train_loss", <task metrics>, "overall", "train_seconds"}; an
+    (and checkpoint) with {"epoch", "train_loss" (mean over the epoch's steps of each step's summed
+    loss, SMART/MNRL terms included), <task metrics>, "overall", "train_seconds"}; an
     exception it raises propagates. An ``output_dir`` holding a ``last.pt`` of the same config is
     resumed; ``fresh=True`` starts over instead."""
     cfg = as_config(config)
