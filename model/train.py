@@ -421,16 +421,21 @@ def evaluate_model(
     return evaluate_splits(model, splits, use_bf16(cfg.precision, device))
 
 
-def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+def atomic_save(path: Path, write: Callable[[str], None]) -> None:
+    """``write(temp_path)`` in the target's directory, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        np.savez(tmp, **arrays)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    atomic_save(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def write_outputs(output_dir: str | Path, split: str, outputs: dict[str, dict]) -> None:
@@ -444,28 +449,11 @@ def write_outputs(output_dir: str | Path, split: str, outputs: dict[str, dict]) 
 # ------------------------------------------------------------------------------ saving and loading
 
 
-def atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights(model: MultitaskBert, path: Path) -> None:
     from safetensors.torch import save_file
 
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_save(path, lambda tmp: save_file(state, tmp))
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -626,7 +614,8 @@ class Trainer:
         self.epoch, self.step, self.history, self.best = state["epoch"], state["step"], state["history"], state["best"]
 
     def _checkpoint(self) -> None:
-        atomic_torch_save(self._state(), self.last_file)
+        state = self._state()
+        atomic_save(self.last_file, lambda tmp: torch.save(state, tmp))
 
     def _write_metrics(self) -> dict:
         summary = {"best_epoch": self.best["epoch"] if self.best else None, "best": self.best, "history": self.history}

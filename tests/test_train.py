@@ -197,3 +197,19 @@ def test_metrics_helpers(tmp_path):
     assert (tmp_path / "p.csv").read_text() == "id,Predicted_Is_Paraphrase\na,0\nb,1\n"
     with pytest.raises(ValueError, match="2 ids but 1 predictions"):
         write_predictions(tmp_path / "q.csv", "sts", ["a", "b"], np.array([1.0]))
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
+    from model.train import atomic_save
+
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+
+    def half_write(tmp: str) -> None:
+        with open(tmp, "wb") as fp:
+            fp.write(b"ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save(target, half_write)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
