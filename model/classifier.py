@@ -48,7 +48,11 @@ from model.train import (
 
 TASKS = ("sst", "cfimdb")
 MODES = ("pretrain", "finetune")
-DEFAULT_LR = {"pretrain": 1e-3, "finetune": 3e-5}
+# pretrain: the handout's lr 1e-3, batch 8 and 10 epochs (a linear head on cached features is cheap).
+# finetune: lr 5e-5 (a 6-layer, 384-wide model takes a higher rate than the handout's 1e-5 for
+# bert-base) and batch 16 (each step updates all 22.7M weights, a fixed CPU cost that batch 8 doubles);
+# 3 epochs, the best dev epoch kept.
+DEFAULT_LR = {"pretrain": 1e-3, "finetune": 5e-5}
 DEFAULT_EPOCHS = {"pretrain": 10, "finetune": 3}
 DEFAULT_BATCH_SIZE = {"pretrain": 8, "finetune": 16}
 SPLIT_NAMES = ("train", "dev", "test")
@@ -150,25 +154,25 @@ class ClassifierRun:
     def fit(self, train_epoch: Callable[[int], float], values: Callable[[str], np.ndarray]) -> dict:
         """Train the epochs, keep the weights of the best dev epoch, write its predictions."""
         best = {"epoch": 0, "dev_accuracy": -1.0}
-        best_state, history = None, []
+        best_state, best_dev_values, history = None, None, []
         for epoch in range(1, self.cfg.epochs + 1):
             start = time.perf_counter()
             loss = train_epoch(epoch)
-            accuracy = task_metric(self.task, values("dev"), self.dev_labels)
-            history.append({"epoch": epoch, "train_loss": loss, "dev_accuracy": accuracy, "seconds": time.perf_counter() - start})
-            seconds = history[-1]["seconds"]
+            dev_values = values("dev")
+            accuracy = task_metric(self.task, dev_values, self.dev_labels)
+            seconds = time.perf_counter() - start
+            history.append({"epoch": epoch, "train_loss": loss, "dev_accuracy": accuracy, "seconds": seconds})
             tqdm.write(
                 f"{self.mode}-{self.task} epoch {epoch}: train loss {loss:.4f}, dev accuracy {accuracy:.4f} ({seconds:.0f} s)"
             )
             if accuracy > best["dev_accuracy"]:
                 best = {"epoch": epoch, "dev_accuracy": accuracy}
                 best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                best_dev_values = dev_values
         self.model.load_state_dict(best_state)
-        written = []
-        for split in ("dev", "test"):
-            path = self.output_dir / f"{self.mode}-{self.task}-{split}-out.csv"
-            write_predictions(path, self.task, self.splits[split].ids, values(split))
-            written.append(path)
+        written = [self.output_dir / f"{self.mode}-{self.task}-{split}-out.csv" for split in ("dev", "test")]
+        write_predictions(written[0], self.task, self.splits["dev"].ids, best_dev_values)
+        write_predictions(written[1], self.task, self.splits["test"].ids, values("test"))
         tqdm.write(f"best epoch {best['epoch']}: dev accuracy {best['dev_accuracy']:.4f}; wrote {', '.join(map(str, written))}")
         return best | {"history": history, "predictions": written}
 

@@ -84,7 +84,7 @@ def test_pretrain_head_trains_on_features_like_the_full_model(tmp_path):
 def test_main_defaults_and_errors(tmp_path, capsys):
     args = build_parser().parse_args(["--task", "cfimdb", "--mode", "finetune"])
     cfg = train_config(args)
-    assert (cfg.lr, cfg.pooling, cfg.max_length, cfg.tasks) == (3e-5, "mean", 512, ["cfimdb"])
+    assert (cfg.lr, cfg.pooling, cfg.max_length, cfg.tasks) == (5e-5, "mean", 512, ["cfimdb"])
     assert train_config(build_parser().parse_args(["--task", "sst", "--mode", "pretrain"])).lr == 1e-3
 
     assert main(classifier_args("sst", "pretrain", tmp_path / "out", "--data-dir", str(tmp_path))) == 2
