@@ -80,7 +80,8 @@ def cached_encode(
     if cache_dir is None:
         return tokenizer.encode_examples(examples, pair_encoding)
     key = hashlib.sha1(Path(source).read_bytes()).hexdigest()[:16]
-    name = f"{Path(source).stem}-{key}-{tokenizer.vocab_digest}-{int(tokenizer.lowercase)}-{tokenizer.max_length}-{pair_encoding}.pkl"
+    settings = f"{tokenizer.vocab_digest}-{int(tokenizer.lowercase)}-{tokenizer.max_length}-{pair_encoding}"
+    name = f"{Path(source).stem}-{key}-{settings}.pkl"
     cache_file = Path(cache_dir) / name
     if cache_file.is_file():
         try:
