@@ -552,6 +552,7 @@ class Trainer:
         self.gradvac_targets = torch.zeros(len(cfg.tasks), len(cfg.tasks))
         # MNRL encodes paraphrase sentences alone, whatever the pair encoding of the classifier.
         self.para_bi_split = None
+        self._task_grads: torch.Tensor | None = None
         if cfg.mnrl_weight > 0 and "para" in cfg.tasks:
             self.para_bi_split = load_split(cfg, "para", "train", cfg.train_limit, pair_encoding="bi")
         self.step = 0
@@ -681,22 +682,20 @@ class Trainer:
         """One backward per task: each head gets its own task's gradient; the shared encoder gets
         the per-task gradients combined by PCGrad or GradVac."""
         encoder = self.model.encoder_parameters()
-        flat = []
-        for task, loss in task_losses.items():
+        size = sum(p.numel() for p in encoder)
+        if self._task_grads is None:  # reused: a fresh (tasks, params) buffer each step costs page faults
+            self._task_grads = torch.empty((len(self.cfg.tasks), size), device=self.device)
+        stacked = self._task_grads[: len(task_losses)]
+        for row, (task, loss) in enumerate(task_losses.items()):
             head = [p for p in self.model.heads[task].parameters() if p.requires_grad]
             grads = torch.autograd.grad(loss, encoder + head, allow_unused=True)
             for p, g in zip(head, grads[len(encoder) :], strict=True):
                 p.grad = g
-            flat.append(
-                torch.cat(
-                    [
-                        (torch.zeros_like(p) if g is None else g).reshape(-1)
-                        for p, g in zip(encoder, grads[: len(encoder)], strict=True)
-                    ]
-                )
-            )
-        stacked = torch.stack(flat)
-        orders = random_orders(len(flat), self.rng)
+            parts = [
+                (torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(encoder, grads[: len(encoder)], strict=True)
+            ]
+            torch.cat(parts, out=stacked[row])
+        orders = random_orders(len(task_losses), self.rng)
         if self.cfg.surgery == "pcgrad":
             combined = pcgrad(stacked, orders)
         else:
