@@ -7,6 +7,7 @@ handout's ``datasets.py`` reads them (``csv.DictReader(fp, delimiter='\\t')``).
 from __future__ import annotations
 
 import csv
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def parse_label(raw: str, spec: TaskFiles, where: str) -> float | int:
         value = float(raw)
     except ValueError:
         raise DataError(f"{where}: {spec.label_column} {raw!r} is not a number") from None
+    if not math.isfinite(value):  # float() accepts "nan" and "inf"
+        raise DataError(f"{where}: {spec.label_column} {raw!r} is not a finite number")
     if spec.label_kind == "class":
         if value != int(value) or not 0 <= value < spec.num_classes:
             raise DataError(f"{where}: {spec.label_column} {raw!r} is not a class in 0..{spec.num_classes - 1}")

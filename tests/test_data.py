@@ -260,6 +260,8 @@ def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
         (SST_HEADER, [["0", "a", "x", "5"]], r"ids-sst-train.csv:2: sentiment '5' is not a class in 0..4"),
         (SST_HEADER, [["0", "a", "x", "-1"]], r"ids-sst-train.csv:2: sentiment '-1' is not a class"),
         (SST_HEADER, [["0", "a", "x", "2.5"]], r"ids-sst-train.csv:2: sentiment '2.5' is not a class"),
+        (SST_HEADER, [["0", "a", "x", "nan"]], r"ids-sst-train.csv:2: sentiment 'nan' is not a finite number"),
+        (SST_HEADER, [["0", "a", "x", "inf"]], r"ids-sst-train.csv:2: sentiment 'inf' is not a finite number"),
         (SST_HEADER, [["0", "a", "x", "2", "extra"]], r"ids-sst-train.csv:2: the row has the wrong number of fields"),
         (SST_HEADER, [["0", "a", "x", "1"], ["1", "b"]], r"ids-sst-train.csv:3: the row has the wrong number of fields"),
         (SST_HEADER, [], r"ids-sst-train.csv: no data rows after the header"),
