@@ -159,7 +159,11 @@ def test_schedules_and_step_budget():
     [
         ("round_robin", "none", {"pair_encoding": "bi", "sts_head": "cosine", "mnrl_weight": 0.5}),
         ("proportional", "pcgrad", {"smart_weight": 1.0, "mnrl_weight": 0.5}),
-        ("annealed", "gradvac", {"pair_encoding": "bi", "pooling": "cls", "sst_head": "hidden", "freeze_layers": 1}),
+        (
+            "annealed",
+            "gradvac",
+            {"pair_encoding": "bi", "pooling": "cls", "sst_head": "hidden", "freeze_layers": 1, "precision": "fp32"},
+        ),
     ],
 )
 def test_each_schedule_and_surgery_trains(tmp_path, schedule, surgery, extra):
