@@ -96,6 +96,11 @@ class ClassifierRun:
         self.dev_labels = np.asarray(self.splits["dev"].labels)
 
     def run(self) -> dict:
+        cfg, sizes = self.cfg, ", ".join(f"{len(split)} {name}" for name, split in self.splits.items())
+        tqdm.write(
+            f"{self.mode}-{self.task}: {sizes} examples; lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
+            f"max_length {cfg.max_length}, {cfg.pooling} pooling, {self.device} {'bf16' if self.bf16 else 'fp32'}"
+        )
         if self.mode == "pretrain":
             return self.run_pretrain()
         return self.run_finetune()
