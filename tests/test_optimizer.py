@@ -1,54 +1,172 @@
-"""Our AdamW against torch.optim.AdamW."""
+"""Our AdamW against torch.optim.AdamW, and its two implementations against each other."""
 
 from __future__ import annotations
+
+import io
 
 import pytest
 import torch
 
-from model.optimizer import AdamW
+from model import optimizer as optimizer_module
+from model.optimizer import AdamW, _cache_blocks, _Tensors
 
-SHAPES = [(7,), (3, 5), (2, 3, 4), ()]
+SHAPES = [(7,), (3, 5), (2, 3, 4), (), (40, 6), (3,)]
+EMBEDDING = 4  # gets gradients in rows 0-9 only, like a word embedding: its other rows keep m = v = 0
+WHISPER = 5  # values ~1e-12 and gradients 1e-24, whose squares underflow in float32: v = 0 but m != 0
 
 
-def make_params(seed: int) -> list[torch.nn.Parameter]:
+def make_params(seed: int, dtype: torch.dtype) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(shape, generator=g, dtype=torch.float64)) for shape in SHAPES]
+    values = [torch.randn(shape, generator=g, dtype=dtype) for shape in SHAPES]
+    values[WHISPER] *= 1e-12
+    return [torch.nn.Parameter(v) for v in values]
 
 
-def run(optimizer_class, steps: int = 100, **kwargs) -> list[torch.Tensor]:
-    """``steps`` updates of a quadratic-ish loss in two parameter groups; the last parameter never
-    gets a gradient and one parameter skips the odd steps (its grad is None then)."""
-    params = make_params(0)
-    frozen = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+def loss_term(index: int, p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if index == WHISPER:
+        return 1e-24 * p.sum()
+    if index == EMBEDDING:
+        p, target = p[:10], target[:10]
+    return ((p - target) ** 2 * (1 + p.abs())).sum()
+
+
+def make_run(optimizer_class, dtype: torch.dtype = torch.float64, **kwargs):
+    """An optimizer over two parameter groups (different lr and weight decay) and a function doing
+    one update of a quadratic-ish loss. The last parameter never gets a gradient and params[0] skips
+    the odd steps (its grad is None then)."""
+    params = make_params(0, dtype)
+    frozen = torch.nn.Parameter(torch.ones(4, dtype=dtype))
     groups = [
         {"params": params[:2]},
         {"params": [*params[2:], frozen], "lr": kwargs.get("lr", 1e-3) * 3, "weight_decay": 0.1},
     ]
     optimizer = optimizer_class(groups, **kwargs)
     g = torch.Generator().manual_seed(1)
-    targets = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
-    for step in range(steps):
+    targets = [torch.randn(p.shape, generator=g, dtype=dtype) for p in params]
+    state = {"step": 0}
+
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        first = 0 if step % 2 == 0 else 1  # params[0] gets no gradient on odd steps
-        loss = sum(((p - t) ** 2 * (1 + p.abs())).sum() for p, t in zip(params[first:], targets[first:], strict=True))
-        loss.backward()
+        first = 0 if state["step"] % 2 == 0 else 1  # params[0] gets no gradient on odd steps
+        sum(loss_term(i, params[i], targets[i]) for i in range(first, len(params))).backward()
         optimizer.step()
-    return [p.detach().clone() for p in [*params, frozen]]
+        state["step"] += 1
+
+    return [*params, frozen], optimizer, step
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"lr": 1e-2, "weight_decay": 0.01},
-        {"lr": 3e-3, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.3},
-    ],
-)
-def test_matches_torch_adamw_over_100_steps(kwargs):
-    ours = run(AdamW, **kwargs)
+def run(optimizer_class, steps: int = 100, dtype: torch.dtype = torch.float64, **kwargs) -> list[torch.Tensor]:
+    """The parameters after ``steps`` updates (see ``make_run``)."""
+    params, _, step = make_run(optimizer_class, dtype, **kwargs)
+    for _ in range(steps):
+        step()
+    return [p.detach().clone() for p in params]
+
+
+HYPERPARAMETERS = [
+    {"lr": 1e-2, "weight_decay": 0.01},
+    {"lr": 3e-3, "betas": (0.8, 0.95), "eps": 1e-6, "weight_decay": 0.3},
+]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("kwargs", HYPERPARAMETERS)
+def test_matches_torch_adamw_over_100_steps(kwargs, foreach):
+    ours = run(AdamW, foreach=foreach, **kwargs)
     reference = run(torch.optim.AdamW, **kwargs)
     for got, expected in zip(ours, reference, strict=True):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
-    assert not torch.allclose(ours[0], make_params(0)[0]), "the parameters must have moved"
+    initial = make_params(0, torch.float64)
+    assert not torch.allclose(ours[0], initial[0]), "the parameters must have moved"
+    # rows without gradient (m = v = 0) only decay, at the second group's lr * 3 and weight decay 0.1
+    decay = (1 - 3 * kwargs["lr"] * 0.1) ** 100
+    torch.testing.assert_close(ours[EMBEDDING][10:], initial[EMBEDDING][10:] * decay)
+    assert not torch.allclose(ours[EMBEDDING][:10], initial[EMBEDDING][:10] * decay)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_numel", [optimizer_module.CPU_BLOCK_NUMEL, 7, 1])
+@pytest.mark.parametrize("eps", [1e-8, 1e-30])
+def test_foreach_path_equals_the_loop_bit_for_bit(dtype, block_numel, eps, monkeypatch):
+    """Small blocks cut the 240-element parameter into pieces and pack the small ones together. With
+    eps 1e-8 the foreach path raises v = 0 to the smallest normal number before its sqrt (WHISPER
+    checks that this does not change the denominators); 1e-30 is below the bound where it may."""
+    monkeypatch.setattr(optimizer_module, "CPU_BLOCK_NUMEL", block_numel)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.05, "eps": eps, "dtype": dtype}
+    foreach, loop = run(AdamW, steps=30, foreach=True, **kwargs), run(AdamW, steps=30, foreach=False, **kwargs)
+    for got, expected in zip(foreach, loop, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_cache_blocks_cut_big_tensors_and_pack_small_ones():
+    values = [torch.full(shape, float(i)) for i, shape in enumerate([(10, 10), (3,), (4,), (2, 2), (25,)])]
+    values.append(torch.full((10, 3), 5.0).t())  # big but not contiguous: kept whole
+    tensors = _Tensors()
+    for i, p in enumerate(values):
+        tensors.add(p, p.clone(), p.clone(), p.clone(), step_size=float(i), denom_eps=float(i))
+    blocks = list(_cache_blocks(tensors, 8))
+    # 100 = 12 x 8 + 4 | 4 + 3 | 4 + 4 | 25 = 8 + 8 + 8 + 1 | 30
+    assert [b.numel for b in blocks] == [8] * 12 + [7, 8, 8, 8, 8, 1, 30]
+    for block in blocks:
+        for p, g, m, v, step_size, denom_eps in block.rows():
+            assert denom_eps == step_size and all(torch.all(t == step_size) for t in (p, g, m, v))  # its own constants
+            p.add_(1.0)
+    for i, p in enumerate(values):  # every element in exactly one piece
+        assert torch.all(p == i + 1)
+
+
+def test_parameters_of_several_dtypes_in_one_group():
+    def final(optimizer_class, **kwargs) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 6, dtype=dtype)) for dtype in (torch.float32, torch.float64)]
+        optimizer = optimizer_class(params, lr=1e-2, **kwargs)
+        for _ in range(20):
+            optimizer.zero_grad()
+            sum((p**3).sum() for p in params).backward()
+            optimizer.step()
+        return params
+
+    for got, expected in zip(final(AdamW), final(torch.optim.AdamW), strict=True):
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_state_dict_round_trip_mid_run_continues_identically(foreach):
+    params, optimizer, step = make_run(AdamW, foreach=foreach, lr=1e-2)
+    for _ in range(40):
+        step()
+    saved = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optimizer": optimizer.state_dict()}, saved)
+    for _ in range(30):
+        step()
+    uninterrupted = [p.detach().clone() for p in params]
+
+    resumed_params, resumed, resumed_step = make_run(AdamW, foreach=foreach, lr=1e-2)
+    checkpoint = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
+    with torch.no_grad():
+        for p, saved_p in zip(resumed_params, checkpoint["params"], strict=True):
+            p.copy_(saved_p)
+    resumed.load_state_dict(checkpoint["optimizer"])
+    state = resumed.state[resumed_params[1]]
+    assert state["step"] == 40 and set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    for _ in range(30):
+        resumed_step()
+    for got, expected in zip(resumed_params, uninterrupted, strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_state_dict_saved_before_the_foreach_flag_loads():
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    optimizer.step()
+    old = optimizer.state_dict()
+    for group in old["param_groups"]:
+        del group["foreach"]
+    resumed = AdamW([p], lr=0.1)
+    resumed.load_state_dict(old)
+    resumed.step()
+    assert resumed.state[p]["step"] == 2 and resumed.param_groups[0]["foreach"] is True
 
 
 def test_params_without_grad_are_untouched_even_with_weight_decay():
@@ -85,9 +203,10 @@ def test_invalid_hyperparameters_raise(kwargs, message):
         AdamW([torch.nn.Parameter(torch.zeros(1))], **kwargs)
 
 
-def test_sparse_gradients_are_refused():
+@pytest.mark.parametrize("foreach", [True, False])
+def test_sparse_gradients_are_refused(foreach):
     embedding = torch.nn.Embedding(5, 3, sparse=True)
-    optimizer = AdamW(embedding.parameters())
+    optimizer = AdamW(embedding.parameters(), foreach=foreach)
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
