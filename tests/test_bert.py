@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.bert import BertConfig, BertModel, default_model_path, load_bert_state_dict
+from model.bert import BertConfig, BertModel, Dropout, default_model_path, load_bert_state_dict
 
 TINY = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
@@ -96,6 +96,31 @@ def test_dropout_only_in_training_mode():
         model.train()
         noisy = model(ids, mask, types)
     assert not torch.allclose(first["last_hidden_state"], noisy["last_hidden_state"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_mask_keeps_1_minus_p_and_scales_like_torch(dtype):
+    dropout = Dropout(0.3).train()
+    x = torch.rand(1000, 1000, dtype=dtype) + 0.5  # no zeros: a zero in the output means dropped
+    torch.manual_seed(0)
+    out = dropout(x)
+    kept = out != 0
+    # 1e6 Bernoulli(0.7) draws: standard deviation of the kept fraction 4.6e-4
+    assert abs(kept.double().mean().item() - 0.7) < 5 * 4.6e-4
+    assert out.dtype == dtype
+    assert torch.equal(out[kept], (x * (1 / 0.7))[kept])  # the scaling of torch's dropout, rounding included
+    assert kept[:, :500].double().mean().item() == pytest.approx(kept[:, 500:].double().mean().item(), abs=3e-3)
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), out), "the mask follows torch's seed"
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_dropout_gradient_is_the_mask_times_the_scale():
+    dropout = Dropout(0.5).train()
+    x = torch.rand(64, 64, requires_grad=True)
+    out = dropout(x + 0.5)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (out != 0).float() * 2.0)
 
 
 def test_from_pretrained_round_trips_safetensors(tmp_path):
