@@ -85,13 +85,13 @@ def test_matches_torch_adamw_over_100_steps(kwargs, foreach):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("block_numel", [optimizer_module.CPU_BLOCK_NUMEL, 7, 1])
+@pytest.mark.parametrize("per_thread", [optimizer_module.CPU_BLOCK_NUMEL_PER_THREAD, 7, 1])
 @pytest.mark.parametrize("eps", [1e-8, 1e-30])
-def test_foreach_path_equals_the_loop_bit_for_bit(dtype, block_numel, eps, monkeypatch):
+def test_foreach_path_equals_the_loop_bit_for_bit(dtype, per_thread, eps, monkeypatch):
     """Small blocks cut the 240-element parameter into pieces and pack the small ones together. With
     eps 1e-8 the foreach path raises v = 0 to the smallest normal number before its sqrt (WHISPER
     checks that this does not change the denominators); 1e-30 is below the bound where it may."""
-    monkeypatch.setattr(optimizer_module, "CPU_BLOCK_NUMEL", block_numel)
+    monkeypatch.setattr(optimizer_module, "CPU_BLOCK_NUMEL_PER_THREAD", per_thread)
     kwargs = {"lr": 1e-2, "weight_decay": 0.05, "eps": eps, "dtype": dtype}
     foreach, loop = run(AdamW, steps=30, foreach=True, **kwargs), run(AdamW, steps=30, foreach=False, **kwargs)
     for got, expected in zip(foreach, loop, strict=True):
