@@ -24,6 +24,7 @@ POOLINGS = ("mean", "cls", "pooler")
 PAIR_ENCODINGS = ("cross", "bi")
 SST_HEADS = ("linear", "hidden")
 STS_HEADS = ("regression", "cosine")
+STS_LOSSES = ("mse", "cosent")
 
 View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
 
@@ -171,14 +172,31 @@ class MultitaskBert(nn.Module):
         return [self.embed(view, emb) for view, emb in zip(views, inputs_embeds, strict=True)]
 
 
-def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (sentiment), binary cross-entropy with logits (paraphrase), MSE (STS)."""
+def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor, sts_loss: str = "mse") -> torch.Tensor:
+    """Cross-entropy (sentiment), binary cross-entropy with logits (paraphrase), MSE or CoSENT (STS)."""
     output = output.float()
     if task in SENTENCE_TASKS:
         return F.cross_entropy(output, labels)
     if task == "para":
         return F.binary_cross_entropy_with_logits(output, labels.float())
+    if sts_loss == "cosent":
+        return cosent_loss(output, labels.float())
+    if sts_loss != "mse":
+        raise ValueError(f"sts_loss must be one of {STS_LOSSES}, not {sts_loss!r}")
     return F.mse_loss(output, labels.float())
+
+
+def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float = 4.0) -> torch.Tensor:
+    """CoSENT (Su 2022): for every pair of batch rows with gold labels y_i > y_j, penalise the
+    model when its score s_j comes near or above s_i: log(1 + sum exp(scale * (s_j - s_i))).
+    Only the order of the scores matters, as for the Pearson/Spearman evaluation, not their
+    distance from the 0-5 labels. STS scores are 5 * cos here, so scale 4 is CoSENT's usual
+    20 on the cosine."""
+    diff = scale * (scores[None, :] - scores[:, None])  # diff[i, j] = scale * (s_j - s_i)
+    ordered = labels[:, None] > labels[None, :]
+    terms = diff[ordered]
+    # The leading 0 is the "1 +" inside the log; logsumexp keeps it stable.
+    return torch.logsumexp(torch.cat([terms.new_zeros(1), terms]), dim=0)
 
 
 def output_values(task: str, output: torch.Tensor) -> torch.Tensor:

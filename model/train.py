@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data.batching import Batch, BatchStream, iterate_batches, make_batch
 from data.files import TASK_FILES, Example, load_examples, resolve_data_dir
@@ -46,6 +47,7 @@ from model.multitask import (
     POOLINGS,
     SST_HEADS,
     STS_HEADS,
+    STS_LOSSES,
     MultitaskBert,
     multiple_negatives_ranking_loss,
     output_values,
@@ -101,6 +103,7 @@ class TrainConfig:
     seed: int = field(**_help("random seed (weights of the heads, dropout, batches, task sampling)", default=0))
     pair_encoding: str = field(**_help("para/sts: cross (one joint sequence) or bi (each sentence alone)", default="cross"))
     sts_head: str = field(**_help("sts: regression (linear) or cosine (5 * cos(u, v); bi only)", default="regression"))
+    sts_loss: str = field(**_help("sts: mse (on the 0-5 score) or cosent (ranking of the pairs within a batch)", default="mse"))
     sst_head: str = field(**_help("sentiment head: linear or hidden (one hidden layer)", default="linear"))
     pooling: str = field(**_help("sentence vector: mean (of tokens), cls, or pooler", default="mean"))
     freeze_layers: int = field(**_help("freeze the embeddings and this many lower layers (0: train all)", default=0))
@@ -140,6 +143,7 @@ class TrainConfig:
             ("schedule", SCHEDULES),
             ("pair_encoding", PAIR_ENCODINGS),
             ("sts_head", STS_HEADS),
+            ("sts_loss", STS_LOSSES),
             ("sst_head", SST_HEADS),
             ("pooling", POOLINGS),
             ("lr_schedule", LR_SCHEDULES),
@@ -529,8 +533,10 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
 class Trainer:
     """Holds the state of one training run; ``run()`` trains the remaining epochs."""
 
-    def __init__(self, cfg: TrainConfig, output_dir: Path, report: Callable[[dict], None] | None, fresh: bool):
-        self.cfg, self.output_dir, self.report = cfg, output_dir, report
+    def __init__(
+        self, cfg: TrainConfig, output_dir: Path, report: Callable[[dict], None] | None, fresh: bool, progress: bool = False
+    ):
+        self.cfg, self.output_dir, self.report, self.progress = cfg, output_dir, report, progress
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
@@ -630,7 +636,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         with autocast(self.device, self.bf16):
             out = model(task, batch.views)
-            loss = task_loss(task, out, batch.labels)
+            loss = task_loss(task, out, batch.labels, cfg.sts_loss)
             if cfg.smart_weight > 0:
                 loss = loss + cfg.smart_weight * smart_loss(model, task, batch.views, out)
             if cfg.mnrl_weight > 0 and task == "para":
@@ -722,10 +728,24 @@ class Trainer:
             self.model.train()
             probabilities = task_probabilities(cfg, self.sizes, self.epoch + 1)
             started, losses = time.perf_counter(), []
-            for _ in range(self.steps_per_epoch):
-                losses.append(self._train_step(step_tasks(cfg, probabilities, self.rng)))
-            train_seconds = time.perf_counter() - started
-            metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16)
+            # disable=None: the bar only shows on a terminal, never in a log file or a Ray trial.
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                unit="step",
+                disable=None if self.progress else True,
+                leave=False,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+            with bar:
+                for _ in range(self.steps_per_epoch):
+                    losses.append(self._train_step(step_tasks(cfg, probabilities, self.rng)))
+                    bar.update()
+                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+                train_seconds = time.perf_counter() - started
+                bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}: dev evaluation", refresh=True)
+                metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16)
             self.epoch += 1
             record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
             record["train_seconds"] = round(train_seconds, 2)
@@ -762,13 +782,15 @@ def train(
     report: Callable[[dict], None] | None = None,
     data_dir: str | Path | None = None,
     fresh: bool = False,
+    progress: bool = False,
 ) -> dict:
     """Train, evaluating on dev after every epoch; returns metrics.json's content
     {"best_epoch", "best", "history"}. ``report(metrics)`` is called after each epoch's evaluation
     (and checkpoint) with {"epoch", "train_loss" (mean over the epoch's steps of each step's summed
     loss, SMART/MNRL terms included), <task metrics>, "overall", "train_seconds"}; an
     exception it raises propagates. An ``output_dir`` holding a ``last.pt`` of the same config is
-    resumed; ``fresh=True`` starts over instead."""
+    resumed; ``fresh=True`` starts over instead. ``progress=True`` shows a progress bar of each
+    epoch's steps on a terminal (stderr)."""
     cfg = as_config(config)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
@@ -776,7 +798,7 @@ def train(
         cfg = dataclasses.replace(cfg, data_dir=str(resolve_data_dir(None)))
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, output_dir, report, fresh).run()
+    return Trainer(cfg, output_dir, report, fresh, progress).run()
 
 
 # -------------------------------------------------------------------------------------------- CLI
@@ -808,6 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule": SCHEDULES,
         "pair_encoding": PAIR_ENCODINGS,
         "sts_head": STS_HEADS,
+        "sts_loss": STS_LOSSES,
         "sst_head": SST_HEADS,
         "pooling": POOLINGS,
         "lr_schedule": LR_SCHEDULES,
@@ -849,7 +872,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(metrics), flush=True)
 
     try:
-        summary = train(cfg, args.output_dir, report=show, fresh=args.fresh)
+        summary = train(cfg, args.output_dir, report=show, fresh=args.fresh, progress=True)
     except (ValueError, OSError, NonFiniteLossError) as err:  # DataError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1

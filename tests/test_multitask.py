@@ -4,6 +4,7 @@ and the task schedules."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 from tiny_model import needs_data, tiny_config
 
 from model.bert import BertConfig, BertModel
-from model.multitask import MultitaskBert, combine_pair, multiple_negatives_ranking_loss, task_loss
+from model.multitask import MultitaskBert, combine_pair, cosent_loss, multiple_negatives_ranking_loss, task_loss
 from model.smart import divergence, smart_loss
 from model.train import TrainConfig, default_steps_per_epoch, step_tasks, task_probabilities, train
 
@@ -70,6 +71,24 @@ def test_every_combination_builds_and_takes_a_step(pair_encoding, pooling, sst_h
         assert list(model.heads["sts"].parameters()) == []
         out = model.eval()("sts", views_for("sts", "bi"))
         assert ((out >= -5) & (out <= 5)).all()
+
+
+def test_cosent_loss_matches_its_definition_and_only_sees_the_order():
+    scores = torch.tensor([1.0, 3.0, 2.0, 4.5])
+    labels = torch.tensor([0.5, 2.0, 2.0, 5.0])  # a tie (rows 1, 2) contributes no term
+    expected = math.log(
+        1 + sum(math.exp(4.0 * (scores[j] - scores[i])) for i in range(4) for j in range(4) if labels[i] > labels[j])
+    )
+    assert cosent_loss(scores, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert task_loss("sts", scores, labels, "cosent").item() == pytest.approx(expected, rel=1e-6)
+    # Shifting every score changes the MSE but not the ranking loss.
+    assert cosent_loss(scores + 2.0, labels).item() == pytest.approx(expected, rel=1e-6)
+    assert task_loss("sts", scores + 2.0, labels).item() != pytest.approx(task_loss("sts", scores, labels).item())
+    # The right order with wide margins costs almost nothing; the reverse order costs a lot.
+    assert cosent_loss(labels * 3, labels).item() < 1e-3
+    assert cosent_loss(-labels, labels).item() > 10
+    with pytest.raises(ValueError, match="sts_loss"):
+        task_loss("sts", scores, labels, "huber")
 
 
 def test_cosine_head_needs_bi_encoding():
