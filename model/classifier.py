@@ -35,11 +35,13 @@ from model.multitask import POOLINGS, MultitaskBert, output_values, task_loss
 from model.optimizer import AdamW
 from model.train import (
     EVAL_BATCH_SIZE,
+    LR_SCHEDULES,
     PRECISIONS,
     NonFiniteLossError,
     TrainConfig,
     autocast,
     build_model,
+    learning_rate,
     load_split,
     predict_values,
     resolve_device,
@@ -55,6 +57,8 @@ MODES = ("pretrain", "finetune")
 DEFAULT_LR = {"pretrain": 1e-3, "finetune": 5e-5}
 DEFAULT_EPOCHS = {"pretrain": 10, "finetune": 3}
 DEFAULT_BATCH_SIZE = {"pretrain": 8, "finetune": 16}
+# finetune: 10% warm-up then linear decay, the usual BERT recipe; pretrain keeps the handout's constant rate.
+DEFAULT_LR_SCHEDULE = {"pretrain": "constant", "finetune": "linear"}
 SPLIT_NAMES = ("train", "dev", "test")
 
 
@@ -94,11 +98,13 @@ class ClassifierRun:
                 p.requires_grad_(False)
         self.optimizer = AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.dev_labels = np.asarray(self.splits["dev"].labels)
+        self.steps, self.total_steps = 0, cfg.epochs * -(-len(self.splits["train"]) // cfg.batch_size)
 
     def run(self) -> dict:
         cfg, sizes = self.cfg, ", ".join(f"{len(split)} {name}" for name, split in self.splits.items())
         tqdm.write(
-            f"{self.mode}-{self.task}: {sizes} examples; lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs, "
+            f"{self.mode}-{self.task}: {sizes} examples; lr {cfg.lr} ({cfg.lr_schedule}), batch {cfg.batch_size}, "
+            f"{cfg.epochs} epochs, "
             f"max_length {cfg.max_length}, {cfg.pooling} pooling, {self.device} {'bf16' if self.bf16 else 'fp32'}"
         )
         if self.mode == "pretrain":
@@ -151,9 +157,12 @@ class ClassifierRun:
             raise NonFiniteLossError(
                 f"{self.mode}-{self.task}: the training loss is {loss.item()}; try a lower --lr than {self.cfg.lr}"
             )
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.steps, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.steps += 1
         return loss.item()
 
     def fit(self, train_epoch: Callable[[int], float], values: Callable[[str], np.ndarray]) -> dict:
@@ -201,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {DEFAULT_LR})")
     parser.add_argument("--epochs", type=int, default=None, help=f"default: {DEFAULT_EPOCHS}")
     parser.add_argument("--batch-size", type=int, default=None, help=f"training batch size (default: {DEFAULT_BATCH_SIZE})")
+    parser.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=None,
+        help=f"constant, or linear (10%% warm-up then linear decay to 0) (default: {DEFAULT_LR_SCHEDULE})",
+    )
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout before the linear head and in the encoder")
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
     parser.add_argument(
@@ -249,6 +264,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
         lr=DEFAULT_LR[args.mode] if args.lr is None else args.lr,
         epochs=DEFAULT_EPOCHS[args.mode] if args.epochs is None else args.epochs,
         batch_size=DEFAULT_BATCH_SIZE[args.mode] if args.batch_size is None else args.batch_size,
+        lr_schedule=DEFAULT_LR_SCHEDULE[args.mode] if args.lr_schedule is None else args.lr_schedule,
         weight_decay=args.weight_decay,
         dropout=args.dropout,
         pooling=args.pooling,

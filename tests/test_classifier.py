@@ -71,6 +71,10 @@ def test_writes_both_prediction_files_for_every_id(tmp_path, task, mode):
         assert "encoder.layer.0.attention.self.query.weight" in changed and "embeddings.word_embeddings.weight" in changed
     head = run.model.heads[task].net[-1]
     assert head.out_features == classes
+    # The lr schedule saw every step: finetune decays linearly to near 0, pretrain stays constant.
+    assert run.steps == run.total_steps
+    last_lr = run.optimizer.param_groups[0]["lr"]
+    assert last_lr == run.cfg.lr if mode == "pretrain" else 0 < last_lr <= 0.2 * run.cfg.lr
 
 
 def test_pretrain_head_trains_on_features_like_the_full_model(tmp_path):
@@ -85,7 +89,11 @@ def test_main_defaults_and_errors(tmp_path, capsys):
     args = build_parser().parse_args(["--task", "cfimdb", "--mode", "finetune"])
     cfg = train_config(args)
     assert (cfg.lr, cfg.pooling, cfg.max_length, cfg.tasks) == (5e-5, "mean", 512, ["cfimdb"])
-    assert train_config(build_parser().parse_args(["--task", "sst", "--mode", "pretrain"])).lr == 1e-3
+    assert cfg.lr_schedule == "linear"
+    pretrain = train_config(build_parser().parse_args(["--task", "sst", "--mode", "pretrain"]))
+    assert (pretrain.lr, pretrain.lr_schedule) == (1e-3, "constant")
+    constant = build_parser().parse_args(["--task", "sst", "--mode", "finetune", "--lr-schedule", "constant"])
+    assert train_config(constant).lr_schedule == "constant"
 
     assert main(classifier_args("sst", "pretrain", tmp_path / "out", "--data-dir", str(tmp_path))) == 2
     assert f"{tmp_path / 'ids-sst-train.csv'}: file not found" in capsys.readouterr().err
