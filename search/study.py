@@ -19,6 +19,7 @@ A study file names the tasks, the objective, the search space, the budget and fi
     gpus_per_trial = 0
     seed = 0                  # TPE sampler seed
     startup_trials = 4        # random trials before TPE models the results
+    trial_seeds = false       # true: trial n trains with seed = seed + n (more diverse ensemble members)
 
     [search]                  # TrainConfig fields; floats/ints take low/high (log, step), any field takes choices
     lr = { low = 1e-5, high = 3e-4, log = true }
@@ -74,6 +75,9 @@ class Budget:
     gpus_per_trial: float = 0
     seed: int = 0
     startup_trials: int = 10
+    # Each trial trains with its own seed (budget.seed + its trial number) instead of the fixed or
+    # default one: its data order and dropout masks differ, so ensembles of the top trials gain more.
+    trial_seeds: bool = False
 
 
 BUDGET_REQUIRED = ("trials", "max_epochs", "grace_period")
@@ -124,9 +128,13 @@ class Study:
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         return {name: param.distribution() for name, param in self.space.items()}
 
-    def train_config(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The trainer's config for one trial: fixed settings, then the sampled params."""
-        return {**self.fixed, **params, "tasks": list(self.tasks), "epochs": self.budget.max_epochs}
+    def train_config(self, params: dict[str, Any], trial_number: int = 0) -> dict[str, Any]:
+        """The trainer's config for one trial: fixed settings, then the sampled params (and the
+        trial's own seed with budget.trial_seeds)."""
+        config = {**self.fixed, **params, "tasks": list(self.tasks), "epochs": self.budget.max_epochs}
+        if self.budget.trial_seeds:
+            config["seed"] = self.budget.seed + trial_number
+        return config
 
     def with_budget(self, **overrides: Any) -> Study:
         """A copy with budget fields replaced (command-line overrides); None values are ignored."""
@@ -207,6 +215,9 @@ def parse_study(raw: dict[str, Any], path: Path) -> Study:
     fixed = dict(_typed(raw.get("fixed", {}), dict, where, "fixed"))
     space = _parse_space(_typed(raw["search"], dict, where, "search"), where)
     _check_fields(fixed, space, tasks, where)
+    if budget.trial_seeds and ("seed" in fixed or "seed" in space):
+        place = "fixed" if "seed" in fixed else "search"
+        raise StudyError(f"{where}: budget.trial_seeds: gives each trial its own seed; remove {place}.seed, or the option")
     start_points = _parse_start_points(raw.get("start_points", []), space, where)
     return Study(
         name=path.stem,
@@ -256,7 +267,7 @@ def _parse_budget(table: dict, where: str) -> Budget:
     values = {}
     for f in dataclasses.fields(Budget):
         if f.name in table:
-            kind = (int,) if f.type in ("int", int) else (int, float)
+            kind = {"int": (int,), "bool": (bool,)}.get(str(f.type), (int, float))
             values[f.name] = _typed(table[f.name], kind, where, f"budget.{f.name}")
     budget = Budget(**values)
     _check_budget(budget, where)

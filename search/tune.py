@@ -87,7 +87,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
 
     number = config[TRIAL_NUMBER_KEY]
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
-    train_config = job.study.train_config(params)
+    train_config = job.study.train_config(params, number)
     # One torch thread per reserved CPU, so that concurrent trials do not fight over the cores.
     train_config.setdefault("threads", max(1, int(job.study.budget.cpus_per_trial)))
     output_dir = artifact_dir_for(job.artifacts_root, number)

@@ -125,6 +125,7 @@ BAD_CASES = [
     ("max_length = 64", "max_length = 64\ndropout = 0.1", "fixed.dropout", "either fixed or searched"),
     ("max_length = 64", 'max_length = 64\nsurgery = "pcgrad"', "fixed.surgery", "one task"),
     ("max_length = 64", "max_length = 4", "fixed", "max_length must be at least 8"),
+    ("grace_period = 1", "grace_period = 1\ntrial_seeds = 1", "budget.trial_seeds", "must be true/false"),
     ("max_length = 64", "max_length = 64\n[[start_points]]\nlr = 1.0", "start_points[0].lr", "outside search.lr"),
     ("max_length = 64", "max_length = 64\n[[start_points]]\nwd = 0.1", "start_points[0].wd", "not a searched field"),
     ("max_length = 64", "max_length = 64\n[[start_points]]\nbatch_size = 8", "start_points[0].batch_size", "outside"),
@@ -140,6 +141,23 @@ def test_bad_file_names_file_and_key(tmp_path, old, new, key, words):
     message = str(caught.value)
     assert message.startswith(f"{path}: {key}"), message
     assert words in message, message
+
+
+def test_trial_seeds_give_each_trial_its_own_seed(tmp_path):
+    plain = load_study_file(write(tmp_path, GOOD.replace("max_length = 64", "max_length = 64\nseed = 3")))
+    assert [plain.train_config({}, n)["seed"] for n in (0, 5)] == [3, 3]
+    seeded = GOOD.replace("grace_period = 1", "grace_period = 1\nseed = 7\ntrial_seeds = true")
+    study = load_study_file(write(tmp_path, seeded, "seeded.toml"))
+    assert [study.train_config({"lr": 1e-4}, n)["seed"] for n in (0, 1, 5)] == [7, 8, 12]
+    # A seed set elsewhere would be silently overridden: refuse it, naming both keys.
+    searched = "batch_size = { choices = [16, 32] }\nseed = { low = 0, high = 9 }"
+    for where, old, new in (
+        ("fixed", "max_length = 64", "max_length = 64\nseed = 3"),
+        ("search", "batch_size = { choices = [16, 32] }", searched),
+    ):
+        bad = write(tmp_path, seeded.replace(old, new), f"bad-{where}.toml")
+        with pytest.raises(StudyError, match=re.escape(f"{bad}: budget.trial_seeds: ") + f".*remove {where}.seed"):
+            load_study_file(bad)
 
 
 def test_multitask_rules(tmp_path):
