@@ -756,11 +756,19 @@ class Trainer:
             # (a resumed run then redoes that epoch, with the same result on CPU).
             self._write_metrics()
             self._checkpoint()
+            if self.epoch == cfg.epochs and cfg.predict_test:
+                # Before the last report: a scheduler (ASHA at max_t) stops a trial as soon as it
+                # sees its final epoch, which would cut the test predictions short.
+                self._predict_test()
             if self.report is not None:
                 self.report(dict(record))
-        if cfg.predict_test:
+        if cfg.predict_test and not self._test_predicted:  # a resumed run whose epochs were all done
             self._predict_test()
         return self._write_metrics()
+
+    @property
+    def _test_predicted(self) -> bool:
+        return all((self.output_dir / "outputs" / f"{t}-test.npz").is_file() for t in self.cfg.tasks)
 
     def _predict_test(self) -> None:
         from safetensors.torch import load_file

@@ -53,6 +53,7 @@ max_concurrent = 1
 cpus_per_trial = 1
 seed = 12
 startup_trials = {TRIALS}  # random sampling: with seed 12 the last trial, and only it, draws lr = 1e30
+trial_seeds = true        # trial n trains with seed 12 + n
 
 [search]
 lr = {{ choices = [1e-3, 3e-3, 1e30] }}  # 1e30: the loss goes NaN at once
@@ -224,6 +225,8 @@ def test_optuna_records_tell_the_truth(scenario):
         assert metrics["best_epoch"] == attrs["best_epoch"]
         assert attrs["best_value"] == max(t.intermediate_values.values())
         assert (artifact_dir / "model.safetensors").is_file()
+        config = json.loads((artifact_dir / "config.json").read_text())["train"]
+        assert config["seed"] == 12 + t.number and config["lr"] == t.params["lr"]
         if t.state == TrialState.COMPLETE:
             assert t.value == attrs["best_value"]
         else:

@@ -115,6 +115,23 @@ def test_same_seed_gives_the_same_metrics_and_resume_continues_exactly(tmp_path)
     _same(resumed, straight)
 
 
+def test_test_predictions_come_before_the_last_report(tmp_path):
+    """ASHA stops a trial the moment it reports its final epoch: the test outputs must exist by then."""
+
+    def stop_at_the_end(metrics: dict) -> None:
+        assert (tmp_path / "outputs" / "sts-test.npz").is_file() == (metrics["epoch"] == 2)
+        if metrics["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(epochs=2, tasks=["sts"]), tmp_path, report=stop_at_the_end)
+    assert (tmp_path / "predictions" / "sts-test-out.csv").is_file()
+    # Run again: every epoch is done and the test outputs are there, so nothing is redone.
+    written = (tmp_path / "outputs" / "sts-test.npz").stat().st_mtime_ns
+    assert train(tiny_config(epochs=2, tasks=["sts"]), tmp_path)["best_epoch"] in (1, 2)
+    assert (tmp_path / "outputs" / "sts-test.npz").stat().st_mtime_ns == written
+
+
 def _same(a: dict, b: dict) -> None:
     """Equal histories apart from the wall-clock times."""
 
