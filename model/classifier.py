@@ -41,10 +41,11 @@ from model.train import (
     TrainConfig,
     autocast,
     build_model,
-    learning_rate,
     load_split,
     predict_values,
+    progress_bar,
     resolve_device,
+    set_learning_rate,
     use_bf16,
 )
 
@@ -64,7 +65,7 @@ SPLIT_NAMES = ("train", "dev", "test")
 
 def progress(batches: Iterable, examples: int, batch_size: int, desc: str) -> Iterable:
     """A progress bar over one pass of batches (shown on a terminal, silent in logs)."""
-    return tqdm(batches, total=-(-examples // batch_size), desc=desc, leave=False, disable=None)
+    return progress_bar(batches, total=-(-examples // batch_size), desc=desc)
 
 
 def pooled_features(model: MultitaskBert, split: EncodedSplit, device: torch.device, bf16: bool) -> torch.Tensor:
@@ -157,8 +158,7 @@ class ClassifierRun:
             raise NonFiniteLossError(
                 f"{self.mode}-{self.task}: the training loss is {loss.item()}; try a lower --lr than {self.cfg.lr}"
             )
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.cfg, self.steps, self.total_steps)
+        set_learning_rate(self.optimizer, self.cfg, self.steps, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -28,7 +28,7 @@ import random
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -61,6 +61,19 @@ SURGERIES = ("none", "pcgrad", "gradvac")
 SCHEDULES = ("round_robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear")
 PRECISIONS = ("auto", "fp32", "bf16")
+# TrainConfig's string fields that take one of a fixed set of values: checked in __post_init__,
+# offered as choices on the command line.
+CHOICE_FIELDS = {
+    "surgery": SURGERIES,
+    "schedule": SCHEDULES,
+    "pair_encoding": PAIR_ENCODINGS,
+    "sts_head": STS_HEADS,
+    "sts_loss": STS_LOSSES,
+    "sst_head": SST_HEADS,
+    "pooling": POOLINGS,
+    "lr_schedule": LR_SCHEDULES,
+    "precision": PRECISIONS,
+}
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO_ROOT / "cache" / "tokens"
 EVAL_BATCH_SIZE = 64
@@ -138,17 +151,7 @@ class TrainConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct names from {TASKS}, got {self.tasks}")
-        for name, allowed in (
-            ("surgery", SURGERIES),
-            ("schedule", SCHEDULES),
-            ("pair_encoding", PAIR_ENCODINGS),
-            ("sts_head", STS_HEADS),
-            ("sts_loss", STS_LOSSES),
-            ("sst_head", SST_HEADS),
-            ("pooling", POOLINGS),
-            ("lr_schedule", LR_SCHEDULES),
-            ("precision", PRECISIONS),
-        ):
+        for name, allowed in CHOICE_FIELDS.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
         if self.sts_head == "cosine" and self.pair_encoding != "bi" and "sts" in self.tasks:
@@ -522,12 +525,25 @@ def step_tasks(cfg: TrainConfig, probabilities: dict[str, float], rng: random.Ra
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    """The rate of optimizer step ``step`` (0-based) of ``total_steps``: constant, or 10% linear
+    warm-up then linear decay to 0."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
     warmup = max(1, int(0.1 * total_steps))
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
     return cfg.lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total_steps: int) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(cfg, step, total_steps)
+
+
+def progress_bar(iterable: Iterable | None = None, *, total: int, desc: str, unit: str = "batch", enabled: bool = True) -> tqdm:
+    """A progress bar on stderr that shows only on a terminal, never in a log file or a Ray trial."""
+    disable = None if enabled else True
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
 class Trainer:
@@ -660,8 +676,7 @@ class Trainer:
     def _train_step(self, tasks: list[str]) -> float:
         """One optimizer update over one batch of each of ``tasks``; returns the summed loss."""
         cfg, model = self.cfg, self.model
-        for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, self.step, self.total_steps)
+        set_learning_rate(self.optimizer, cfg, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         if cfg.surgery == "none" or len(set(tasks)) == 1:
@@ -728,21 +743,15 @@ class Trainer:
             self.model.train()
             probabilities = task_probabilities(cfg, self.sizes, self.epoch + 1)
             started, losses = time.perf_counter(), []
-            # disable=None: the bar only shows on a terminal, never in a log file or a Ray trial.
-            bar = tqdm(
-                total=self.steps_per_epoch,
-                desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                unit="step",
-                disable=None if self.progress else True,
-                leave=False,
-                file=sys.stderr,
-                dynamic_ncols=True,
+            bar = progress_bar(
+                total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", unit="step", enabled=self.progress
             )
             with bar:
                 for _ in range(self.steps_per_epoch):
                     losses.append(self._train_step(step_tasks(cfg, probabilities, self.rng)))
                     bar.update()
-                    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
+                    if not bar.disable:
+                        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
                 train_seconds = time.perf_counter() - started
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}: dev evaluation", refresh=True)
                 metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16)
@@ -833,17 +842,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--fresh", action="store_true", help="ignore an existing last.pt in --output-dir and start over")
     defaults = TrainConfig()
-    choices = {
-        "surgery": SURGERIES,
-        "schedule": SCHEDULES,
-        "pair_encoding": PAIR_ENCODINGS,
-        "sts_head": STS_HEADS,
-        "sts_loss": STS_LOSSES,
-        "sst_head": SST_HEADS,
-        "pooling": POOLINGS,
-        "lr_schedule": LR_SCHEDULES,
-        "precision": PRECISIONS,
-    }
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -856,8 +854,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
         elif f.name == "predict_test":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif f.name in choices:
-            parser.add_argument(flag, choices=choices[f.name], default=default, help=helptext)
+        elif f.name in CHOICE_FIELDS:
+            parser.add_argument(flag, choices=CHOICE_FIELDS[f.name], default=default, help=helptext)
         else:
             kind = float if isinstance(default, float) else int if isinstance(default, int) else str
             if f.name in ("steps_per_epoch", "train_limit", "eval_limit", "threads"):
