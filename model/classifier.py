@@ -32,7 +32,7 @@ from data.files import DataError
 from data.tokenize import EncodedSplit
 from model.metrics import task_metric, write_predictions
 from model.multitask import POOLINGS, MultitaskBert, output_values, task_loss
-from model.optimizer import AdamW
+from model.optimizer import AdamW, param_groups
 from model.train import (
     EVAL_BATCH_SIZE,
     LR_SCHEDULES,
@@ -97,7 +97,7 @@ class ClassifierRun:
         if mode == "pretrain":
             for p in self.model.bert.parameters():
                 p.requires_grad_(False)
-        self.optimizer = AdamW([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.dev_labels = np.asarray(self.splits["dev"].labels)
         self.steps, self.total_steps = 0, cfg.epochs * -(-len(self.splits["train"]) // cfg.batch_size)
 
@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"constant, or linear (10%% warm-up then linear decay to 0) (default: {DEFAULT_LR_SCHEDULE})",
     )
     parser.add_argument("--dropout", type=float, default=0.1, help="dropout before the linear head and in the encoder")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay")
+    parser.add_argument(
+        "--weight-decay", type=float, default=0.01, help="AdamW decoupled weight decay (none on biases and LayerNorm weights)"
+    )
     parser.add_argument(
         "--pooling",
         choices=POOLINGS,

@@ -106,3 +106,22 @@ def test_main_defaults_and_errors(tmp_path, capsys):
     assert main(classifier_args("sst", "pretrain", tmp_path, "--max-length", "600")) == 2
     assert "max_length 600 exceeds" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.csv"))
+
+
+@pytest.mark.parametrize("mode", ["pretrain", "finetune"])
+def test_no_weight_decay_on_biases_and_layer_norm_weights(tmp_path, mode):
+    args = build_parser().parse_args(classifier_args("sst", mode, tmp_path, "--weight-decay", "0.2"))
+    run = ClassifierRun(train_config(args), args.mode, args.output_dir)
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    groups = {g["weight_decay"]: sorted(names[id(p)] for p in g["params"]) for g in run.optimizer.param_groups}
+    assert groups[0.2] == sorted(
+        n for n, p in run.model.named_parameters() if p.requires_grad and n.endswith("weight") and "LayerNorm" not in n
+    )
+    assert groups[0.0] == sorted(
+        n for n, p in run.model.named_parameters() if p.requires_grad and (n.endswith("bias") or "LayerNorm" in n)
+    )
+    if mode == "finetune":
+        assert "bert.encoder.layer.0.attention.output.LayerNorm.weight" in groups[0.0]
+        assert "bert.encoder.layer.0.attention.self.query.weight" in groups[0.2]
+    else:
+        assert groups == {0.2: ["heads.sst.net.1.weight"], 0.0: ["heads.sst.net.1.bias"]}

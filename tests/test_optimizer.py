@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import optimizer as optimizer_module
-from model.optimizer import AdamW, _cache_blocks, _Tensors
+from model.optimizer import AdamW, _cache_blocks, _Tensors, decays, param_groups
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (), (40, 6), (3,)]
 EMBEDDING = 4  # gets gradients in rows 0-9 only, like a word embedding: its other rows keep m = v = 0
@@ -210,3 +210,77 @@ def test_sparse_gradients_are_refused(foreach):
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         optimizer.step()
+
+
+def test_param_groups_exclude_biases_and_layer_norm_weights_of_the_embedded_model():
+    from model.bert import BertModel, default_model_path
+
+    model = BertModel.from_pretrained(default_model_path())
+    model.pooler.requires_grad_(False)  # frozen: in no group
+    groups = param_groups(model, 0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ([names[id(p)] for p in g["params"]] for g in groups)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    for name in (
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+        "encoder.layer.0.attention.self.query.weight",
+        "encoder.layer.0.attention.output.dense.weight",
+        "encoder.layer.5.intermediate.dense.weight",
+        "encoder.layer.5.output.dense.weight",
+    ):
+        assert name in decay
+    for name in (
+        "embeddings.LayerNorm.weight",
+        "embeddings.LayerNorm.bias",
+        "encoder.layer.0.attention.self.query.bias",
+        "encoder.layer.0.attention.output.LayerNorm.weight",
+        "encoder.layer.0.attention.output.LayerNorm.bias",
+        "encoder.layer.5.output.LayerNorm.weight",
+        "encoder.layer.5.output.dense.bias",
+    ):
+        assert name in no_decay
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(decay + no_decay) == sorted(trainable) and not any(n.startswith("pooler") for n in trainable)
+    assert all(n.endswith(".weight") and "LayerNorm" not in n for n in decay)
+    assert all(n.endswith(".bias") or n.endswith("LayerNorm.weight") for n in no_decay)
+    # named_parameters order within each group
+    assert decay == [n for n in trainable if n in set(decay)] and no_decay == [n for n in trainable if n in set(no_decay)]
+
+
+def test_decay_by_parameter_name():
+    assert decays("heads.sst.net.1.weight") and decays("encoder.layer.0.attention.self.key.weight")
+    assert not decays("heads.sts.linear.bias")
+    assert not decays("decoder.layer_norm.weight") and not decays("final_norm.weight") and not decays("ln.LayerNorm.weight")
+    empty = torch.nn.Linear(3, 2, bias=False)
+    assert [g["weight_decay"] for g in param_groups(empty, 0.1)] == [0.1]  # no empty no-decay group
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_param_groups_match_torch_adamw_and_leave_no_decay_params_undecayed(foreach):
+    def trained(optimizer_class, **kwargs) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+        optimizer = optimizer_class(param_groups(model, 0.5), lr=1e-2, weight_decay=0.01, **kwargs)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            optimizer.zero_grad(set_to_none=True)
+            model(torch.randn(16, 6, generator=g)).pow(2).mean().backward()
+            optimizer.step()
+        return model
+
+    ours, reference = trained(AdamW, foreach=foreach), trained(torch.optim.AdamW)
+    for got, expected in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+    # A LayerNorm weight without gradient keeps its value; a weight matrix without gradient decays.
+    norm, linear = torch.nn.LayerNorm(4), torch.nn.Linear(4, 4)
+    holder = torch.nn.ModuleDict({"norm": norm, "linear": linear})
+    optimizer = AdamW(param_groups(holder, 0.5), lr=0.1, foreach=foreach)
+    before = linear.weight.detach().clone()
+    for p in holder.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.equal(norm.weight, torch.ones(4)) and torch.equal(norm.bias, torch.zeros(4))
+    torch.testing.assert_close(linear.weight, before * (1 - 0.1 * 0.5))
