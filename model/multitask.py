@@ -80,34 +80,43 @@ class CosineHead(nn.Module):
         return 5.0 * F.cosine_similarity(pooled[0].float(), pooled[1].float(), dim=-1)
 
 
+def per_task(value: str | dict[str, str], tasks: list[str], name: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    """One setting for every task, or a {task: value} table, as a table over ``tasks``."""
+    table = dict(value) if isinstance(value, dict) else {task: value for task in tasks}
+    for task in tasks:
+        if table.get(task) not in allowed:
+            raise ValueError(f"{name} for {task} must be one of {allowed}, not {table.get(task)!r}")
+    return {task: table[task] for task in tasks}
+
+
 class MultitaskBert(nn.Module):
+    """``pair_encoding`` and ``pooling`` are one setting for all tasks or a {task: value} table, so
+    that one model can cross-encode paraphrase and bi-encode STS over the same encoder."""
+
     def __init__(
         self,
         bert: BertModel,
         tasks: list[str],
-        pair_encoding: str = "cross",
-        pooling: str = "mean",
+        pair_encoding: str | dict[str, str] = "cross",
+        pooling: str | dict[str, str] = "mean",
         sst_head: str = "linear",
         sts_head: str = "regression",
         dropout: float = 0.1,
         freeze_layers: int = 0,
     ):
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
-        if pair_encoding not in PAIR_ENCODINGS:
-            raise ValueError(f"pair_encoding must be one of {PAIR_ENCODINGS}, not {pair_encoding!r}")
+        pair_tasks = [t for t in tasks if t in PAIR_TASKS]
+        self.pooling = per_task(pooling, tasks, "pooling", POOLINGS)
+        self.pair_encoding = per_task(pair_encoding, pair_tasks, "pair_encoding", PAIR_ENCODINGS)
         if sts_head not in STS_HEADS:
             raise ValueError(f"sts_head must be one of {STS_HEADS}, not {sts_head!r}")
-        if sts_head == "cosine" and pair_encoding != "bi" and "sts" in tasks:
+        if sts_head == "cosine" and self.pair_encoding.get("sts", "bi") != "bi":
             raise ValueError("sts_head 'cosine' needs pair_encoding 'bi' (a cross-encoder has no separate sentence vectors)")
         self.bert = bert
-        self.pooling = pooling
-        self.pair_encoding = pair_encoding
         hidden = bert.config.hidden_size
-        bi = pair_encoding == "bi"
         heads = {}
         for task in tasks:
+            bi = self.pair_encoding.get(task) == "bi"
             if task in SENTENCE_TASKS:
                 heads[task] = SentenceHead(hidden, TASK_FILES[task].num_classes, dropout, sst_head)
             elif task == "para":
@@ -119,7 +128,7 @@ class MultitaskBert(nn.Module):
                 raise ValueError(f"unknown task {task!r}; known tasks: {[*SENTENCE_TASKS, *PAIR_TASKS]}")
         self.heads = nn.ModuleDict(heads)
         self.freeze(freeze_layers)
-        if pooling != "pooler":
+        if "pooler" not in self.pooling.values():
             # Unused: no gradient, and no weight decay or surgery work spent on it.
             self.bert.pooler.requires_grad_(False)
 
@@ -137,20 +146,29 @@ class MultitaskBert(nn.Module):
         """The shared, trainable parameters (what gradient surgery operates on)."""
         return [p for p in self.bert.parameters() if p.requires_grad]
 
-    def pool(self, out: dict[str, torch.Tensor], attention_mask: torch.Tensor) -> torch.Tensor:
-        if self.pooling == "cls":
+    def pool(self, out: dict[str, torch.Tensor], attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+        if pooling == "cls":
             return out["last_hidden_state"][:, 0]
-        if self.pooling == "pooler":
+        if pooling == "pooler":
             return out["pooler_output"]
         hidden = out["last_hidden_state"]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
-    def embed(self, view: View, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled encoder output of one view; ``inputs_embeds`` replaces the word embeddings (SMART)."""
+    def pooling_for(self, task: str | None) -> str:
+        """The task's pooling; ``task`` may be None when every task pools the same way."""
+        if task is not None:
+            return self.pooling[task]
+        if len(set(self.pooling.values())) != 1:
+            raise ValueError(f"the tasks pool differently ({self.pooling}); name the task")
+        return next(iter(self.pooling.values()))
+
+    def embed(self, view: View, inputs_embeds: torch.Tensor | None = None, task: str | None = None) -> torch.Tensor:
+        """Pooled encoder output of one view (pooled as ``task`` pools); ``inputs_embeds`` replaces
+        the word embeddings (SMART)."""
         input_ids, attention_mask, token_type_ids = view
         out = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds)
-        return self.pool(out, attention_mask)
+        return self.pool(out, attention_mask, self.pooling_for(task))
 
     def word_embeddings(self, view: View) -> torch.Tensor:
         return self.bert.embeddings.word_embeddings(view[0])
@@ -159,17 +177,17 @@ class MultitaskBert(nn.Module):
         """Raw output of ``task``'s head (logits or STS score) for a batch of one or two views."""
         if inputs_embeds is None:
             inputs_embeds = [None] * len(views)
-        pooled = self.encode_views(views, inputs_embeds)
+        pooled = self.encode_views(task, views, inputs_embeds)
         return self.heads[task](pooled)
 
-    def encode_views(self, views: list[View], inputs_embeds: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    def encode_views(self, task: str, views: list[View], inputs_embeds: list[torch.Tensor | None]) -> list[torch.Tensor]:
         if len(views) == 2 and inputs_embeds[0] is None and inputs_embeds[1] is None:
             # Both sentences of a bi-encoded batch go through the encoder as one batch of 2B rows
             # (fewer, larger matrix products), the narrower view padded to the wider one.
             width = max(views[0][0].shape[1], views[1][0].shape[1])
             stacked = tuple(torch.cat([pad_to(a, width), pad_to(b, width)]) for a, b in zip(views[0], views[1], strict=True))
-            return list(self.embed(stacked).chunk(2))
-        return [self.embed(view, emb) for view, emb in zip(views, inputs_embeds, strict=True)]
+            return list(self.embed(stacked, task=task).chunk(2))
+        return [self.embed(view, emb, task) for view, emb in zip(views, inputs_embeds, strict=True)]
 
 
 def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor, sts_loss: str = "mse") -> torch.Tensor:

@@ -77,12 +77,24 @@ CHOICE_FIELDS = {
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO_ROOT / "cache" / "tokens"
 EVAL_BATCH_SIZE = 64
+# Fields that take one value for every task or a {task: value} table; a table covers every trained
+# task the field applies to (pair_encoding: the pair tasks only).
+PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling")
 # Fields that change how a run executes but not what it computes; a resumed run may change them.
 RUNTIME_FIELDS = ("threads", "device", "predict_test", "cache_dir", "data_dir")
 
 
 class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite; the run stops (a search records the trial as failed)."""
+
+
+def is_pair_task(task: str) -> bool:
+    return len(TASK_FILES[task].text_columns) == 2
+
+
+def applies_to(name: str, task: str) -> bool:
+    """Whether a per-task field means anything for ``task`` (pair encoding: pair tasks only)."""
+    return name != "pair_encoding" or is_pair_task(task)
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -114,11 +126,18 @@ class TrainConfig:
         **_help("maximum tokens per sequence (a pair counts as one sequence when cross-encoded)", default=128)
     )
     seed: int = field(**_help("random seed (weights of the heads, dropout, batches, task sampling)", default=0))
-    pair_encoding: str = field(**_help("para/sts: cross (one joint sequence) or bi (each sentence alone)", default="cross"))
+    pair_encoding: str | dict[str, str] = field(
+        **_help(
+            "para/sts: cross (one joint sequence) or bi (each sentence alone); one value, or per task as task=value",
+            default="cross",
+        )
+    )
     sts_head: str = field(**_help("sts: regression (linear) or cosine (5 * cos(u, v); bi only)", default="regression"))
     sts_loss: str = field(**_help("sts: mse (on the 0-5 score) or cosent (ranking of the pairs within a batch)", default="mse"))
     sst_head: str = field(**_help("sentiment head: linear or hidden (one hidden layer)", default="linear"))
-    pooling: str = field(**_help("sentence vector: mean (of tokens), cls, or pooler", default="mean"))
+    pooling: str | dict[str, str] = field(
+        **_help("sentence vector: mean (of tokens), cls, or pooler; one value, or per task as task=value", default="mean")
+    )
     freeze_layers: int = field(**_help("freeze the embeddings and this many lower layers (0: train all)", default=0))
     smart_weight: float = field(**_help("weight of the SMART adversarial smoothness loss (0: off)", default=0.0))
     mnrl_weight: float = field(
@@ -151,23 +170,23 @@ class TrainConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct names from {TASKS}, got {self.tasks}")
+        for name in PER_TASK_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                extra = [t for t in value if t not in TASKS]
+                missing = [t for t in self.tasks if applies_to(name, t) and t not in value]
+                if extra or missing:
+                    raise ValueError(f"{name}: unknown task(s) {extra}" if extra else f"{name}: no value for task(s) {missing}")
+                setattr(self, name, dict(value))
         for name, allowed in CHOICE_FIELDS.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.sts_head == "cosine" and self.pair_encoding != "bi" and "sts" in self.tasks:
-            raise ValueError("sts_head 'cosine' needs pair_encoding 'bi'")
+            for value in self.values_of(name):
+                if value not in allowed:
+                    raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
+        if self.sts_head == "cosine" and "sts" in self.tasks and self.task_value("pair_encoding", "sts") != "bi":
+            raise ValueError("sts_head 'cosine' needs pair_encoding 'bi' for sts")
         if isinstance(self.batch_size, dict):
-            missing = [t for t in self.tasks if t not in self.batch_size]
-            extra = [t for t in self.batch_size if t not in TASKS]
-            if missing or extra:
-                raise ValueError(
-                    f"batch_size: no size for task(s) {missing}" if missing else f"batch_size: unknown task(s) {extra}"
-                )
             self.batch_size = {t: int(b) for t, b in self.batch_size.items()}
-            sizes = list(self.batch_size.values())
-        else:
-            sizes = [self.batch_size]
-        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in sizes):
+        if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.values_of("batch_size")):
             raise ValueError(f"batch_size must be a positive int or task=int pairs, not {self.batch_size!r}")
         for name in ("epochs", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
@@ -204,8 +223,22 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def values_of(self, name: str) -> list:
+        """The values a per-task field takes (one, or one per task); other fields: [value]."""
+        value = getattr(self, name)
+        return list(value.values()) if isinstance(value, dict) else [value]
+
+    def task_value(self, name: str, task: str):
+        """The value of a per-task field (batch_size, pair_encoding, pooling) for one task."""
+        value = getattr(self, name)
+        if not isinstance(value, dict):
+            return value
+        if task not in value:
+            raise KeyError(f"{name} gives no value for task {task!r} (it has {sorted(value)})")
+        return value[task]
+
     def task_batch_size(self, task: str) -> int:
-        return self.batch_size[task] if isinstance(self.batch_size, dict) else self.batch_size
+        return self.task_value("batch_size", task)
 
 
 def as_config(config: TrainConfig | dict) -> TrainConfig:
@@ -296,7 +329,7 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 def encoding_for(task: str, cfg: TrainConfig) -> str:
     # Single sentences encode the same either way; one cache entry serves both.
-    return cfg.pair_encoding if len(TASK_FILES[task].text_columns) == 2 else "cross"
+    return cfg.task_value("pair_encoding", task) if is_pair_task(task) else "cross"
 
 
 def cache_dir_for(cfg: TrainConfig) -> Path:
@@ -377,7 +410,7 @@ def bi_encoded_outputs(
     sentences = EncodedSplit([str(i) for i in range(len(position))], [[(list(a), list(b)) for a, b in position]], None)
     embeddings = torch.empty((len(position), model.bert.config.hidden_size), device=device)
     for batch in iterate_batches(sentences, batch_size, shuffle=False):
-        embeddings[batch.index.to(device)] = model.embed(batch.to(device).views[0]).float()
+        embeddings[batch.index.to(device)] = model.embed(batch.to(device).views[0], task=task).float()
     first, second = (
         torch.tensor([position[(tuple(ids), tuple(types))] for ids, types in view], device=device) for view in split.views
     )
@@ -670,7 +703,7 @@ class Trainer:
         if len(positives) < 2:  # a single pair has no in-batch negative
             return torch.zeros((), device=self.device)
         pairs = make_batch(self.para_bi_split, positives).to(self.device)
-        anchors, paraphrases = self.model.encode_views(pairs.views, [None, None])
+        anchors, paraphrases = self.model.encode_views("para", pairs.views, [None, None])
         return multiple_negatives_ranking_loss(anchors, paraphrases)
 
     def _train_step(self, tasks: list[str]) -> float:
@@ -821,16 +854,17 @@ def train(
 # -------------------------------------------------------------------------------------------- CLI
 
 
-def parse_batch_size(values: list[str]) -> int | dict[str, int]:
+def parse_per_task(name: str, values: list[str], kind: type = str) -> object:
+    """``--NAME VALUE`` (every task) or ``--NAME task=VALUE ...`` (per task) as a value or a table."""
     if len(values) == 1 and "=" not in values[0]:
-        return int(values[0])
-    sizes = {}
+        return kind(values[0])
+    table = {}
     for value in values:
-        task, sep, size = value.partition("=")
+        task, sep, item = value.partition("=")
         if not sep:
-            raise argparse.ArgumentTypeError(f"--batch-size: give one int or task=int pairs, not {values}")
-        sizes[task] = int(size)
-    return sizes
+            raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: give one value or task=value pairs, not {values}")
+        table[task] = kind(item)
+    return table
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -848,8 +882,9 @@ def build_parser() -> argparse.ArgumentParser:
         helptext = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {default})")
         if f.name == "tasks":
             parser.add_argument(flag, nargs="+", choices=TASKS, default=default, help=helptext)
-        elif f.name == "batch_size":
-            parser.add_argument(flag, nargs="+", default=[str(default)], metavar="N|TASK=N", help=helptext)
+        elif f.name in PER_TASK_FIELDS:
+            metavar = "N|TASK=N" if f.name == "batch_size" else "VALUE|TASK=VALUE"
+            parser.add_argument(flag, nargs="+", default=[str(default)], metavar=metavar, help=helptext)
         elif f.name == "model_config":
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
         elif f.name == "predict_test":
@@ -868,7 +903,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     try:
-        values["batch_size"] = parse_batch_size(values["batch_size"])
+        for name in PER_TASK_FIELDS:
+            values[name] = parse_per_task(name, values[name], int if name == "batch_size" else str)
         cfg = TrainConfig.from_dict(values)
     except (ValueError, argparse.ArgumentTypeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -24,15 +24,23 @@ A study file names the tasks, the objective, the search space, the budget and fi
     [search]                  # TrainConfig fields; floats/ints take low/high (log, step), any field takes choices
     lr = { low = 1e-5, high = 3e-4, log = true }
     pooling = { choices = ["mean", "cls"] }
+    pair_encoding.sts = { choices = ["bi", "cross"] }   # a per-task field (batch_size, pair_encoding,
+                                                        # pooling) searched for one task
+
+    [variants.encoder]        # one searched choice that sets several fields at once, for settings
+    bi_cosine = { pair_encoding = "bi", sts_head = "cosine" }   # that only go together
+    cross = { pair_encoding = "cross", sts_head = "regression", max_length = 128 }
 
     [fixed]                   # any other TrainConfig field
     steps_per_epoch = 40
 
     [[start_points]]          # optional: trials to run first, with these values (others sampled)
     lr = 5e-5
+    encoder = "bi_cosine"     # a variant by its choice's name
 
-Every problem (unknown key, wrong type, bad range, unknown task, surgery or other choice) raises
-StudyError naming the file and the key.
+Every problem (unknown key, wrong type, bad range, unknown task, surgery or other choice, a
+combination the trainer refuses such as a cosine STS head on a cross-encoder) raises StudyError
+naming the file and the key, before anything starts.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from typing import Any
 import optuna
 import tomllib
 
-from model.train import TASKS, TrainConfig
+from model.train import PER_TASK_FIELDS, TASKS, TrainConfig, applies_to
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -59,7 +67,7 @@ RUNNER_FIELDS = {
 # Fields that change how a run executes, not what it computes: fixed only, never searched.
 NOT_SEARCHABLE = {"threads", "device", "predict_test", "cache_dir", "model_path", "model_config"}
 
-TOP_KEYS = {"description", "tasks", "objective", "budget", "search", "fixed", "start_points"}
+TOP_KEYS = {"description", "tasks", "objective", "budget", "search", "variants", "fixed", "start_points"}
 OBJECTIVE_KEYS = {"metric", "direction"}
 PARAM_KEYS = {"low", "high", "log", "step", "choices"}
 
@@ -119,6 +127,7 @@ class Study:
     fixed: dict[str, Any] = field(default_factory=dict)
     start_points: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
+    variants: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # name -> choice -> settings
 
     @property
     def mode(self) -> str:
@@ -126,12 +135,28 @@ class Study:
         return "max" if self.direction == "maximize" else "min"
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
-        return {name: param.distribution() for name, param in self.space.items()}
+        variants = {name: optuna.distributions.CategoricalDistribution(list(v)) for name, v in self.variants.items()}
+        return {**{name: param.distribution() for name, param in self.space.items()}, **variants}
 
     def train_config(self, params: dict[str, Any], trial_number: int = 0) -> dict[str, Any]:
-        """The trainer's config for one trial: fixed settings, then the sampled params (and the
-        trial's own seed with budget.trial_seeds)."""
-        config = {**self.fixed, **params, "tasks": list(self.tasks), "epochs": self.budget.max_epochs}
+        """The trainer's config for one trial: fixed settings, then the sampled params (a variant's
+        settings for its chosen name; a per-task param "field.task" into that field's task table),
+        and the trial's own seed with budget.trial_seeds."""
+        config = {**self.fixed, "tasks": list(self.tasks), "epochs": self.budget.max_epochs}
+        per_task = {}
+        for name, value in params.items():
+            if name in self.variants:
+                config.update(self.variants[name][value])
+            elif "." in name:
+                per_task[name] = value
+            else:
+                config[name] = value
+        for name, value in per_task.items():
+            field_name, task = name.split(".", 1)
+            current = config.get(field_name, TRAIN_DEFAULTS[field_name])
+            if not isinstance(current, dict):
+                current = {t: current for t in self.tasks if applies_to(field_name, t)}
+            config[field_name] = {**current, task: value}
         if self.budget.trial_seeds:
             config["seed"] = self.budget.seed + trial_number
         return config
@@ -213,13 +238,14 @@ def parse_study(raw: dict[str, Any], path: Path) -> Study:
 
     budget = _parse_budget(_typed(raw["budget"], dict, where, "budget"), where)
     fixed = dict(_typed(raw.get("fixed", {}), dict, where, "fixed"))
-    space = _parse_space(_typed(raw["search"], dict, where, "search"), where)
-    _check_fields(fixed, space, tasks, where)
+    space = _parse_space(_typed(raw["search"], dict, where, "search"), tasks, where)
+    variants = _parse_variants(_typed(raw.get("variants", {}), dict, where, "variants"), space, fixed, where)
+    for name, table in (("fixed", fixed), *((f"variants.{v}", c) for v, choices in variants.items() for c in choices.values())):
+        _check_set_fields(table, space, name, where)
     if budget.trial_seeds and ("seed" in fixed or "seed" in space):
         place = "fixed" if "seed" in fixed else "search"
         raise StudyError(f"{where}: budget.trial_seeds: gives each trial its own seed; remove {place}.seed, or the option")
-    start_points = _parse_start_points(raw.get("start_points", []), space, where)
-    return Study(
+    study = Study(
         name=path.stem,
         path=path,
         tasks=list(tasks),
@@ -228,9 +254,12 @@ def parse_study(raw: dict[str, Any], path: Path) -> Study:
         budget=budget,
         space=space,
         fixed=fixed,
-        start_points=start_points,
         description=description,
+        variants=variants,
     )
+    _check_combinations(study, where)
+    study.start_points = _parse_start_points(raw.get("start_points", []), study, where)
+    return study
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -294,10 +323,15 @@ def _train_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
 def _param_kind(name: str, where: str) -> str:
-    """float/int/categorical from the field's default; fields without a plain default cannot be searched."""
+    """float/int/categorical from the field's default; fields without a plain default cannot be searched.
+    ``name`` is a field, or "field.task" for one task's value of a per-task field."""
     fields_ = _train_fields()
     key = f"search.{name}"
+    name = name.split(".", 1)[0]
     if name in RUNNER_FIELDS:
         raise StudyError(f"{where}: {key}: not searchable: {RUNNER_FIELDS[name]}")
     if name not in fields_:
@@ -310,10 +344,47 @@ def _param_kind(name: str, where: str) -> str:
     return "int" if isinstance(default, int) else "float"
 
 
-def _parse_space(table: dict, where: str) -> dict[str, Param]:
+def _parse_space(table: dict, tasks: list[str], where: str) -> dict[str, Param]:
     if not table:
         raise StudyError(f"{where}: search: empty; a study searches at least one TrainConfig field")
-    return {name: _parse_param(name, spec, where) for name, spec in table.items()}
+    space = {}
+    for name, spec in table.items():
+        if name in PER_TASK_FIELDS and isinstance(spec, dict) and spec and not set(spec) & PARAM_KEYS:
+            # pair_encoding.sts = {...}: TOML reads the dotted key as a table of tasks
+            for task, task_spec in spec.items():
+                if task not in tasks or not applies_to(name, task):
+                    usable = [t for t in tasks if applies_to(name, t)]
+                    raise StudyError(
+                        f"{where}: search.{name}.{task}: not a task this study trains that {name} applies to; use {usable}"
+                    )
+                space[f"{name}.{task}"] = _parse_param(f"{name}.{task}", task_spec, where)
+        else:
+            space[name] = _parse_param(name, spec, where)
+    return space
+
+
+def _parse_variants(table: dict, space: dict[str, Param], fixed: dict, where: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """[variants.NAME] tables: each choice sets several TrainConfig fields at once."""
+    variants: dict[str, dict[str, dict[str, Any]]] = {}
+    fields_ = _train_fields()
+    for name, choices in table.items():
+        key = f"variants.{name}"
+        if name in fields_ or name in space:
+            raise StudyError(f"{where}: {key}: the name of a variant must not be a TrainConfig field or a searched key")
+        choices = _typed(choices, dict, where, key)
+        if len(choices) < 2:
+            raise StudyError(f"{where}: {key}: give at least two choices, each a table of settings")
+        variants[name] = {}
+        for choice, settings in choices.items():
+            settings = _typed(settings, dict, where, f"{key}.{choice}")
+            for field_name in settings:
+                taken = "fixed" if field_name in fixed else "search" if field_name in space else None
+                others = (v for v, c in variants.items() if v != name and field_name in next(iter(c.values())))
+                taken = taken or next((f"variants.{v}" for v in others), None)
+                if taken:
+                    raise StudyError(f"{where}: {key}.{choice}.{field_name}: also set by [{taken}]; a field has one owner")
+            variants[name][choice] = dict(settings)
+    return variants
 
 
 def _parse_param(name: str, spec: Any, where: str) -> Param:
@@ -359,51 +430,85 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
     return Param(name, kind, low=low, high=high, log=log, step=step)
 
 
-def _check_fields(fixed: dict, space: dict[str, Param], tasks: list[str], where: str) -> None:
-    """Fixed settings and every end of every searched range must make a valid TrainConfig."""
+def _check_set_fields(table: dict, space: dict[str, Param], place: str, where: str) -> None:
+    """Fields set outright (under [fixed] or by a variant) exist, may be set, and are not also searched."""
     fields_ = _train_fields()
-    for name in fixed:
+    for name in table:
         if name in RUNNER_FIELDS:
-            raise StudyError(f"{where}: fixed.{name}: not allowed here: {RUNNER_FIELDS[name]}")
+            raise StudyError(f"{where}: {place}.{name}: not allowed here: {RUNNER_FIELDS[name]}")
         if name not in fields_:
-            raise StudyError(f"{where}: fixed.{name}: unknown TrainConfig field; known: {sorted(fields_)}")
-        if name in space:
-            raise StudyError(f"{where}: fixed.{name}: also under [search]; a field is either fixed or searched")
-    single_task = len(tasks) == 1
-    if single_task and fixed.get("surgery", "none") != "none":
-        raise StudyError(f"{where}: fixed.surgery: gradient surgery combines several tasks' gradients; {tasks} is one task")
-    if single_task and "surgery" in space:
-        raise StudyError(f"{where}: search.surgery: gradient surgery combines several tasks' gradients; {tasks} is one task")
-    # Searched fields take their first value in the base, so that a fixed setting that needs one of them is valid.
-    base = {**fixed, **{name: param.corner_values()[0] for name, param in space.items()}, "tasks": list(tasks)}
+            raise StudyError(f"{where}: {place}.{name}: unknown TrainConfig field; known: {sorted(fields_)}")
+        if name in space or any(key.startswith(f"{name}.") for key in space):
+            setter = "fixed" if place == "fixed" else "set by a variant"
+            raise StudyError(f"{where}: {place}.{name}: also under [search]; a field is either {setter} or searched")
+
+
+def _check_combinations(study: Study, where: str) -> None:
+    """The fixed settings, every variant's choices and every end of every searched range must make
+    valid trainer configs. Each variant choice and each searched value is tried against the first
+    value of everything else, and every variant choice against every searched value, so that a
+    combination the trainer would refuse (a cosine head on a cross-encoder, say) fails here."""
+    if len(study.tasks) == 1:
+        why = f"gradient surgery combines several tasks' gradients; {study.tasks} is one task"
+        tables = [("fixed", study.fixed), *((f"variants.{v}.{c}", s) for v, cs in study.variants.items() for c, s in cs.items())]
+        for place, table in tables:
+            if table.get("surgery", "none") != "none":
+                raise StudyError(f"{where}: {place}.surgery: {why}")
+        if "surgery" in study.space:
+            raise StudyError(f"{where}: search.surgery: {why}")
+    first = {name: param.corner_values()[0] for name, param in study.space.items()}
+    first.update({name: next(iter(choices)) for name, choices in study.variants.items()})
+
+    def check(point: dict[str, Any], key: str, value: Any) -> None:
+        try:
+            TrainConfig.from_dict(study.train_config(point))
+        except (ValueError, TypeError) as error:
+            raise StudyError(f"{where}: {key}: value {value!r} is not a valid setting: {error}") from None
+
     try:
-        TrainConfig.from_dict(base)
+        TrainConfig.from_dict(study.train_config(first))
     except (ValueError, TypeError) as error:
-        context = " (with the first value of each searched field)" if space else ""
+        context = " (with the first value of each searched field and variant)" if first else ""
         raise StudyError(f"{where}: fixed: {error}{context}") from None
-    for name, param in space.items():
+    for variant, choices in study.variants.items():
+        for choice in choices:
+            check({**first, variant: choice}, f"variants.{variant}.{choice}", choice)
+    for name, param in study.space.items():
         for value in param.corner_values():
-            try:
-                TrainConfig.from_dict({**base, name: value})
-            except (ValueError, TypeError) as error:
-                raise StudyError(f"{where}: search.{name}: value {value!r} is not a valid setting: {error}") from None
+            check({**first, name: value}, f"search.{name}", value)
+            for variant, choices in study.variants.items():
+                for choice in choices:
+                    where_key = f"variants.{variant}.{choice}"
+                    check({**first, name: value, variant: choice}, where_key, f"{choice} with {name}={value!r}")
 
 
-def _parse_start_points(points: Any, space: dict[str, Param], where: str) -> list[dict[str, Any]]:
+def _flatten_point(point: dict[str, Any]) -> dict[str, Any]:
+    """pair_encoding.sts = "bi" in a start point reads as {"pair_encoding": {"sts": "bi"}}: flatten it."""
+    flat = {}
+    for name, value in point.items():
+        if name in PER_TASK_FIELDS and isinstance(value, dict):
+            flat.update({f"{name}.{task}": v for task, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def _parse_start_points(points: Any, study: Study, where: str) -> list[dict[str, Any]]:
     points = _typed(points, list, where, "start_points")
+    space = study.distributions()
     parsed = []
     for i, point in enumerate(points):
         key = f"start_points[{i}]"
-        point = _typed(point, dict, where, key)
+        point = _flatten_point(_typed(point, dict, where, key))
         for name, value in point.items():
             if name not in space:
-                raise StudyError(f"{where}: {key}.{name}: not a searched field; searched: {sorted(space)}")
-            distribution = space[name].distribution()
+                raise StudyError(f"{where}: {key}.{name}: not a searched field or variant; searched: {sorted(space)}")
+            distribution = space[name]
             try:
                 inside = distribution._contains(distribution.to_internal_repr(value))
             except (ValueError, TypeError):
                 inside = False
-            if isinstance(value, bool) and space[name].kind != "categorical":
+            if isinstance(value, bool) and name in study.space and study.space[name].kind != "categorical":
                 inside = False
             if not inside:
                 raise StudyError(f"{where}: {key}.{name}: {value!r} lies outside search.{name}")

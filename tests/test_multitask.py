@@ -101,10 +101,25 @@ def test_cosine_head_needs_bi_encoding():
 def test_bi_encoding_in_one_batch_equals_encoding_each_sentence_alone():
     model = make_model(pair_encoding="bi").eval()
     first, second = view(3, 7, 1), view(3, 5, 2)
-    u, v = model.encode_views([first, second], [None, None])
+    u, v = model.encode_views("sts", [first, second], [None, None])
     torch.testing.assert_close(u, model.embed(first), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(v, model.embed(second), atol=1e-5, rtol=1e-5)
     assert combine_pair(u, v).shape == (3, 4 * TINY.hidden_size)
+
+
+def test_per_task_encoding_and_pooling_in_one_model():
+    model = make_model(pair_encoding={"para": "cross", "sts": "bi"}, pooling={"sst": "cls", "para": "cls", "sts": "mean"})
+    model.eval()
+    assert not model.heads["para"].bi and model.heads["sts"].bi
+    ids, mask, types = view(3, 7, 1)
+    hidden = model.bert(ids, mask, types)["last_hidden_state"]
+    torch.testing.assert_close(model.embed((ids, mask, types), task="sst"), hidden[:, 0])
+    assert model(task="para", views=[(ids, mask, types)]).shape == (3,)
+    assert model(task="sts", views=[view(3, 7, 1), view(3, 5, 2)]).shape == (3,)
+    with pytest.raises(ValueError, match="name the task"):
+        model.embed((ids, mask, types))
+    with pytest.raises(ValueError, match="pooling for sts"):
+        make_model(pooling={"sst": "cls", "para": "cls"})
 
 
 def test_mean_pooling_ignores_padding():

@@ -47,7 +47,7 @@ def write(tmp_path, text: str, name: str = "study.toml"):
     return path
 
 
-@pytest.mark.parametrize("name", ["sts", "sst", "para", "multitask"])
+@pytest.mark.parametrize("name", ["sts", "sts-diverse", "sst", "para", "multitask"])
 def test_shipped_studies_load(name):
     study = load_study_file(name)
     assert study.name == name and study.path == STUDIES_DIR / f"{name}.toml"
@@ -193,3 +193,59 @@ def test_fixed_setting_may_rely_on_a_searched_field(tmp_path):
     path = write(tmp_path, text.replace('choices = ["bi"]', 'choices = ["bi", "cross"]'), "bad.toml")
     with pytest.raises(StudyError, match=re.escape(f"{path}: search.pair_encoding: value 'cross' is not a valid setting")):
         load_study_file(path)
+
+
+
+VARIANTS = (
+    MULTI.replace('surgery = { choices = ["none", "pcgrad", "gradvac"] }', 'lr = { low = 1e-5, high = 1e-3, log = true }')
+    + """
+[variants.encoder]
+bi_cosine = { pair_encoding = { para = "bi", sts = "bi" }, sts_head = "cosine" }
+mixed = { pair_encoding = { para = "cross", sts = "bi" }, sts_head = "cosine", max_length = 96 }
+cross = { pair_encoding = "cross", sts_head = "regression" }
+
+[[start_points]]
+lr = 5e-5
+encoder = "mixed"
+"""
+)
+
+
+def test_variants_set_several_fields_at_once(tmp_path):
+    study = load_study_file(write(tmp_path, VARIANTS))
+    assert study.distributions()["encoder"].choices == ("bi_cosine", "mixed", "cross")
+    assert study.start_points == [{"lr": 5e-5, "encoder": "mixed"}]
+    config = study.train_config({"lr": 1e-4, "encoder": "mixed"})
+    assert config["pair_encoding"] == {"para": "cross", "sts": "bi"} and config["sts_head"] == "cosine"
+    assert config["max_length"] == 96 and config["lr"] == 1e-4
+    # A variant's field is neither fixed nor searched elsewhere: one owner per field.
+    path = write(tmp_path, VARIANTS + "\n[fixed]\nmax_length = 64\n", "owned.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{path}: variants.encoder.mixed.max_length: also set by [fixed]")):
+        load_study_file(path)
+    # A choice the trainer refuses fails before anything runs, naming the variant and choice.
+    path = write(tmp_path, VARIANTS.replace('sts_head = "regression"', 'sts_head = "cosine"'), "bad.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{path}: variants.encoder.cross: value 'cross' is not a valid setting")):
+        load_study_file(path)
+    path = write(tmp_path, VARIANTS.replace('encoder = "mixed"', 'encoder = "tri"'), "start.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{path}: start_points[0].encoder: 'tri' lies outside")):
+        load_study_file(path)
+
+
+PER_TASK = MULTI.replace(
+    'surgery = { choices = ["none", "pcgrad", "gradvac"] }',
+    'pair_encoding.sts = { choices = ["bi", "cross"] }\npooling.sst = { choices = ["mean", "cls"] }',
+)
+
+
+def test_a_per_task_field_is_searched_for_one_task(tmp_path):
+    study = load_study_file(write(tmp_path, PER_TASK + '\n[[start_points]]\npair_encoding.sts = "bi"\n'))
+    assert set(study.space) == {"pair_encoding.sts", "pooling.sst"}
+    assert study.start_points == [{"pair_encoding.sts": "bi"}]
+    config = study.train_config({"pair_encoding.sts": "bi", "pooling.sst": "cls"})
+    assert config["pair_encoding"] == {"para": "cross", "sts": "bi"}
+    assert config["pooling"] == {"sst": "cls", "para": "mean", "sts": "mean"}
+    # a task that the field does not apply to, or that the study does not train
+    for bad_key, old in (("pair_encoding.sst", "pair_encoding.sts"), ("pooling.cfimdb", "pooling.sst")):
+        path = write(tmp_path, PER_TASK.replace(old, bad_key), f"{bad_key}.toml")
+        with pytest.raises(StudyError, match=re.escape(f"{path}: search.{bad_key}: not a task this study trains")):
+            load_study_file(path)

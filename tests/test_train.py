@@ -17,6 +17,7 @@ from model.train import (
     evaluate_model,
     load_trained,
     main,
+    parse_per_task,
     train,
 )
 
@@ -161,12 +162,44 @@ def test_config_validation_names_the_bad_key():
         TrainConfig.from_dict({"lrr": 1e-3})
     with pytest.raises(ValueError, match="surgery"):
         TrainConfig(surgery="magic")
-    with pytest.raises(ValueError, match=r"batch_size: no size for task\(s\) \['sts'\]"):
+    with pytest.raises(ValueError, match=r"batch_size: no value for task\(s\) \['sts'\]"):
         TrainConfig(tasks=["sst", "sts"], batch_size={"sst": 8})
     with pytest.raises(ValueError, match="cosine"):
         TrainConfig(tasks=["sts"], sts_head="cosine", pair_encoding="cross")
     cfg = TrainConfig(tasks=["sts"], batch_size={"sts": 8})
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_per_task_settings_are_checked_and_looked_up_per_task():
+    pooling = {"sst": "cls", "para": "cls", "sts": "mean"}
+    encoding = {"para": "cross", "sts": "bi"}
+    cfg = TrainConfig(tasks=["sst", "para", "sts"], pair_encoding=encoding, pooling=pooling, sts_head="cosine")
+    assert cfg.task_value("pair_encoding", "para") == "cross" and cfg.task_value("pair_encoding", "sts") == "bi"
+    assert cfg.task_value("pooling", "sst") == "cls" and cfg.task_value("lr", "sst") == cfg.lr
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    # pair_encoding needs no entry for a single-sentence task; pooling needs one for every task
+    with pytest.raises(ValueError, match=r"pooling: no value for task\(s\) \['sst'\]"):
+        TrainConfig(tasks=["sst", "sts"], pooling={"sts": "mean"})
+    with pytest.raises(ValueError, match=r"pair_encoding: unknown task\(s\) \['qa'\]"):
+        TrainConfig(tasks=["sts"], pair_encoding={"sts": "bi", "qa": "bi"})
+    with pytest.raises(ValueError, match="pair_encoding must be one of"):
+        TrainConfig(tasks=["sts"], pair_encoding={"sts": "tri"})
+    with pytest.raises(ValueError, match="cosine.*sts"):
+        TrainConfig(tasks=["para", "sts"], pair_encoding={"para": "bi", "sts": "cross"}, sts_head="cosine")
+
+
+def test_per_task_encodings_train_and_reload(tmp_path):
+    """One model cross-encodes paraphrase and bi-encodes STS (cosine head), each pooled its own way."""
+    config = tiny_config(
+        tasks=["para", "sts"], pair_encoding={"para": "cross", "sts": "bi"}, pooling={"para": "cls", "sts": "mean"},
+        sts_head="cosine", predict_test=False,
+    )  # fmt: skip
+    summary = train(config, tmp_path)
+    model, cfg = load_trained(tmp_path)
+    assert model.pair_encoding == {"para": "cross", "sts": "bi"} and model.pooling == {"para": "cls", "sts": "mean"}
+    metrics, _ = evaluate_model(model, cfg, "dev")
+    assert metrics["sts"] == pytest.approx(summary["best"]["sts"], abs=1e-5)
+    assert metrics["para"] == pytest.approx(summary["best"]["para"], abs=1e-6)
 
 
 def test_cli_flags_map_to_config_fields(tmp_path, capsys):
@@ -176,6 +209,8 @@ def test_cli_flags_map_to_config_fields(tmp_path, capsys):
         assert "--" + name.replace("_", "-") in help_text
     args = parser.parse_args(["--output-dir", "x", "--tasks", "sst", "sts", "--batch-size", "sst=8", "sts=4"])
     assert args.tasks == ["sst", "sts"] and args.batch_size == ["sst=8", "sts=4"]
+    assert parse_per_task("pair_encoding", ["para=cross", "sts=bi"]) == {"para": "cross", "sts": "bi"}
+    assert parse_per_task("batch_size", ["16"], int) == 16
     out = tmp_path / "cli"
     argv = [
         "--output-dir",
@@ -197,8 +232,8 @@ def test_cli_flags_map_to_config_fields(tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads((out / "config.json").read_text())["train"]["batch_size"] == {"sts": 16}
     assert '"epoch": 3' in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        main(["--output-dir", str(out), "--tasks", "sts", "--pooling", "max"])
+    assert main(["--output-dir", str(out), "--tasks", "sts", "--pooling", "max"]) == 2
+    assert "pooling must be one of" in capsys.readouterr().err
     assert main(["--output-dir", str(out), "--tasks", "sts", "--sts-head", "cosine"]) == 2
     assert "needs pair_encoding 'bi'" in capsys.readouterr().err
 
