@@ -77,6 +77,9 @@ CHOICE_FIELDS = {
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO_ROOT / "cache" / "tokens"
 EVAL_BATCH_SIZE = 64
+# Bi-encoded STS with a cosine head and cross-encoded paraphrase are each the better choice on
+# all-MiniLM-L6-v2 (README, "Measured results"), so they are the defaults, in one model.
+DEFAULT_PAIR_ENCODING = {"para": "cross", "sts": "bi"}
 # Fields that take one value for every task or a {task: value} table; a table covers every trained
 # task the field applies to (pair_encoding: the pair tasks only).
 PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling")
@@ -128,11 +131,12 @@ class TrainConfig:
     seed: int = field(**_help("random seed (weights of the heads, dropout, batches, task sampling)", default=0))
     pair_encoding: str | dict[str, str] = field(
         **_help(
-            "para/sts: cross (one joint sequence) or bi (each sentence alone); one value, or per task as task=value",
-            default="cross",
+            "para/sts: cross (one joint sequence) or bi (each sentence alone); one value, or per task as task=value "
+            "(default: para=cross sts=bi, the better choice for each task on the embedded model)",
+            default_factory=lambda: dict(DEFAULT_PAIR_ENCODING),
         )
     )
-    sts_head: str = field(**_help("sts: regression (linear) or cosine (5 * cos(u, v); bi only)", default="regression"))
+    sts_head: str = field(**_help("sts: regression (linear) or cosine (5 * cos(u, v); bi only)", default="cosine"))
     sts_loss: str = field(**_help("sts: mse (on the 0-5 score) or cosent (ranking of the pairs within a batch)", default="mse"))
     sst_head: str = field(**_help("sentiment head: linear or hidden (one hidden layer)", default="linear"))
     pooling: str | dict[str, str] = field(
@@ -145,7 +149,7 @@ class TrainConfig:
     )
     gradvac_beta: float = field(**_help("GradVac: EMA rate of the target cosine similarity", default=0.01))
     max_grad_norm: float = field(**_help("clip the global gradient norm to this (0: no clipping)", default=1.0))
-    lr_schedule: str = field(**_help("constant, or linear (10%% warm-up then linear decay to 0)", default="constant"))
+    lr_schedule: str = field(**_help("constant, or linear (10%% warm-up then linear decay to 0)", default="linear"))
     model_path: str | None = field(**_help("Hugging Face BERT directory (default: the embedded all-MiniLM-L6-v2)", default=None))
     model_config: dict | None = field(
         **_help("JSON of BertConfig fields: a randomly initialised BERT of that size instead of loaded weights", default=None)
@@ -619,10 +623,9 @@ class Trainer:
             self._resume()
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        from model.optimizer import AdamW
+        from model.optimizer import AdamW, param_groups
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return AdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     # --- checkpoints
 
@@ -884,7 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", choices=TASKS, default=default, help=helptext)
         elif f.name in PER_TASK_FIELDS:
             metavar = "N|TASK=N" if f.name == "batch_size" else "VALUE|TASK=VALUE"
-            parser.add_argument(flag, nargs="+", default=[str(default)], metavar=metavar, help=helptext)
+            given = [f"{t}={v}" for t, v in default.items()] if isinstance(default, dict) else [str(default)]
+            parser.add_argument(flag, nargs="+", default=given, metavar=metavar, help=helptext)
         elif f.name == "model_config":
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
         elif f.name == "predict_test":

@@ -323,7 +323,7 @@ def _train_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+TRAIN_DEFAULTS = TrainConfig().to_dict()
 
 
 def _param_kind(name: str, where: str) -> str:
@@ -336,8 +336,10 @@ def _param_kind(name: str, where: str) -> str:
         raise StudyError(f"{where}: {key}: not searchable: {RUNNER_FIELDS[name]}")
     if name not in fields_:
         raise StudyError(f"{where}: {key}: unknown TrainConfig field; known: {sorted(fields_)}")
-    default = fields_[name].default
-    if name in NOT_SEARCHABLE or isinstance(default, type(dataclasses.MISSING)) or default is None:
+    default = TRAIN_DEFAULTS[name]
+    if isinstance(default, dict):  # a per-task field's default table: its values' kind
+        default = next(iter(default.values()))
+    if name in NOT_SEARCHABLE or default is None or isinstance(default, list):
         raise StudyError(f"{where}: {key}: this field cannot be searched; set it under [fixed]")
     if isinstance(default, bool) or isinstance(default, str):
         return "categorical"

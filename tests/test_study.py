@@ -47,7 +47,7 @@ def write(tmp_path, text: str, name: str = "study.toml"):
     return path
 
 
-@pytest.mark.parametrize("name", ["sts", "sts-diverse", "sst", "para", "multitask"])
+@pytest.mark.parametrize("name", ["sts", "sts-diverse", "sst", "para", "multitask", "multitask-gpu"])
 def test_shipped_studies_load(name):
     study = load_study_file(name)
     assert study.name == name and study.path == STUDIES_DIR / f"{name}.toml"
@@ -234,7 +234,7 @@ def test_variants_set_several_fields_at_once(tmp_path):
 PER_TASK = MULTI.replace(
     'surgery = { choices = ["none", "pcgrad", "gradvac"] }',
     'pair_encoding.sts = { choices = ["bi", "cross"] }\npooling.sst = { choices = ["mean", "cls"] }',
-)
+) + '\n[fixed]\nsts_head = "regression"\n'
 
 
 def test_a_per_task_field_is_searched_for_one_task(tmp_path):

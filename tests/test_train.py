@@ -13,6 +13,7 @@ from model.metrics import overall_score, task_metric, write_predictions
 from model.train import (
     NonFiniteLossError,
     TrainConfig,
+    Trainer,
     build_parser,
     evaluate_model,
     load_trained,
@@ -234,7 +235,7 @@ def test_cli_flags_map_to_config_fields(tmp_path, capsys):
     assert '"epoch": 3' in capsys.readouterr().out
     assert main(["--output-dir", str(out), "--tasks", "sts", "--pooling", "max"]) == 2
     assert "pooling must be one of" in capsys.readouterr().err
-    assert main(["--output-dir", str(out), "--tasks", "sts", "--sts-head", "cosine"]) == 2
+    assert main(["--output-dir", str(out), "--tasks", "sts", "--pair-encoding", "cross", "--sts-head", "cosine"]) == 2
     assert "needs pair_encoding 'bi'" in capsys.readouterr().err
 
 
@@ -265,3 +266,12 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_save(target, half_write)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_the_trainer_decays_weights_but_not_biases_or_layer_norms(tmp_path):
+    trainer = Trainer(TrainConfig.from_dict(tiny_config(tasks=["sts"], weight_decay=0.05)), tmp_path, None, fresh=True)
+    decayed, not_decayed = trainer.optimizer.param_groups
+    assert (decayed["weight_decay"], not_decayed["weight_decay"]) == (0.05, 0.0)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in not_decayed["params"])
+    assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)] for p in decayed["params"])
