@@ -10,12 +10,11 @@ file and renamed, so an interrupted fetch never leaves a half-written file behin
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import tempfile
 import urllib.request
 from pathlib import Path
 
+from data.atomic import atomic_write
 from data.files import SPLITS, TASK_FILES, resolve_data_dir
 
 STARTER_REPO = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/main/data"
@@ -26,14 +25,13 @@ def data_file_names() -> list[str]:
 
 
 def place(dest: Path, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
+    """``write(binary_file)`` fills ``dest/name``, atomically."""
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as out:
             write(out)
-        os.replace(tmp, dest / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest / name, fill)
 
 
 def fetch(dest: Path, source: Path | None = None, download: bool = False) -> list[str]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import BertWordPieceTokenizer
 
+from data.atomic import atomic_write
 from data.files import Example
 
 
@@ -92,9 +91,10 @@ def cached_encode(
         except Exception:  # a corrupt cache entry is rebuilt below
             pass
     encoded = tokenizer.encode_examples(examples, pair_encoding)
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_file.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fp:
-        pickle.dump(encoded, fp, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, cache_file)
+
+    def dump(tmp: str) -> None:
+        with open(tmp, "wb") as fp:
+            pickle.dump(encoded, fp, protocol=pickle.HIGHEST_PROTOCOL)
+
+    atomic_write(cache_file, dump)
     return encoded

@@ -30,24 +30,16 @@ from tqdm import tqdm
 from data.batching import iterate_batches
 from data.files import DataError
 from data.tokenize import EncodedSplit
+from model.build import build_model
+from model.config import LR_SCHEDULES, POOLINGS, PRECISIONS, TrainConfig
+from model.evaluation import EVAL_BATCH_SIZE, predict_values
 from model.metrics import task_metric, write_predictions
-from model.multitask import POOLINGS, MultitaskBert, output_values, task_loss
+from model.multitask import MultitaskBert, output_values, task_loss
 from model.optimizer import AdamW, param_groups
-from model.train import (
-    EVAL_BATCH_SIZE,
-    LR_SCHEDULES,
-    PRECISIONS,
-    NonFiniteLossError,
-    TrainConfig,
-    autocast,
-    build_model,
-    load_split,
-    predict_values,
-    progress_bar,
-    resolve_device,
-    set_learning_rate,
-    use_bf16,
-)
+from model.runtime import autocast, resolve_device, use_bf16
+from model.schedules import set_learning_rate
+from model.splits import load_split
+from model.train import NonFiniteLossError, progress_bar
 
 TASKS = ("sst", "cfimdb")
 MODES = ("pretrain", "finetune")

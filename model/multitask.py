@@ -17,14 +17,10 @@ from torch import nn
 
 from data.files import TASK_FILES
 from model.bert import BertModel
+from model.config import PAIR_ENCODINGS, POOLINGS, SST_HEADS, STS_HEADS, STS_LOSSES
 
 PAIR_TASKS = ("para", "sts")
 SENTENCE_TASKS = ("sst", "cfimdb")
-POOLINGS = ("mean", "cls", "pooler")
-PAIR_ENCODINGS = ("cross", "bi")
-SST_HEADS = ("linear", "hidden")
-STS_HEADS = ("regression", "cosine")
-STS_LOSSES = ("mse", "cosent")
 
 View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
 

@@ -54,7 +54,7 @@ from typing import Any
 import optuna
 import tomllib
 
-from model.train import PER_TASK_FIELDS, TASKS, TrainConfig, applies_to
+from model.config import PER_TASK_FIELDS, TASKS, TrainConfig, applies_to
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 

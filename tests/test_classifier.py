@@ -12,7 +12,7 @@ from tiny_model import DATA_DIR, TINY_BERT, needs_data
 
 from data.files import load_examples
 from model.classifier import ClassifierRun, build_parser, main, train_config
-from model.train import predict_values
+from model.evaluation import predict_values
 
 pytestmark = needs_data
 

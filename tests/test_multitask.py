@@ -12,9 +12,11 @@ import torch
 from tiny_model import needs_data, tiny_config
 
 from model.bert import BertConfig, BertModel
+from model.config import TrainConfig
 from model.multitask import MultitaskBert, combine_pair, cosent_loss, multiple_negatives_ranking_loss, task_loss
+from model.schedules import default_steps_per_epoch, step_tasks, task_probabilities
 from model.smart import divergence, smart_loss
-from model.train import TrainConfig, default_steps_per_epoch, step_tasks, task_probabilities, train
+from model.train import train
 
 TINY = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
 LABELS = {"sst": torch.tensor([0, 4, 2]), "para": torch.tensor([1, 0, 1]), "sts": torch.tensor([0.5, 4.0, 2.5])}
@@ -218,8 +220,8 @@ def test_single_task_training_reports_only_that_task(tmp_path):
 @pytest.mark.parametrize("task", ["para", "sts"])
 def test_bi_encoded_evaluation_encodes_each_sentence_once_with_the_same_outputs(task):
     from data.tokenize import EncodedSplit
+    from model.evaluation import predict_values
     from model.multitask import output_values
-    from model.train import predict_values
 
     model = make_model(pair_encoding="bi").eval()
     g = torch.Generator().manual_seed(3)

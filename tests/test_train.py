@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 from tiny_model import needs_data, tiny_config
 
+from data.atomic import atomic_write
+from model.build import load_trained
+from model.config import TrainConfig
+from model.evaluation import evaluate_model
 from model.metrics import overall_score, task_metric, write_predictions
-from model.train import (
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    build_parser,
-    evaluate_model,
-    load_trained,
-    main,
-    parse_per_task,
-    train,
-)
+from model.train import NonFiniteLossError, Trainer, build_parser, main, parse_per_task, train
 
 pytestmark = needs_data
 
@@ -252,9 +246,7 @@ def test_metrics_helpers(tmp_path):
         write_predictions(tmp_path / "q.csv", "sts", ["a", "b"], np.array([1.0]))
 
 
-def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
-    from model.train import atomic_save
-
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "last.pt"
     target.write_bytes(b"old")
 
@@ -264,7 +256,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        atomic_save(target, half_write)
+        atomic_write(target, half_write)
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
