@@ -1,254 +1,204 @@
-"""``python -m ensemble.build --study sts``: turn a finished study's best trials into one predictor.
+"""``python -m ensemble.build --study A [--study B ...]``: the final predictor, chosen per task from every
+usable trial of the given studies (one Optuna storage).
 
-Methods:
-  logits        the mean of the members' saved dev/test outputs (probabilities, P(duplicate), STS
-                values); no model run, except on test for members that saved no test outputs.
-                ``--fit-weights`` fits member weights on dev, kept only when they beat uniform
-                weights in k-fold cross-validation within dev.
-  uniform-soup  one model whose weights are the mean of the members' checkpoints.
-  greedy-soup   Wortsman et al. 2022: members sorted by dev score, each added to the soup only if
-                the soup's dev objective does not drop.
-Soups mix only checkpoints that match the best member (architecture, heads, initial weights);
-the others are refused with the reason. Soups are run on dev (and test, for the predictions).
+Members: every trial with saved dev outputs, early-stopped (PRUNED) ones included unless
+``--exclude-early-stopped``; never FAIL trials. A member is named ``<study>/trial <n>``. One with
+non-finite weights or outputs is skipped with a warning; a corrupt file stops the build (ensemble.members).
 
-Outputs, under ``<results-dir>/<study>/ensemble/<method>/`` (or ``<output-dir>/<method>/``):
-  summary.md, summary.json   dev metrics of each member, the best single trial and the ensemble(s)
-  predictor/                 the final predictor: a soup's config.json + model.safetensors (a trainer
-                             output dir), or a logit ensemble's manifest.json; ``python -m ensemble.predict``
-                             runs either
-  predictions/<task>-<split>-out.csv   leaderboard CSVs for dev and test
-  objective_vs_size.png, sts_dev_scatter.png (STS studies)
-With ``--method all`` each method gets its folder and the parent folder gets a combined summary and plot.
+Selection is per task (sst, para, sts, cfimdb): the pool of a task is the members whose config trains
+it, and the criterion is the task's own dev metric (accuracy, or Pearson r for sts). Methods
+(``--method``, several allowed; default ``all`` = caruana top-k uniform-soup greedy-soup):
+  caruana       Caruana et al. 2004 ensemble selection with replacement (the default logit method):
+                sorted initialisation with the best ``--caruana-init`` members, ``--caruana-rounds``
+                greedy additions, the best prefix kept; weights = selection counts / ensemble size.
+  top-k         the mean of the ``--top-k`` best members' saved outputs (``logits`` is an alias).
+  fitted        (also added by ``--fit-weights``) the top-k members with weights fitted on dev, kept
+                only when they beat uniform weights in ``--folds``-fold cross-validation within dev.
+  uniform-soup  one model: the mean of the weights of the members that can be averaged with the task's
+                best member (same architecture, heads and initial weights; ensemble.soup).
+  greedy-soup   Wortsman et al. 2022: those members by dev score, each kept only if the soup's dev
+                score strictly improves.
+Logit methods need no model run, except on test for members that saved no test outputs (their
+checkpoint is run). Soups are run on dev once per member set and cached (``--no-cache`` to turn off).
+
+Honest estimates (ensemble.estimate): every dev-selected predictor (the best single trial and each
+method) is reported with its in-sample dev score and an out-of-selection estimate: the same procedure
+run on half A of ``--splits`` seeded random halves of dev, scored on half B (mean ± sd). The baseline,
+the usual recipe (``--baseline STUDY/N``; default trial 0 of the first study), needs no correction;
+each row shows its paired gain over the baseline on the same halves. Each row also gives its inference
+cost: encoder passes per example (1 per single-sentence or cross-encoded member, 2 per bi-encoded pair
+member, summed over the distinct members of a logit ensemble; a soup costs one model's).
+
+Outputs, under ``--output-dir`` (default ``<results-dir>/<study>[+<study>...]/ensemble/``):
+  summary.md, summary.json        per task: baseline, best single, each method, each member
+  <task>_dev_vs_size.png          dev score against ensemble size (top-n, Caruana, greedy soup)
+  <method>/predictor/manifest.json   per task: method, members, weights (and soup-<n>/ model folders);
+                                  ``python -m ensemble.predict`` runs it
+  <method>/predictions/<task>-<split>-out.csv   leaderboard CSVs for dev and test
+  <method>/summary.md, summary.json, sts_dev_scatter.png
+Everything is computed before anything is written, and each file is written atomically.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from data.files import DATA_DIR_ENV
-from ensemble.logits import Outputs, align_outputs, average_outputs, fit_weights, score_outputs
-from ensemble.members import EnsembleError, Member, Selection, select_members
-from ensemble.report import Curve, Row, plot_objective_vs_size, plot_sts_scatter, write_summary
-from ensemble.soup import GreedyStep, SoupEvaluator, SoupResult, compatible_members, greedy_soup, write_soup_predictor
-from model.metrics import atomic_write_text, task_metric, write_predictions
+from ensemble.caruana import DEFAULT_INIT_SIZE, DEFAULT_ROUNDS
+from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, out_of_selection
+from ensemble.members import EnsembleError, Member, Pool, TaskOutputs, load_pool, parse_member_ref
+from ensemble.output import TaskResult, write_build
+from ensemble.selection import METHODS, Choice, Selector, Settings
+from ensemble.soup import SoupEvaluator
+from ensemble.taskpool import TaskPool, align_to, task_pools
 from search.storage import DEFAULT_STORAGE_URL
 
-METHODS = ("logits", "uniform-soup", "greedy-soup")
+DEFAULT_METHODS = ("caruana", "top-k", "uniform-soup", "greedy-soup")
 # The search's results folder (search.tune's defaults; not imported from there because that pulls in Ray).
 RESULTS_DIR_ENV = "MINBERT_RESULTS"
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 
-@dataclass
-class MethodResult:
-    method: str
-    rows: list[Row]  # the ensemble rows of the table
-    curves: dict[str, Curve]
-    dev_outputs: Outputs
-    test_outputs: Outputs
-    write_predictor: Callable[[Path], None]
-    details: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
+    asked = [m.replace("logits", "top-k") for m in args.method]
+    methods = list(DEFAULT_METHODS) if "all" in asked else asked
+    if args.fit_weights:
+        methods.append("fitted")
+    return tuple(m for m in METHODS if m in methods)
 
 
-def member_row(member: Member, tasks: Sequence[str], metric: str, kind: str = "member") -> Row:
-    metrics, objective = score_outputs(member.outputs["dev"], tasks, metric)
-    label = f"{member.name} (rank {member.rank})" if kind == "member" else f"best single: {member.name}"
-    note = "early-stopped" if member.early_stopped else ""
-    return Row(label, kind, [member.trial_number], metrics, objective, note=note, extra={"study_value": member.value})
+def baseline_member(pool: Pool, ref: str | None) -> tuple[Member | None, str]:
+    """The usual recipe: ``ref`` (STUDY/N), else trial 0 of the first study; and a note."""
+    study, trial = parse_member_ref(ref) if ref else (pool.studies[0], 0)
+    member = pool.find(study, trial)
+    if member is None:
+        message = f"baseline {study}/trial {trial} is not a usable member of {pool.studies}"
+        if ref:
+            raise EnsembleError(message + " (--baseline)")
+        return None, f"no baseline: {message}; pass --baseline STUDY/N"
+    return member, f"baseline (the usual recipe, not selected): {member.name}"
 
 
-def ensemble_row(name: str, members: Sequence[Member], metrics: dict, objective: float, weights=None, note: str = "") -> Row:
-    return Row(name, "ensemble", [m.trial_number for m in members], metrics, objective, weights=weights, note=note)
+def run_task(
+    pool: TaskPool, methods: tuple[str, ...], selector: Selector, baseline: Member | None, args: argparse.Namespace
+) -> TaskResult:
+    """Every procedure on all of dev (the predictors) and on the halves (their estimates)."""
+    full = np.arange(len(pool.labels))
+    procedures = selector.procedures(methods)
+    choices: dict[str, Choice] = {}
+    refused: dict[str, str] = {}
+    for name, procedure in procedures.items():
+        choice = procedure(full)
+        if choice.kind == "soup" and len(selector.soup_pool(full)[0]) < 2:
+            reasons = "; ".join(choice.details["refused"]) or "it is the only member"
+            refused[name] = f"no member can be averaged with {pool.members[choice.members[0]].name}: {reasons}"
+            continue
+        choices[name] = choice
+    index = None if baseline is None or baseline not in pool.members else pool.index(baseline)
+    kept = {name: procedures[name] for name in choices}
+    estimates = out_of_selection(pool, kept, None if index is None else selector.fixed(index), splits=args.splits, seed=args.seed)
+    return TaskResult(pool, choices, refused, estimates, index)
 
 
-def names_of(members: Sequence[Member]) -> list[str]:
-    return [m.name for m in members]
+def member_test_outputs(member: Member, task: str, evaluate: SoupEvaluator, notes: list[str]) -> TaskOutputs:
+    if not member.has_split("test", task):  # e.g. an early-stopped trial: its test outputs were never written
+        missing = [t for t in member.tasks if not member.has_split("test", t)]
+        notes.append(f"{member.name} saved no test outputs for {', '.join(missing)}: ran its checkpoint on test")
+        member.outputs["test"].update({t: out for t, out in evaluate([member], "test").items() if t in missing})
+    return member.outputs["test"][task]
 
 
-# ------------------------------------------------------------------------------------------ logits
+def choice_test_outputs(result: TaskResult, choice: Choice, evaluate: SoupEvaluator, notes: list[str]) -> TaskOutputs:
+    """The chosen predictor run on test: a soup's model, or its members' test outputs averaged."""
+    pool, task = result.pool, result.pool.task
+    members = [pool.members[i] for i in choice.members]
+    if choice.kind == "soup":
+        out = evaluate(members, "test")[task]
+    else:
+        first = member_test_outputs(members[0], task, evaluate, notes)
+        where = [f"{m.name} ({m.outputs_file(task, 'test')})" for m in members]
+        outs = [
+            align_to(first, member_test_outputs(m, task, evaluate, notes), w, where[0])
+            for m, w in zip(members, where, strict=True)
+        ]
+        stacked = np.stack([np.asarray(o["values"], dtype=np.float64) for o in outs])
+        values = np.tensordot(np.asarray(choice.weights), stacked, axes=1)
+        out = {"ids": first["ids"], "values": values, "labels": None}
+    if not np.isfinite(out["values"]).all():
+        raise EnsembleError(f"{task} {choice.method}: test outputs contain NaN or inf")
+    return out
 
 
-def build_logits(selection: Selection, fit: bool, folds: int, evaluate: SoupEvaluator) -> MethodResult:
-    members, tasks, metric = selection.members, selection.tasks, selection.metric
-    dev = align_outputs(names_of(members), [m.outputs["dev"] for m in members], "dev")
-    curve = [(n, score_outputs(average_outputs(dev[:n]), tasks, metric)[1]) for n in range(1, len(dev) + 1)]
-    metrics, objective = score_outputs(average_outputs(dev), tasks, metric)
-    uniform = [1.0 / len(members)] * len(members)
-    rows = [ensemble_row(f"logits, uniform ({len(members)})", members, metrics, objective, uniform)]
-    weights, details, notes, final = uniform, {}, [], rows[0]
-    if fit:
-        weight_fit = fit_weights(dev, tasks, metric, selection.direction, folds=folds)
-        details["weight_fit"] = weight_fit.to_dict()
-        notes.append(f"--fit-weights: {weight_fit.reason}")
-        if weight_fit.folds:
-            fitted_metrics, fitted_objective = score_outputs(average_outputs(dev, weight_fit.fitted_weights), tasks, metric)
-            note = f"in-sample (fitted on dev); {weight_fit.folds}-fold CV {metric} {weight_fit.cv_dev:.4f}"
-            rows.append(
-                ensemble_row(
-                    f"logits, fitted weights ({len(members)})",
-                    members,
-                    fitted_metrics,
-                    fitted_objective,
-                    weight_fit.fitted_weights,
-                    note,
-                )
-            )
-        weights = weight_fit.weights
-        final = rows[-1] if weight_fit.kept else final
-    final.note = "; ".join(filter(None, [final.note, "final predictor"]))
-    final_dev = average_outputs(dev, weights)
-    for member in members:
-        if not member.has_split("test"):  # e.g. an early-stopped trial: its test outputs were never written
-            notes.append(f"{member.name} saved no test outputs: ran its checkpoint on test")
-            member.outputs["test"] = evaluate([member], split="test").outputs
-    test = average_outputs(align_outputs(names_of(members), [m.outputs["test"] for m in members], "test"), weights)
-
-    def write_predictor(directory: Path) -> None:
-        manifest = {
-            "method": "logits",
-            "study": selection.study_name,
-            "metric": selection.metric,
-            "tasks": tasks,
-            "members": [
-                {"trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": float(w)}
-                for m, w in zip(members, weights, strict=True)
-            ],
-            **details,
-        }
-        atomic_write_text(directory / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-
-    return MethodResult("logits", rows, {"logits (uniform, top-n)": curve}, final_dev, test, write_predictor, details, notes)
-
-
-# ------------------------------------------------------------------------------------------- soups
-
-
-def soup_members(selection: Selection) -> tuple[list[Member], list[str]]:
-    """The members that can be averaged with the best one; the others' refusals become notes."""
-    compatible, refusals = compatible_members(selection.members)
-    if len(compatible) < 2 <= len(selection.members):
-        raise EnsembleError("no soup: no member can be averaged with the best one:\n  " + "\n  ".join(refusals))
-    return compatible, refusals
-
-
-def soup_result(
-    method: str, soup: SoupResult, evaluate: SoupEvaluator, rows: list[Row], curves: dict, details: dict
-) -> MethodResult:
-    """The soup's dev results plus its run on test, and how to write it as the final predictor."""
-    rows[-1].note = "; ".join(filter(None, [rows[-1].note, "final predictor"]))
-    test = evaluate(soup.members, split="test").outputs
-    return MethodResult(
-        method,
-        rows,
-        curves,
-        soup.outputs,
-        test,
-        lambda directory: write_soup_predictor(directory, soup.members, None, method),
-        details,
-        [f"refused: {refusal}" for refusal in details["refused"]],
-    )
-
-
-def build_uniform_soup(selection: Selection, evaluate: SoupEvaluator) -> MethodResult:
-    members, refusals = soup_members(selection)
-    curve = [(n, evaluate(members[:n]).objective) for n in range(1, len(members))]
-    soup = evaluate(members)
-    curve.append((len(members), soup.objective))
-    row = ensemble_row(f"uniform soup ({len(members)})", members, soup.metrics, soup.objective)
-    return soup_result("uniform-soup", soup, evaluate, [row], {"uniform soup (top-n)": curve}, {"refused": refusals})
-
-
-def build_greedy_soup(selection: Selection, evaluate: SoupEvaluator) -> MethodResult:
-    members, refusals = soup_members(selection)
-    sign = -1.0 if selection.direction == "maximize" else 1.0
-    # Wortsman et al. order the ingredients by their own held-out (here: dev) score.
-    ranked = sorted(members, key=lambda m: (sign * score_outputs(m.outputs["dev"], selection.tasks, selection.metric)[1], m.rank))
-    soup, steps = greedy_soup(ranked, evaluate, selection.direction)
-    kept = [s.member for s in steps if s.kept]
-    row = ensemble_row(
-        f"greedy soup ({len(soup.members)} of {len(members)})",
-        soup.members,
-        soup.metrics,
-        soup.objective,
-        note=f"kept {', '.join(kept)}",
-    )
-    curves = {
-        "greedy soup: candidate": [(i + 1, s.objective) for i, s in enumerate(steps)],
-        "greedy soup: kept": [(i + 1, value) for i, value in enumerate(running_best(steps))],
-    }
-    details = {"refused": refusals, "steps": [s.__dict__ for s in steps], "order": names_of(ranked)}
-    return soup_result("greedy-soup", soup, evaluate, [row], curves, details)
-
-
-def running_best(steps: Sequence[GreedyStep]) -> list[float]:
-    """The soup's objective after each greedy step (it changes only when a member is kept)."""
-    values, current = [], None
-    for step in steps:
-        if step.kept:
-            current = step.objective
-        values.append(current)
-    return values
-
-
-# ------------------------------------------------------------------------------------------ output
-
-
-def write_method_outputs(directory: Path, selection: Selection, base_rows: list[Row], result: MethodResult) -> str:
-    """Table, predictor, prediction CSVs and plots of one method; returns the markdown table."""
-    directory.mkdir(parents=True, exist_ok=True)
-    result.write_predictor(directory / "predictor")
-    for split, outputs in (("dev", result.dev_outputs), ("test", result.test_outputs)):
-        for task, out in outputs.items():
-            write_predictions(directory / "predictions" / f"{task}-{split}-out.csv", task, out["ids"], out["values"])
-    best_single = base_rows[-1].objective
-    title = f"{selection.study_name}: {result.method}"
-    plot_objective_vs_size(directory / "objective_vs_size.png", result.curves, selection.metric, best_single, title)
-    if "sts" in result.dev_outputs:
-        sts = result.dev_outputs["sts"]
-        r = task_metric("sts", sts["values"], sts["labels"])
-        plot_sts_scatter(
-            directory / "sts_dev_scatter.png", sts["values"], sts["labels"], f"{title}: STS dev, Pearson r = {r:.3f}"
-        )
-    header = summary_header(selection, {result.method: result})
-    return write_summary(
-        directory,
-        f"Ensemble of study {selection.study_name!r}: {result.method}",
-        header,
-        base_rows + result.rows,
-        selection.tasks,
-        selection.metric,
-    )
-
-
-def summary_header(selection: Selection, results: dict[str, MethodResult], refused: dict[str, str] | None = None) -> dict:
+def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], notes: list[str], refused: dict) -> dict:
+    """What summary.json says besides the rows: where the members come from and how they were chosen."""
     return {
-        "study": selection.study_name,
-        "metric": selection.metric,
-        "direction": selection.direction,
-        "tasks": selection.tasks,
+        "studies": pool.studies,
+        "methods": list(methods),
+        "settings": {
+            "top_k": args.top_k,
+            "caruana_init": args.caruana_init,
+            "caruana_rounds": args.caruana_rounds,
+            "folds": args.folds,
+            "splits": args.splits,
+            "seed": args.seed,
+            "include_early_stopped": not args.exclude_early_stopped,
+        },
         "members": [
             {
+                "name": m.name,
+                "study": m.study,
                 "trial": m.trial_number,
-                "rank": m.rank,
-                "value": m.value,
+                "tasks": m.tasks,
+                "study_value": m.value,
                 "artifact_dir": str(m.artifact_dir),
                 "early_stopped": m.early_stopped,
                 "params": m.params,
             }
-            for m in selection.members
+            for m in pool.members
         ],
-        "skipped": selection.skipped,
-        "notes": selection.notes + [n for r in results.values() for n in r.notes],
-        "methods": {name: r.details for name, r in results.items()},
-        "refused_methods": refused or {},
+        "skipped": pool.skipped,
+        "notes": pool.notes + notes,
+        "refused": refused,
     }
+
+
+def build(args: argparse.Namespace) -> dict[str, TaskResult]:
+    """Choose every task's predictors and estimate them; then (only then) write everything."""
+    methods = chosen_methods(args)
+    for name in ("top_k", "caruana_init", "splits"):
+        if getattr(args, name) < 1:
+            raise EnsembleError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    pool = load_pool(args.study, args.storage, include_early_stopped=not args.exclude_early_stopped)
+    baseline, note = baseline_member(pool, args.baseline)
+    notes = [note]
+    results_dir = Path(args.results_dir or os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR)
+    root = args.output_dir or results_dir / "+".join(pool.studies) / "ensemble"
+    # Where the members were trained is the best guess when neither --data-dir nor $MINBERT_DATA says.
+    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or pool.members[0].config["train"].get("data_dir")
+    evaluate = SoupEvaluator(data_dir, args.device, None if args.no_cache else root / ".cache")
+    settings = Settings(args.top_k, args.caruana_init, args.caruana_rounds, args.folds)
+    results: dict[str, TaskResult] = {}
+    for task, task_pool in task_pools(pool).items():
+        print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)
+        results[task] = run_task(task_pool, methods, Selector(task_pool, evaluate, settings), baseline, args)
+        for method, choice in results[task].choices.items():
+            if method in methods:
+                results[task].test[method] = choice_test_outputs(results[task], choice, evaluate, notes)
+    refused = {task: r.refused for task, r in results.items() if r.refused}
+    unbuilt = [m for m in methods if not any(m in r.choices for r in results.values())]
+    if len(unbuilt) == len(methods):  # nothing to write: an error, not an empty folder
+        reasons = [f"{task} {m}: {why}" for task, r in refused.items() for m, why in r.items()]
+        raise EnsembleError("no method could be built for any task:\n  " + "\n  ".join(reasons))
+    notes += [f"{m}: not built for any task" for m in unbuilt]
+    header = header_of(pool, args, methods, list(dict.fromkeys(notes)), refused)
+    print(write_build(root, methods, results, header))
+    print(f"wrote {root} (final predictors in {root}/<method>/predictor)", file=sys.stderr)
+    return results
 
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -258,87 +208,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ensemble.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--study", required=True, help="Optuna study name (the studies/<name> file of the search)")
-    parser.add_argument("--top-k", type=int, default=5, help="number of best usable trials to combine (default 5)")
-    parser.add_argument("--method", choices=[*METHODS, "all"], default="all", help="what to build (default all)")
+    parser.add_argument("--study", action="append", required=True, help="Optuna study name; repeat for several studies")
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        choices=[*METHODS, "logits", "all"],
+        default=["all"],
+        help=f"what to build (default all = {' '.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument("--top-k", type=int, default=5, help="top-k and fitted: members per task (default 5)")
+    parser.add_argument(
+        "--caruana-init",
+        type=int,
+        default=DEFAULT_INIT_SIZE,
+        help=f"Caruana: sorted initialisation size (default {DEFAULT_INIT_SIZE})",
+    )
+    parser.add_argument(
+        "--caruana-rounds", type=int, default=DEFAULT_ROUNDS, help=f"Caruana: greedy additions (default {DEFAULT_ROUNDS})"
+    )
+    parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")
+    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fitted weights (default 5)")
+    parser.add_argument("--exclude-early-stopped", action="store_true", help="leave out trials that ASHA stopped early")
+    parser.add_argument("--baseline", help="the usual recipe, STUDY/N (default: trial 0 of the first study)")
+    parser.add_argument(
+        "--splits", type=int, default=DEFAULT_SPLITS, help=f"random halves of dev for the estimates (default {DEFAULT_SPLITS})"
+    )
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the halves (default %(default)s)")
     parser.add_argument("--storage", default=DEFAULT_STORAGE_URL, help="Optuna storage URL (default: %(default)s)")
     parser.add_argument(
         "--results-dir",
         type=Path,
-        help=f"outputs go to RESULTS_DIR/<study>/ensemble/<method>/ (default: ${RESULTS_DIR_ENV}, else ./results)",
+        help=f"outputs go to RESULTS_DIR/<studies>/ensemble/ (default: ${RESULTS_DIR_ENV}, else ./results)",
     )
-    parser.add_argument("--output-dir", type=Path, help="outputs go to OUTPUT_DIR/<method>/ instead")
-    parser.add_argument("--include-early-stopped", action="store_true", help="also use trials that ASHA stopped early")
-    parser.add_argument(
-        "--fit-weights", action="store_true", help="logits: fit member weights on dev (kept only if they win cross-validation)"
-    )
-    parser.add_argument("--folds", type=int, default=5, help="cross-validation folds for --fit-weights (default 5)")
+    parser.add_argument("--output-dir", type=Path, help="outputs go to OUTPUT_DIR/ instead")
     parser.add_argument(
         "--data-dir",
-        help="CS224N data directory for running soups (default: $MINBERT_DATA, else the best member's data_dir, else ./datasets)",
+        help="CS224N data directory for running models (default: $MINBERT_DATA, else the first member's data_dir)",
     )
-    parser.add_argument("--device", help="cpu, cuda or cuda:N for running soups (default: cuda when available)")
-    parser.add_argument("--no-cache", action="store_true", help="do not cache soup evaluations (default cache: OUTPUT/.cache)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N for running models (default: cuda when available)")
+    parser.add_argument("--no-cache", action="store_true", help="do not cache model runs on disk (default cache: OUTPUT/.cache)")
     return parser
-
-
-def build(args: argparse.Namespace) -> dict[str, MethodResult]:
-    selection = select_members(args.study, args.storage, args.top_k, args.include_early_stopped)
-    for note in selection.notes:
-        print(f"note: {note}", file=sys.stderr)
-    results_dir = Path(args.results_dir or os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR)
-    root = args.output_dir or results_dir / args.study / "ensemble"
-    base_rows = [member_row(m, selection.tasks, selection.metric) for m in selection.members]
-    base_rows.append(member_row(selection.members[0], selection.tasks, selection.metric, kind="best single"))
-    # Where the members were trained is the best guess when neither --data-dir nor $MINBERT_DATA says.
-    data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or selection.members[0].config["train"].get("data_dir")
-    cache_dir = None if args.no_cache else root / ".cache"
-    evaluate = SoupEvaluator(selection.tasks, selection.metric, data_dir, args.device, cache_dir)
-    builders = {
-        "logits": lambda: build_logits(selection, args.fit_weights, args.folds, evaluate),
-        "uniform-soup": lambda: build_uniform_soup(selection, evaluate),
-        "greedy-soup": lambda: build_greedy_soup(selection, evaluate),
-    }
-    methods = METHODS if args.method == "all" else (args.method,)
-    results: dict[str, MethodResult] = {}
-    refused: dict[str, str] = {}
-    for method in methods:
-        try:
-            results[method] = builders[method]()
-        except EnsembleError as err:
-            if len(methods) == 1:
-                raise
-            refused[method] = str(err)
-            print(f"{method}: not built: {err}", file=sys.stderr)
-            continue
-        markdown = write_method_outputs(root / method, selection, base_rows, results[method])
-        for note in results[method].notes:
-            print(f"{method}: {note}", file=sys.stderr)
-        if len(methods) == 1:
-            print(markdown)
-        print(f"{method}: wrote {root / method} (final predictor in {root / method / 'predictor'})", file=sys.stderr)
-    if len(methods) > 1:
-        if not results:
-            raise EnsembleError("no method could be built:\n  " + "\n  ".join(f"{k}: {v}" for k, v in refused.items()))
-        rows = base_rows + [row for r in results.values() for row in r.rows]
-        header = summary_header(selection, results, refused)
-        print(
-            write_summary(root, f"Ensembles of study {selection.study_name!r}", header, rows, selection.tasks, selection.metric)
-        )
-        curves = {label: points for r in results.values() for label, points in r.curves.items()}
-        plot_objective_vs_size(
-            root / "objective_vs_size.png", curves, selection.metric, base_rows[-1].objective, selection.study_name
-        )
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         build(args)
-    except (EnsembleError, KeyError, ValueError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except (EnsembleError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 

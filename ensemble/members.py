@@ -1,8 +1,15 @@
-"""Choosing ensemble members: a study's trials ranked by objective, with their artifacts checked.
+"""The member pool: every usable trial of one or more studies in one Optuna storage.
 
-A trial is eligible when it is COMPLETE (or early-stopped, when asked) and names its artifact dir.
-Eligible trials are taken in rank order; one whose artifacts are missing or corrupt is skipped with a
-warning naming it, and the next one is taken instead, until K usable members are found.
+A trial is a member when it is COMPLETE, or PRUNED (early-stopped; left out with
+``include_early_stopped=False``), names its artifact dir, and has saved dev outputs for every task its
+config trains. FAIL trials never are. Members are named ``<study>/trial <n>``.
+
+What happens to a trial that is not usable:
+- no artifact dir, or no saved dev outputs (killed before its first evaluation): skipped with a warning;
+- non-finite weights or outputs (a diverged trial): skipped with a warning naming it;
+- a corrupt file (unreadable outputs, config or checkpoint): the build stops with an error naming the
+  study, the trial and the file, since something broke that the user must look at.
+A study name that the storage does not hold, or a study left with no member, also stops the build.
 """
 
 from __future__ import annotations
@@ -17,13 +24,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.storage import (
-    STUDY_METRIC,
-    STUDY_TASKS,
-    TRIAL_ARTIFACT_DIR,
-    TRIAL_EARLY_STOPPED,
-    load_study,
-)
+from data.files import TASK_FILES
+from search.storage import TRIAL_ARTIFACT_DIR, TRIAL_BEST_VALUE, TRIAL_EARLY_STOPPED, load_study
 
 SPLITS = ("dev", "test")
 
@@ -33,15 +35,19 @@ class EnsembleError(RuntimeError):
 
 
 class NoUsableTrialError(EnsembleError):
-    """The study has no trial that can be an ensemble member."""
+    """A study has no trial that can be an ensemble member."""
 
 
 class MemberArtifactError(EnsembleError):
-    """A trial's artifacts (checkpoint, config, saved outputs) are missing or unreadable."""
+    """A trial's artifacts (checkpoint, config, saved outputs) are corrupt: the build stops."""
+
+
+class UnusableMemberError(MemberArtifactError):
+    """A trial's artifacts are absent or non-finite: the trial is skipped with a warning."""
 
 
 class MemberSkippedWarning(UserWarning):
-    """A trial was passed over because its artifacts are missing or corrupt."""
+    """A trial was passed over because its artifacts are missing or non-finite."""
 
 
 # What one task's saved outputs hold: ids (N,), values (N,) or (N, C), labels (N,) or None.
@@ -50,11 +56,11 @@ TaskOutputs = dict[str, np.ndarray | None]
 
 @dataclass
 class Member:
-    """One usable trial: its rank in the study, objective, artifact dir and saved outputs."""
+    """One usable trial: where it comes from, its config and its saved outputs."""
 
+    study: str
     trial_number: int
-    rank: int  # 1 = best objective among the usable trials
-    value: float
+    value: float | None  # the study's objective for the trial's kept weights (for information)
     artifact_dir: Path
     early_stopped: bool
     params: dict
@@ -63,28 +69,45 @@ class Member:
 
     @property
     def name(self) -> str:
-        return f"trial {self.trial_number}"
+        return f"{self.study}/trial {self.trial_number}"
 
-    def has_split(self, split: str) -> bool:
-        return split in self.outputs
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.config["train"]["tasks"])
+
+    def has_split(self, split: str, task: str) -> bool:
+        return task in self.outputs.get(split, {})
+
+    def outputs_file(self, task: str, split: str) -> Path:
+        return outputs_path(self.artifact_dir, task, split)
 
 
 @dataclass
-class Selection:
-    study_name: str
-    metric: str
-    direction: str  # "maximize" or "minimize"
-    tasks: list[str]
+class Pool:
+    studies: list[str]
     members: list[Member]
-    skipped: list[str]  # "trial N (dir): reason"
-    notes: list[str]  # things the user should be told (K too large, early-stopped trials left out, ...)
+    skipped: list[str]  # "study/trial N (dir): reason"
+    notes: list[str]  # things the user should be told (early-stopped trials left out, ...)
+
+    @property
+    def tasks(self) -> list[str]:
+        """Every task some member trains, in the trainer's task order."""
+        trained = {t for m in self.members for t in m.tasks}
+        return [t for t in TASK_FILES if t in trained]
+
+    def find(self, study: str, trial: int) -> Member | None:
+        return next((m for m in self.members if m.study == study and m.trial_number == trial), None)
+
+
+def outputs_path(artifact_dir: Path, task: str, split: str) -> Path:
+    return artifact_dir / "outputs" / f"{task}-{split}.npz"
 
 
 def read_outputs(artifact_dir: Path, task: str, split: str) -> TaskOutputs:
     """Read ``outputs/<task>-<split>.npz`` (no pickles), checking shapes and finiteness."""
-    path = artifact_dir / "outputs" / f"{task}-{split}.npz"
+    path = outputs_path(artifact_dir, task, split)
     if not path.is_file():
-        raise MemberArtifactError(f"{path}: missing")
+        raise UnusableMemberError(f"{path}: missing")
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in npz.files}
@@ -98,52 +121,65 @@ def read_outputs(artifact_dir: Path, task: str, split: str) -> TaskOutputs:
         raise MemberArtifactError(
             f"{path}: {len(ids)} ids, {len(values)} values, labels {None if labels is None else len(labels)}"
         )
+    if not np.issubdtype(values.dtype, np.number):
+        raise MemberArtifactError(f"{path}: values of dtype {values.dtype}, expected numbers")
     if not np.isfinite(values).all():
-        raise MemberArtifactError(f"{path}: values contain NaN or inf")
+        raise UnusableMemberError(f"{path}: values contain NaN or inf")
     if split == "dev" and labels is None:
         raise MemberArtifactError(f"{path}: dev outputs have no 'labels' array")
     return {"ids": ids, "values": values, "labels": labels}
 
 
-def check_checkpoint(artifact_dir: Path) -> dict:
-    """Validate config.json and model.safetensors (header and size) and return the config."""
-    config_file, weights = artifact_dir / "config.json", artifact_dir / "model.safetensors"
+def read_config(artifact_dir: Path) -> dict:
+    """The trainer's config.json, checked for its 'train' (with tasks) and 'bert' sections."""
+    config_file = artifact_dir / "config.json"
     if not config_file.is_file():
-        raise MemberArtifactError(f"{config_file}: missing")
+        raise UnusableMemberError(f"{config_file}: missing")
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
         raise MemberArtifactError(f"{config_file}: unreadable ({err})") from err
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict) or not isinstance(config.get("bert"), dict):
         raise MemberArtifactError(f"{config_file}: expected an object with 'train' and 'bert' sections")
+    tasks = config["train"].get("tasks")
+    if not isinstance(tasks, list) or not tasks or any(t not in TASK_FILES for t in tasks):
+        raise MemberArtifactError(f"{config_file}: train.tasks must list tasks from {sorted(TASK_FILES)}, not {tasks!r}")
+    return config
+
+
+def check_checkpoint(artifact_dir: Path) -> dict:
+    """Validate config.json and model.safetensors (header, size, finite weights) and return the config."""
+    config = read_config(artifact_dir)
+    weights = artifact_dir / "model.safetensors"
     if not weights.is_file():
-        raise MemberArtifactError(f"{weights}: missing")
+        raise UnusableMemberError(f"{weights}: missing")
     from safetensors import safe_open
 
     try:  # safe_open checks that the header parses and the file covers every tensor it declares
         with safe_open(str(weights), "pt") as checkpoint:
-            if not list(checkpoint.keys()):
-                raise MemberArtifactError(f"{weights}: holds no tensors")
-    except MemberArtifactError:
-        raise
+            keys = list(checkpoint.keys())
+            # A diverged run can save NaN weights whose header is fine (issue 13).
+            non_finite = [k for k in keys if not checkpoint.get_tensor(k).float().isfinite().all()]
     except Exception as err:
         raise MemberArtifactError(f"{weights}: corrupt ({err})") from err
+    if not keys:
+        raise MemberArtifactError(f"{weights}: holds no tensors")
+    if non_finite:
+        raise UnusableMemberError(f"{weights}: non-finite weights in {len(non_finite)} tensor(s), e.g. {non_finite[0]}")
     return config
 
 
-def load_member_artifacts(artifact_dir: Path, tasks: list[str]) -> tuple[dict, dict[str, dict[str, TaskOutputs]]]:
-    """Config and saved outputs of one trial. Dev outputs are required; test outputs are kept when
-    every task has them (a member without them can still be in a soup, but not in test logit averages)."""
+def load_member_artifacts(artifact_dir: Path) -> tuple[dict, dict[str, dict[str, TaskOutputs]]]:
+    """Config and saved outputs of one trial, for every task it trains. Dev outputs are required;
+    test outputs are kept where present (the build runs the checkpoint on test where they are not)."""
     if not artifact_dir.is_dir():
-        raise MemberArtifactError(f"{artifact_dir}: artifact directory missing")
+        raise UnusableMemberError(f"{artifact_dir}: artifact directory missing")
     config = check_checkpoint(artifact_dir)
-    trained = list(config["train"].get("tasks", []))
-    absent = [t for t in tasks if t not in trained]
-    if absent:
-        raise MemberArtifactError(f"{artifact_dir / 'config.json'}: trained tasks {trained} lack {absent}")
-    outputs = {"dev": {t: read_outputs(artifact_dir, t, "dev") for t in tasks}}
-    if all((artifact_dir / "outputs" / f"{t}-test.npz").is_file() for t in tasks):
-        outputs["test"] = {t: read_outputs(artifact_dir, t, "test") for t in tasks}
+    tasks = config["train"]["tasks"]
+    outputs = {"dev": {t: read_outputs(artifact_dir, t, "dev") for t in tasks}, "test": {}}
+    for task in tasks:
+        if outputs_path(artifact_dir, task, "test").is_file():
+            outputs["test"][task] = read_outputs(artifact_dir, task, "test")
     return config, outputs
 
 
@@ -151,112 +187,93 @@ def is_early_stopped(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.PRUNED or bool(trial.user_attrs.get(TRIAL_EARLY_STOPPED, False))
 
 
-# Written by search.records: the dev objective of the epoch whose weights the trainer kept.
-TRIAL_BEST_VALUE = "best_value"
-
-
-def trial_objective(trial: FrozenTrial, direction: str) -> float | None:
-    """The dev objective of the trial's saved checkpoint: its ``best_value`` attribute, else its value,
-    else (an early-stopped trial without either) its best intermediate value. A PRUNED trial's Optuna
-    value is its last epoch's, which need not be the epoch whose weights were kept."""
-    recorded = trial.user_attrs.get(TRIAL_BEST_VALUE)
-    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
+def trial_objective(trial: FrozenTrial) -> float | None:
+    """The study objective of the trial's saved checkpoint: its ``best_value`` attribute, else its value.
+    Only reported: members are ranked per task by their own dev outputs."""
+    recorded = trial.user_attrs.get(TRIAL_BEST_VALUE, trial.value)
+    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool) and math.isfinite(recorded):
         return float(recorded)
-    if trial.value is not None:
-        return float(trial.value)
-    steps = [v for v in trial.intermediate_values.values() if v is not None and math.isfinite(v)]
-    if not steps:
-        return None
-    return max(steps) if direction == "maximize" else min(steps)
+    return None
 
 
-def study_direction(study: optuna.Study) -> str:
-    return "maximize" if study.direction == optuna.study.StudyDirection.MAXIMIZE else "minimize"
+def open_study(name: str, storage_url: str) -> optuna.Study:
+    try:
+        return load_study(name, storage_url)
+    except KeyError as err:
+        raise EnsembleError(err.args[0] if err.args else f"no study named {name!r} in {storage_url}") from err
 
 
-def select_members(
-    study_name: str,
-    storage_url: str,
-    top_k: int,
-    include_early_stopped: bool = False,
-) -> Selection:
-    """The ``top_k`` best usable trials of the study, best first."""
-    if top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, not {top_k}")
-    study = load_study(study_name, storage_url)
-    return select_from_study(study, top_k, include_early_stopped)
-
-
-def select_from_study(study: optuna.Study, top_k: int, include_early_stopped: bool = False) -> Selection:
-    direction = study_direction(study)
-    metric = study.user_attrs.get(STUDY_METRIC)
-    if metric is None:
-        raise EnsembleError(f"study {study.study_name!r} has no {STUDY_METRIC!r} user attribute; was it made by run_search.py?")
-    trials = study.get_trials(deepcopy=False)
-    notes: list[str] = []
-    candidates: list[tuple[float, FrozenTrial]] = []
-    counts = {"failed": 0, "early_stopped": 0, "unfinished": 0, "no_artifacts": 0}
+def study_members(study: optuna.Study, include_early_stopped: bool) -> tuple[list[Member], list[str], list[str]]:
+    """The usable trials of one study, by trial number; the skipped ones; notes for the user."""
+    name = study.study_name
+    counts = {"failed": 0, "early-stopped (excluded)": 0, "unfinished": 0, "without artifact dir": 0}
+    members: list[Member] = []
+    skipped: list[str] = []
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     for trial in trials:
         if trial.state == TrialState.FAIL:
             counts["failed"] += 1
-            continue
-        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+        elif trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             counts["unfinished"] += 1
-            continue
-        if is_early_stopped(trial) and not include_early_stopped:
-            counts["early_stopped"] += 1
-            continue
-        objective = trial_objective(trial, direction)
-        if objective is None or not math.isfinite(objective):
-            counts["unfinished"] += 1
-            continue
-        if not trial.user_attrs.get(TRIAL_ARTIFACT_DIR):
-            counts["no_artifacts"] += 1
-            continue
-        candidates.append((objective, trial))
-    candidates.sort(key=lambda item: (-item[0] if direction == "maximize" else item[0], item[1].number))
-    left_out = ", ".join(f"{n} {what.replace('_', ' ')}" for what, n in counts.items() if n)
-    if left_out:
-        notes.append(f"left out of {len(trials)} trials: {left_out}")
-    if counts["early_stopped"]:
-        notes.append("early-stopped trials are used only with --include-early-stopped")
+        elif is_early_stopped(trial) and not include_early_stopped:
+            counts["early-stopped (excluded)"] += 1
+        elif not trial.user_attrs.get(TRIAL_ARTIFACT_DIR):
+            counts["without artifact dir"] += 1
+        else:
+            artifact_dir = Path(trial.user_attrs[TRIAL_ARTIFACT_DIR])
+            try:
+                config, outputs = load_member_artifacts(artifact_dir)
+            except UnusableMemberError as err:
+                reason = f"{name}/trial {trial.number} ({artifact_dir}): {err}"
+                skipped.append(reason)
+                warnings.warn(f"skipping {reason}", MemberSkippedWarning, stacklevel=3)
+                continue
+            except MemberArtifactError as err:
+                raise MemberArtifactError(f"study {name!r}, trial {trial.number}: {err}") from err
+            members.append(
+                Member(
+                    name,
+                    trial.number,
+                    trial_objective(trial),
+                    artifact_dir,
+                    is_early_stopped(trial),
+                    dict(trial.params),
+                    config,
+                    outputs,
+                )
+            )
+    left_out = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
+    notes = [f"study {name!r}: left out of {len(trials)} trials: {left_out}"] if left_out else []
+    if not members:
+        raise NoUsableTrialError(
+            f"study {name!r} has no usable trial ({len(trials)} trial(s); {left_out or 'none left out'}; "
+            f"{len(skipped)} skipped for missing or non-finite artifacts). Run or finish the search first"
+            + (", or drop --exclude-early-stopped." if counts["early-stopped (excluded)"] else ".")
+        )
+    return members, skipped, notes
 
-    tasks = list(study.user_attrs.get(STUDY_TASKS) or [])
+
+def load_pool(studies: list[str], storage_url: str, include_early_stopped: bool = True) -> Pool:
+    """Every usable trial of ``studies`` (in that order, each by trial number)."""
+    if not studies:
+        raise EnsembleError("no study given")
+    if len(set(studies)) != len(studies):
+        raise EnsembleError(f"a study is named twice: {studies}")
     members: list[Member] = []
     skipped: list[str] = []
-    for objective, trial in candidates:
-        if len(members) == top_k:
-            break
-        artifact_dir = Path(trial.user_attrs[TRIAL_ARTIFACT_DIR])
-        try:
-            if not tasks:  # older studies: the tasks are those of the best trial's config
-                tasks = list(check_checkpoint(artifact_dir)["train"]["tasks"])
-            config, outputs = load_member_artifacts(artifact_dir, tasks)
-        except MemberArtifactError as err:
-            reason = f"trial {trial.number} ({artifact_dir}): {err}"
-            skipped.append(reason)
-            warnings.warn(f"skipping {reason}", MemberSkippedWarning, stacklevel=2)
-            continue
-        members.append(
-            Member(
-                trial.number,
-                len(members) + 1,
-                objective,
-                artifact_dir,
-                is_early_stopped(trial),
-                dict(trial.params),
-                config,
-                outputs,
-            )
-        )
-    if not members:
-        why = f"{len(candidates)} eligible trial(s), all with missing or corrupt artifacts" if candidates else "no eligible trial"
-        raise NoUsableTrialError(
-            f"study {study.study_name!r} has no usable trial ({why}; {left_out or 'no trials'}). "
-            "Run or finish the search first"
-            + ("" if include_early_stopped or not counts["early_stopped"] else ", or pass --include-early-stopped")
-            + "."
-        )
-    if len(members) < top_k:
-        notes.append(f"--top-k {top_k} asked for, but only {len(members)} usable trial(s) exist: using {len(members)}")
-    return Selection(study.study_name, metric, direction, tasks, members, skipped, notes)
+    notes: list[str] = []
+    for name in studies:
+        found, passed_over, said = study_members(open_study(name, storage_url), include_early_stopped)
+        members += found
+        skipped += passed_over
+        notes += said
+    return Pool(list(studies), members, skipped, notes)
+
+
+def parse_member_ref(text: str) -> tuple[str, int]:
+    """``STUDY/N`` (or ``STUDY/trial N``) -> (study, N)."""
+    study, _, trial = text.rpartition("/")
+    trial = trial.removeprefix("trial").strip()
+    if not study or not trial.isdigit():
+        raise EnsembleError(f"a member is named STUDY/N (e.g. sts/0), not {text!r}")
+    return study, int(trial)

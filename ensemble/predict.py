@@ -1,17 +1,23 @@
-"""``python -m ensemble.predict --ensemble DIR --input FILE.csv``: run a built ensemble on a new file.
+"""``python -m ensemble.predict --ensemble DIR (--input FILE.csv | --splits dev test)``: run a built ensemble.
 
-DIR is a method folder written by ``python -m ensemble.build`` (``results/<study>/ensemble/<method>``),
-its ``predictor/`` folder, or any trainer output dir. A soup (config.json + model.safetensors) is one
-model run; a logit ensemble (manifest.json) runs each member model and averages their outputs with
-the manifest's weights.
+DIR is a method folder written by ``python -m ensemble.build`` (``results/<studies>/ensemble/<method>``),
+its ``predictor/`` folder, or any trainer output dir. The predictor holds, per task, either a soup (one
+model folder: config.json + model.safetensors, one model run) or a logit ensemble (each member model
+is run and their outputs averaged with the manifest's weights). It covers the tasks its manifest
+lists (a trainer output dir: the tasks it trained).
+
+``--splits dev test`` writes every covered task's leaderboard CSVs for those splits of the CS224N
+files in ``--data-dir`` (default: $MINBERT_DATA, else ./datasets) to ``--output-dir`` (default
+``<DIR>/predict/<task>-<split>-out.csv``), and prints each dev metric.
 
 FILE.csv is in the CS224N format (tab-separated, header with ``id`` and the text columns; a label
 column is optional and, when present, the metric is printed). The task comes from the columns
 (``sentence`` vs ``sentence1``/``sentence2``; ``similarity`` / ``is_duplicate``), then from the file name
 (sst, cfimdb, quora/para, sts), then from the ensemble's tasks; ``--task`` overrides.
 
-The leaderboard CSV goes to ``--output``, by default to ``<DIR>/predict/<input name>-<task>-out.csv``
-(next to the ensemble, since the input's folder, e.g. the shared data, may be read-only).
+With ``--input`` the leaderboard CSV goes to ``--output``, by default to
+``<DIR>/predict/<input name>-<task>-out.csv`` (next to the ensemble, since the input's folder, e.g. the
+shared data, may be read-only).
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import csv
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from data.files import TASK_FILES, DataError, Example, read_file
+from data.files import TASK_FILES, DataError, Example, load_examples, read_file
 from ensemble.logits import Outputs, align_outputs, average_outputs
-from ensemble.members import EnsembleError
+from ensemble.members import EnsembleError, TaskOutputs
 from ensemble.soup import as_numpy_outputs
 from model.metrics import task_metric, write_predictions
 
@@ -33,8 +40,18 @@ from model.metrics import task_metric, write_predictions
 NAME_HINTS = {"sst": "sst", "cfimdb": "cfimdb", "quora": "para", "para": "para", "paraphrase": "para", "sts": "sts"}
 
 
+@dataclass
+class TaskPlan:
+    """How the predictor does one task: the model folders to run and the weights of their outputs."""
+
+    kind: str  # "soup" (one model) or "logits"
+    model_dirs: list[Path]
+    weights: list[float]
+    names: list[str]
+
+
 def find_predictor(directory: Path) -> Path:
-    """The folder holding manifest.json (logit ensemble) or config.json + model.safetensors (soup)."""
+    """The folder holding manifest.json (a built predictor) or config.json + model.safetensors (one model)."""
     for candidate in (directory, directory / "predictor"):
         if (candidate / "manifest.json").is_file() or (candidate / "model.safetensors").is_file():
             return candidate
@@ -44,14 +61,28 @@ def find_predictor(directory: Path) -> Path:
     )
 
 
-def predictor_tasks(predictor: Path) -> tuple[dict | None, list[str]]:
-    """The logit manifest (None for a soup) and the tasks the predictor can do."""
+def member_plan(members: list[dict]) -> TaskPlan:
+    names = [m.get("name") or f"{m.get('study', '')}/trial {m['trial']}".lstrip("/") for m in members]
+    return TaskPlan("logits", [Path(m["artifact_dir"]) for m in members], [float(m["weight"]) for m in members], names)
+
+
+def load_plans(predictor: Path) -> dict[str, TaskPlan]:
+    """{task: plan} from a manifest (per task; or an older one for all its tasks), or a single model."""
     manifest_file = predictor / "manifest.json"
     try:
-        if manifest_file.is_file():
-            manifest = json.loads(manifest_file.read_text())
-            return manifest, list(manifest["tasks"])
-        return None, list(json.loads((predictor / "config.json").read_text())["train"]["tasks"])
+        if not manifest_file.is_file():
+            tasks = json.loads((predictor / "config.json").read_text())["train"]["tasks"]
+            return {t: TaskPlan("soup", [predictor], [1.0], [predictor.name]) for t in tasks}
+        manifest = json.loads(manifest_file.read_text())
+        if "format" not in manifest:  # one logit average for every task (built before per-task selection)
+            return {t: member_plan(manifest["members"]) for t in manifest["tasks"]}
+        plans = {}
+        for task, entry in manifest["tasks"].items():
+            plan = member_plan(entry["members"])
+            if entry["kind"] == "soup":
+                plan = TaskPlan("soup", [predictor / entry["soup_dir"]], [1.0], [" + ".join(plan.names)])
+            plans[task] = plan
+        return plans
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EnsembleError(f"{predictor}: unreadable ensemble description ({type(err).__name__}: {err})") from err
 
@@ -84,21 +115,26 @@ def infer_task(path: Path, header: list[str], available: list[str]) -> str:
     return candidates[0]
 
 
-def predict_outputs(predictor: Path, manifest: dict | None, task: str, examples: list[Example], device: str | None) -> Outputs:
-    """Run the soup, or every member of a logit ensemble (averaged with the manifest's weights)."""
-    from model.train import evaluate_model, load_trained
+class Runner:
+    """Runs model folders on examples, loading each model once."""
 
-    def run(model_dir: Path) -> Outputs:
-        model, cfg = load_trained(model_dir, device=device)
+    def __init__(self, device: str | None):
+        self.device, self.models = device, {}
+
+    def __call__(self, model_dir: Path, task: str, examples: list[Example]) -> Outputs:
+        from model.build import load_trained
+        from model.evaluation import evaluate_model
+
+        if model_dir not in self.models:
+            self.models[model_dir] = load_trained(model_dir, device=self.device)
+        model, cfg = self.models[model_dir]
         _, outputs = evaluate_model(model, cfg, "test", examples={task: examples})
         return as_numpy_outputs(outputs)
 
-    if manifest is None:
-        return run(predictor)
-    members = manifest["members"]
-    names = [f"trial {m['trial']}" for m in members]
-    outputs = align_outputs(names, [run(Path(m["artifact_dir"])) for m in members], "input")
-    return average_outputs(outputs, [float(m["weight"]) for m in members])
+    def predict(self, plan: TaskPlan, task: str, examples: list[Example]) -> TaskOutputs:
+        """The plan's outputs on ``examples``: its members' outputs, weighted."""
+        outputs = [self(model_dir, task, examples) for model_dir in plan.model_dirs]
+        return average_outputs(align_outputs(plan.names, outputs, "input"), plan.weights)[task]
 
 
 def default_output(ensemble_dir: Path, input_path: Path, task: str) -> Path:
@@ -110,44 +146,63 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m ensemble.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--ensemble", type=Path, required=True, help="method folder of ensemble.build, or its predictor/")
-    parser.add_argument("--input", type=Path, required=True, help="CS224N-format file (tab-separated)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", type=Path, help="CS224N-format file (tab-separated)")
+    source.add_argument("--splits", nargs="+", choices=("dev", "test"), help="every covered task's files of these splits")
     parser.add_argument(
-        "--output", type=Path, help="leaderboard CSV to write (default: <ENSEMBLE>/predict/<input>-<task>-out.csv)"
+        "--output", type=Path, help="--input: leaderboard CSV to write (default: <ENSEMBLE>/predict/<input>-<task>-out.csv)"
     )
-    parser.add_argument("--task", choices=sorted(TASK_FILES), help="task of the input file (default: inferred)")
+    parser.add_argument("--task", choices=sorted(TASK_FILES), help="--input: task of the file (default: inferred)")
+    parser.add_argument("--data-dir", help="--splits: CS224N data directory (default: $MINBERT_DATA, else ./datasets)")
+    parser.add_argument("--output-dir", type=Path, help="--splits: where the CSVs go (default: <ENSEMBLE>/predict)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     return parser
 
 
-def predict(args: argparse.Namespace) -> tuple[Path, str, float | None]:
-    """Write the predictions; returns their path, the task, and its metric when the file has labels."""
-    predictor = find_predictor(args.ensemble)
-    manifest, tasks = predictor_tasks(predictor)
-    header = read_header(args.input)
-    task = args.task or infer_task(args.input, header, tasks)
-    if task not in tasks:
-        raise EnsembleError(f"the ensemble in {predictor} predicts {tasks}, not {task!r} (the task of {args.input})")
-    spec = TASK_FILES[task]
-    labelled = spec.label_column in header
-    examples = read_file(args.input, spec, labelled=labelled)
-    outputs = predict_outputs(predictor, manifest, task, examples, args.device)[task]
-    output = args.output or default_output(args.ensemble, args.input, task)
+# What one prediction wrote: the file, the task, and the metric when the examples had labels.
+Written = tuple[Path, str, float | None]
+
+
+def predict_examples(runner: Runner, plan: TaskPlan, task: str, examples: list[Example], output: Path) -> Written:
+    outputs = runner.predict(plan, task, examples)
     write_predictions(output, task, outputs["ids"], outputs["values"])
-    score = task_metric(task, outputs["values"], [e.label for e in examples]) if labelled else None
-    return output, task, score
+    labels = [e.label for e in examples]
+    return output, task, None if None in labels else task_metric(task, outputs["values"], labels)
+
+
+def predict(args: argparse.Namespace) -> list[Written]:
+    """Write the predictions of ``--input`` or of every covered task's ``--splits``."""
+    predictor = find_predictor(args.ensemble)
+    plans = load_plans(predictor)
+    runner = Runner(args.device)
+    if args.splits:
+        output_dir = args.output_dir or args.ensemble / "predict"
+        return [
+            predict_examples(
+                runner, plan, task, load_examples(task, split, args.data_dir), output_dir / f"{task}-{split}-out.csv"
+            )
+            for task, plan in plans.items()
+            for split in args.splits
+        ]
+    header = read_header(args.input)
+    task = args.task or infer_task(args.input, header, list(plans))
+    if task not in plans:
+        raise EnsembleError(f"the ensemble in {predictor} predicts {sorted(plans)}, not {task!r} (the task of {args.input})")
+    spec = TASK_FILES[task]
+    examples = read_file(args.input, spec, labelled=spec.label_column in header)
+    return [predict_examples(runner, plans[task], task, examples, args.output or default_output(args.ensemble, args.input, task))]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        output, task, score = predict(args)
+        written = predict(args)
     except (EnsembleError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(
-        f"wrote {output}"
-        + ("" if score is None else f" ({'Pearson r' if task == 'sts' else 'accuracy'} on the file's labels: {score:.4f})")
-    )
+    for output, task, score in written:
+        metric = "Pearson r" if task == "sts" else "accuracy"
+        print(f"wrote {output}" + ("" if score is None else f" ({metric} on the file's labels: {score:.4f})"))
     return 0
 
 

@@ -20,33 +20,58 @@ from model.metrics import atomic_write_text  # noqa: E402
 
 @dataclass
 class Row:
-    """One line of the dev table: a member, the best single trial, or an ensemble."""
+    """One line of a task's table: the baseline, a member, or a predictor chosen on dev."""
 
+    task: str
     name: str
-    kind: str  # "member", "best single", "ensemble"
-    members: list[int]  # trial numbers
-    metrics: dict[str, float]  # dev metrics: one per task and "overall"
-    objective: float
+    kind: str  # "baseline", "member", "selected"
+    members: list[str]  # member names ("<study>/trial <n>")
+    cost: int  # encoder passes per example
+    dev: float  # in-sample dev score (the task's metric on all of dev)
+    estimate: dict | None = None  # out-of-selection: mean, sd, gain_mean, gain_sd, ... (ensemble.estimate)
     weights: list[float] | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
 
 
-def format_number(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+METRIC_NAMES = {"sts": "Pearson r"}
 
 
-def markdown_table(rows: Sequence[Row], tasks: Sequence[str], metric: str) -> str:
-    columns = [*tasks, "overall"]
-    header = ["name", "kind", "trials", *[f"dev {c}" for c in columns], f"objective ({metric})", "note"]
+def format_number(value: float | None, signed: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def format_spread(mean: float | None, sd: float | None, signed: bool = False) -> str:
+    return "" if mean is None else f"{format_number(mean, signed)} ± {format_number(sd)}"
+
+
+def markdown_table(rows: Sequence[Row], task: str) -> str:
+    metric = METRIC_NAMES.get(task, "accuracy")
+    header = [
+        "predictor",
+        "members (weight)",
+        "passes/example",
+        f"dev {metric}, in-sample",
+        "out-of-selection (mean ± sd)",
+        "gain over baseline (mean ± sd)",
+        "note",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
+        weights = row.weights or [None] * len(row.members)
+        members = ", ".join(
+            n if w is None or len(row.members) == 1 else f"{n} ({w:.2f})" for n, w in zip(row.members, weights, strict=True)
+        )
+        estimate = row.estimate or {}
         cells = [
             row.name,
-            row.kind,
-            ", ".join(str(n) for n in row.members),
-            *[format_number(row.metrics.get(c)) for c in columns],
-            format_number(row.objective),
+            members,
+            str(row.cost),
+            format_number(row.dev),
+            format_spread(estimate.get("mean"), estimate.get("sd")),
+            format_spread(estimate.get("gain_mean"), estimate.get("gain_sd"), signed=True),
             row.note,
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -64,10 +89,14 @@ def json_ready(value: object) -> object:
     return value
 
 
-def write_summary(directory: Path, title: str, header: dict, rows: Sequence[Row], tasks: Sequence[str], metric: str) -> str:
-    """summary.json and summary.md in ``directory``; returns the markdown."""
+def write_summary(directory: Path, title: str, header: dict, rows: Sequence[Row], preamble: str = "") -> str:
+    """summary.json and summary.md in ``directory`` (one table per task); returns the markdown."""
     notes = "".join(f"- {note}\n" for note in header.get("notes", []) + [f"skipped {s}" for s in header.get("skipped", [])])
-    markdown = f"# {title}\n\n" + (notes + "\n" if notes else "") + markdown_table(rows, tasks, metric)
+    tables = "".join(
+        f"## {task}\n\n" + markdown_table([r for r in rows if r.task == task], task) + "\n"
+        for task in dict.fromkeys(r.task for r in rows)
+    )
+    markdown = f"# {title}\n\n" + preamble + (notes + "\n" if notes else "") + tables
     atomic_write_text(directory / "summary.md", markdown)
     payload = json_ready({**header, "rows": [asdict(r) for r in rows]})
     atomic_write_text(directory / "summary.json", json.dumps(payload, indent=2) + "\n")
@@ -92,14 +121,14 @@ def save_figure(figure: plt.Figure, path: Path) -> None:
 Curve = list[tuple[int, float]]
 
 
-def plot_objective_vs_size(path: Path, curves: dict[str, Curve], metric: str, best_single: float, title: str) -> None:
+def plot_score_vs_size(path: Path, curves: dict[str, Curve], metric: str, best_single: float, title: str) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     for label, points in curves.items():
         if points:
             xs, ys = zip(*points, strict=True)
             axes.plot(xs, ys, marker="o", label=label)
     axes.axhline(best_single, color="grey", linestyle="--", label="best single trial")
-    axes.set_xlabel("ensemble size (top-n members; greedy: members considered)")
+    axes.set_xlabel("ensemble size (top-n; Caruana: selections; greedy soup: members considered)")
     axes.set_ylabel(f"dev {metric}")
     axes.set_title(title)
     axes.xaxis.get_major_locator().set_params(integer=True)

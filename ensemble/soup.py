@@ -2,10 +2,12 @@
 
 Weights only mix meaningfully when the checkpoints share an architecture and a starting point, so
 members are checked first: the same BERT config (dropout rates aside, they hold no weights), the same
-tasks and head settings, the same initial weights (model_path, or model_config and seed for random
-inits), and the same tensor names and shapes. A soup is judged by running it on dev; those runs are
-cached on disk with joblib.Memory, keyed by the checkpoints' and data files' identities, so that
-greedy and uniform soups (and reruns) share evaluations.
+tasks and head settings, the same initial weights (model_path, or model_config, and the seed when the
+encoder is randomly initialised or a head has parameters, since the trainer draws those from the
+seed), and the same tensor names and shapes. A soup is judged by running it on dev once per member
+set; those runs are cached in memory and on disk with joblib.Memory, keyed by the checkpoints' and
+data files' identities, so that the per-task soups, their estimates on halves of dev, and reruns
+share evaluations.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from data.files import TASK_FILES, resolve_data_dir
-from ensemble.logits import Outputs, better, score_outputs
+from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
+from ensemble.taskpool import task_setting
 from model.bert import default_model_path, load_strict
 from model.metrics import atomic_write_text
 
@@ -39,11 +42,18 @@ class IncompatibleMembersError(EnsembleError):
     """Checkpoints that cannot be averaged; the message names the member and the differing key."""
 
 
+def has_seeded_head(train: dict) -> bool:
+    """Whether any trained task's head has parameters, which the trainer initialises from the seed.
+    Only the STS cosine head (5 * cos(u, v)) has none."""
+    return any(not (task == "sts" and task_setting(train, "sts_head", task) == "cosine") for task in train.get("tasks", []))
+
+
 def init_signature(train: dict) -> dict:
-    """What the member started from. None and the embedded default's path are the same model."""
+    """What the member started from. None and the embedded default's path are the same model. The seed
+    counts for a random encoder init and for heads with parameters: two seeds start them apart."""
     path = train.get("model_path")
     signature = {"model_path": str(Path(path or default_model_path()).resolve()), "model_config": train.get("model_config")}
-    if signature["model_config"] is not None:  # a random init is only shared with the same seed
+    if signature["model_config"] is not None or has_seeded_head(train):
         signature["seed"] = train.get("seed")
     return signature
 
@@ -139,7 +149,8 @@ def run_soup(
     """Build the soup of ``checkpoints`` (fingerprints of model.safetensors files) and run it on
     ``split`` with the first member's config. ``cache_key`` (that config's and the data files'
     fingerprints) only tells joblib.Memory when a cached result is stale."""
-    from model.train import evaluate_model, load_trained
+    from model.build import load_trained
+    from model.evaluation import evaluate_model
 
     artifact_dirs = [Path(path).parent for path, _, _ in checkpoints]
     model, cfg = load_trained(artifact_dirs[0], device=device)
@@ -150,60 +161,49 @@ def run_soup(
     return as_numpy_outputs(outputs)
 
 
-@dataclass
-class SoupResult:
-    members: list[Member]
-    weights: list[float] | None  # None = uniform
-    metrics: dict[str, float]
-    objective: float
-    outputs: Outputs
-
-
 class SoupEvaluator:
-    """Runs soups on a split; results are cached under ``cache_dir`` (no cache when None)."""
+    """Runs soups (uniform averages of members' weights) on a split: {task: outputs} for every task of
+    the first member's config. Cached in memory and under ``cache_dir`` (on disk only when given)."""
 
-    def __init__(
-        self, tasks: Sequence[str], metric: str, data_dir: str | Path | None, device: str | None, cache_dir: Path | None
-    ):
-        self.tasks, self.metric, self.device = list(tasks), metric, device
+    def __init__(self, data_dir: str | Path | None, device: str | None, cache_dir: Path | None):
+        self.device, self.cache_dir = device, cache_dir
         self.data_dir = str(resolve_data_dir(data_dir).resolve())
-        self.memory = joblib.Memory(None if cache_dir is None else str(cache_dir), verbose=0)
-        self.run = self.memory.cache(run_soup)
+        self.run = None  # made on first use: joblib.Memory creates its folder, and a refused build writes nothing
+        self.seen: dict[tuple, Outputs] = {}
 
-    def __call__(self, members: Sequence[Member], split: str = "dev", weights: Sequence[float] | None = None) -> SoupResult:
+    def __call__(self, members: Sequence[Member], split: str = "dev") -> Outputs:
         checkpoints = tuple(fingerprint(m.artifact_dir / "model.safetensors") for m in members)
-        weight_key = None if weights is None else tuple(float(w) for w in weights)
-        data_files = tuple(fingerprint(TASK_FILES[t].path(split, self.data_dir)) for t in self.tasks)
-        cache_key = (fingerprint(members[0].artifact_dir / "config.json"), data_files)
-        outputs = self.run(checkpoints, weight_key, split, self.data_dir, self.device, cache_key)
-        metrics, objective = score_outputs(outputs, self.tasks, self.metric) if split == "dev" else ({}, float("nan"))
-        return SoupResult(list(members), None if weights is None else list(weights), metrics, objective, outputs)
+        if (checkpoints, split) not in self.seen:
+            tasks = members[0].tasks
+            data_files = tuple(fingerprint(TASK_FILES[t].path(split, self.data_dir)) for t in tasks)
+            cache_key = (fingerprint(members[0].artifact_dir / "config.json"), data_files)
+            if self.run is None:
+                self.run = joblib.Memory(None if self.cache_dir is None else str(self.cache_dir), verbose=0).cache(run_soup)
+            self.seen[checkpoints, split] = self.run(checkpoints, None, split, self.data_dir, self.device, cache_key)
+        return self.seen[checkpoints, split]
 
 
 @dataclass
 class GreedyStep:
     member: str
-    objective: float  # dev objective of the soup with this member added
+    score: float  # held-out score of the soup with this member added
     kept: bool
     size: int  # soup size after this step
 
 
-def greedy_soup(
-    ranked: Sequence[Member], evaluate: Callable[[Sequence[Member]], SoupResult], direction: str
-) -> tuple[SoupResult, list[GreedyStep]]:
-    """Start from the first of ``ranked`` (best dev score first), add each next member only when the
-    soup's dev objective does not drop. The result never scores below the first member alone."""
-    best = evaluate(ranked[:1])
-    steps = [GreedyStep(ranked[0].name, best.objective, True, 1)]
-    ingredients = [ranked[0]]
+def greedy_soup(ranked: Sequence[Member], score: Callable[[Sequence[Member]], float]) -> tuple[list[Member], list[GreedyStep]]:
+    """Wortsman et al. 2022 (their code): start from the first of ``ranked`` (best held-out score first)
+    and keep each next member only when the soup's held-out score strictly improves."""
+    ingredients, best = [ranked[0]], score(ranked[:1])
+    steps = [GreedyStep(ranked[0].name, best, True, 1)]
     for member in ranked[1:]:
-        candidate = evaluate([*ingredients, member])
-        kept = not better(best.objective, candidate.objective, direction)
+        candidate = score([*ingredients, member])
+        kept = candidate > best
         if kept:
             ingredients.append(member)
             best = candidate
-        steps.append(GreedyStep(member.name, candidate.objective, kept, len(ingredients)))
-    return best, steps
+        steps.append(GreedyStep(member.name, candidate, kept, len(ingredients)))
+    return ingredients, steps
 
 
 def write_soup_predictor(directory: Path, members: Sequence[Member], weights: Sequence[float] | None, method: str) -> None:
@@ -221,18 +221,26 @@ def write_soup_predictor(directory: Path, members: Sequence[Member], weights: Se
         raise
     atomic_write_text(directory / "config.json", json.dumps(members[0].config, indent=2) + "\n")
     described = [
-        {"trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": None if weights is None else float(w)}
+        {
+            "study": m.study,
+            "trial": m.trial_number,
+            "artifact_dir": str(m.artifact_dir),
+            "weight": 1.0 / len(members) if weights is None else float(w),
+        }
         for m, w in zip(members, weights or [None] * len(members), strict=True)
     ]
     atomic_write_text(directory / "soup.json", json.dumps({"method": method, "members": described}, indent=2) + "\n")
 
 
-def compatible_members(members: Sequence[Member]) -> tuple[list[Member], list[str]]:
-    """The members that can be averaged with the first one, and the reasons the others were refused."""
-    compatible, refusals = [members[0]], []
-    for member in members[1:]:
+def compatible_members(reference: Member, candidates: Sequence[Member]) -> tuple[list[Member], list[str]]:
+    """Those of ``candidates`` (``reference`` included or not) that can be averaged with ``reference``,
+    reference first, and the reasons the others were refused."""
+    compatible, refusals = [reference], []
+    for member in candidates:
+        if member is reference:
+            continue
         try:
-            check_compatible([members[0], member])
+            check_compatible([reference, member])
         except IncompatibleMembersError as err:
             refusals.append(str(err))
             continue

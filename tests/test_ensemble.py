@@ -12,13 +12,15 @@ import optuna
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_ensemble_pool import add_trial, new_study
 from tiny_model import DATA_DIR, needs_data, tiny_config
 
+from data.files import TASK_FILES
 from ensemble import build as ensemble_build
 from ensemble import predict as ensemble_predict
-from ensemble.logits import align_outputs, average_outputs, fit_weights, score_outputs
-from ensemble.members import EnsembleError, MemberSkippedWarning, NoUsableTrialError, select_members
-from ensemble.soup import IncompatibleMembersError, average_checkpoints, check_compatible
+from ensemble.logits import align_outputs, average_outputs, fit_weights
+from ensemble.members import EnsembleError, MemberArtifactError, MemberSkippedWarning, NoUsableTrialError, load_pool
+from ensemble.soup import IncompatibleMembersError, SoupEvaluator, average_checkpoints, check_compatible, init_signature
 from model.metrics import task_metric
 from model.train import train
 
@@ -26,32 +28,6 @@ pytestmark = needs_data
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 TASKS = ["sst", "para", "sts"]
-LR = optuna.distributions.FloatDistribution(1e-5, 1e-1, log=True)
-
-
-def add_trial(
-    study: optuna.Study, artifact_dir: Path | None, value: float | None, state=optuna.trial.TrialState.COMPLETE, **attrs
-):
-    user_attrs = {"epochs_run": 1, "early_stopped": False, **attrs}
-    if artifact_dir is not None:
-        user_attrs["artifact_dir"] = str(artifact_dir)
-    study.add_trial(
-        optuna.trial.create_trial(
-            state=state,
-            value=value,
-            params={"lr": 1e-3},
-            distributions={"lr": LR},
-            user_attrs=user_attrs,
-            intermediate_values={0: value if value is not None else 0.9},
-        )
-    )
-
-
-def new_study(url: str, name: str) -> optuna.Study:
-    study = optuna.create_study(study_name=name, storage=url, direction="maximize")
-    for key, value in {"metric": "overall", "direction": "maximize", "tasks": TASKS}.items():
-        study.set_user_attr(key, value)
-    return study
 
 
 def overall_of(run: Path) -> float:
@@ -74,23 +50,24 @@ def build_args(tmp_path: Path, url: str, study: str, *extra: str):
     return ensemble_build.build_parser().parse_args(argv)
 
 
+def tiny_study(url: str, name: str, dirs: list[Path]) -> optuna.Study:
+    study = new_study(url, name, TASKS)
+    for index, run in enumerate(dirs):
+        add_trial(study, run, 0.9 - index / 100)
+    return study
+
+
 @pytest.fixture
 def study_url(tmp_path, runs):
     """A study holding the three runs, plus a FAIL trial pointing at good artifacts, an early-stopped
-    trial, a trial whose artifact dir is gone and one with a truncated checkpoint."""
+    trial (a copy of the second run) and a trial whose artifact dir is gone."""
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = new_study(url, "tiny")
-    for run in runs:
-        add_trial(study, run, overall_of(run))
+    study = tiny_study(url, "tiny", runs)
     add_trial(study, runs[0], None, state=optuna.trial.TrialState.FAIL, error="boom")
-    # Early-stopped: Optuna's intermediate value 0.9, but the epoch whose weights were kept scored 0.2.
-    add_trial(study, runs[1], None, state=optuna.trial.TrialState.PRUNED, early_stopped=True, best_value=0.2)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(runs[1], stopped)
+    add_trial(study, stopped, None, state=optuna.trial.TrialState.PRUNED, early_stopped=True, best_value=0.2)
     add_trial(study, tmp_path / "gone", 0.95)
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(runs[2], corrupt)
-    data = (corrupt / "model.safetensors").read_bytes()
-    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
-    add_trial(study, corrupt, 0.94)
     return url
 
 
@@ -108,30 +85,39 @@ def hand_mean(runs: list[Path], task: str, split: str) -> np.ndarray:
     return sum(npz_values(run, task, split).astype(np.float64) for run in runs) / len(runs)
 
 
-def test_selection_skips_failed_early_stopped_missing_and_corrupt_trials(study_url, runs):
+def test_pool_skips_failed_and_missing_trials_and_takes_early_stopped_ones(study_url, runs):
     with pytest.warns(MemberSkippedWarning) as caught:
-        selection = select_members("tiny", study_url, top_k=10)
+        pool = load_pool(["tiny"], study_url)
     messages = " ".join(str(w.message) for w in caught)
-    assert "trial 5" in messages and "gone" in messages  # the missing artifact dir, named
-    assert "trial 6" in messages and "model.safetensors" in messages  # the truncated checkpoint, named
-    assert [m.artifact_dir for m in selection.members] == runs  # no FAIL (trial 3), no early-stopped (trial 4)
-    assert [m.trial_number for m in selection.members] == [0, 1, 2]
-    assert any("only 3 usable" in note for note in selection.notes)
-    assert any("early-stopped" in note for note in selection.notes)
-
+    assert "tiny/trial 5" in messages and "gone" in messages  # the missing artifact dir, named
+    assert [m.name for m in pool.members] == ["tiny/trial 0", "tiny/trial 1", "tiny/trial 2", "tiny/trial 4"]
+    assert pool.members[-1].early_stopped and pool.members[-1].value == 0.2  # its kept epoch's value
+    assert any("1 failed" in note for note in pool.notes)
     with pytest.warns(MemberSkippedWarning):
-        with_early = select_members("tiny", study_url, top_k=10, include_early_stopped=True)
-    assert 4 in [m.trial_number for m in with_early.members] and 3 not in [m.trial_number for m in with_early.members]
-    assert with_early.members[-1].trial_number == 4 and with_early.members[-1].value == 0.2  # ranked by best_value
+        without = load_pool(["tiny"], study_url, include_early_stopped=False)
+    assert [m.artifact_dir for m in without.members] == runs
+
+
+def test_a_corrupt_checkpoint_stops_the_build(tmp_path, runs, capsys):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(runs[2], corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tiny_study(url, "corrupt", [runs[0], corrupt])
+    with pytest.raises(MemberArtifactError, match=r"study 'corrupt', trial 1: .*model\.safetensors"):
+        load_pool(["corrupt"], url)
+    assert ensemble_build.main(["--study", "corrupt", "--storage", url, "--output-dir", str(tmp_path / "out")]) == 1
+    assert "trial 1" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_no_usable_trial_is_a_clear_error(tmp_path, runs, capsys):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = new_study(url, "bad")
+    study = new_study(url, "bad", TASKS)
     add_trial(study, runs[0], None, state=optuna.trial.TrialState.FAIL, error="boom")
     add_trial(study, tmp_path / "gone", 0.5)
     with pytest.warns(MemberSkippedWarning), pytest.raises(NoUsableTrialError, match="no usable trial"):
-        select_members("bad", url, top_k=3)
+        load_pool(["bad"], url)
     with pytest.warns(MemberSkippedWarning):
         assert ensemble_build.main(["--study", "bad", "--storage", url, "--output-dir", str(tmp_path / "o")]) == 1
     assert "no usable trial" in capsys.readouterr().err
@@ -139,29 +125,33 @@ def test_no_usable_trial_is_a_clear_error(tmp_path, runs, capsys):
     assert "no study named 'missing'" in capsys.readouterr().err
 
 
-def test_logit_average_equals_the_hand_computed_mean(tmp_path, study_url, runs):
+def test_top_k_logit_average_equals_the_hand_computed_mean(tmp_path, study_url, runs):
     with pytest.warns(MemberSkippedWarning):
-        results = ensemble_build.build(build_args(tmp_path, study_url, "tiny", "--method", "logits", "--top-k", "3"))
-    result = results["logits"]
-    out = tmp_path / "out" / "logits"
+        args = build_args(tmp_path, study_url, "tiny", "--method", "top-k", "--top-k", "3", "--exclude-early-stopped")
+        results = ensemble_build.build(args)
+    out = tmp_path / "out" / "top-k"
+    manifest = json.loads((out / "predictor" / "manifest.json").read_text())
     for task in TASKS:
-        for split, outputs in (("dev", result.dev_outputs), ("test", result.test_outputs)):
+        result = results[task]
+        for split, values in (("dev", result.choices["top-k"].values), ("test", result.test["top-k"]["values"])):
             by_hand = hand_mean(runs, task, split)
-            np.testing.assert_allclose(outputs[task]["values"], by_hand, rtol=0, atol=1e-12)
+            np.testing.assert_allclose(values, by_hand, rtol=0, atol=1e-12)
             rows = read_csv(out / "predictions" / f"{task}-{split}-out.csv")
             assert len(rows) == 1 + len(by_hand)
             if task == "sts":
                 np.testing.assert_allclose([float(r[1]) for r in rows[1:]], by_hand, atol=6e-5)
-    summary = json.loads((out / "summary.json").read_text())
-    ensemble = next(r for r in summary["rows"] if r["kind"] == "ensemble")
+        assert {m["artifact_dir"] for m in manifest["tasks"][task]["members"]} == {str(r) for r in runs}
+        assert manifest["tasks"][task]["inference_cost"] == 3 * (2 if task == "sts" else 1)  # sts bi-encoded
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    row = next(r for r in summary["rows"] if r["name"] == "top-k" and r["task"] == "sts")
     with np.load(runs[0] / "outputs" / "sts-dev.npz") as npz:
         labels = npz["labels"]
-    assert ensemble["metrics"]["sts"] == pytest.approx(task_metric("sts", hand_mean(runs, "sts", "dev"), labels))
-    assert [r["kind"] for r in summary["rows"]] == ["member"] * 3 + ["best single", "ensemble"]
-    manifest = json.loads((out / "predictor" / "manifest.json").read_text())
-    assert [m["artifact_dir"] for m in manifest["members"]] == [str(r) for r in runs]
-    assert (out / "summary.md").read_text().count("\n|") >= 6
-    assert (out / "objective_vs_size.png").stat().st_size > 0 and (out / "sts_dev_scatter.png").stat().st_size > 0
+    assert row["dev"] == pytest.approx(task_metric("sts", hand_mean(runs, "sts", "dev"), labels))
+    assert row["estimate"]["splits"] == 20 and row["estimate"]["gain_mean"] is not None
+    kinds = [r["kind"] for r in summary["rows"] if r["task"] == "sts"]
+    assert kinds == ["baseline", "selected", "selected"] + ["member"] * 3
+    assert (tmp_path / "out" / "summary.md").read_text().count("\n|") >= 3 * 8
+    assert (tmp_path / "out" / "sts_dev_vs_size.png").stat().st_size > 0 and (out / "sts_dev_scatter.png").stat().st_size > 0
 
 
 def test_uniform_soup_of_identical_checkpoints_equals_the_checkpoint(tmp_path, runs):
@@ -175,72 +165,82 @@ def test_uniform_soup_of_identical_checkpoints_equals_the_checkpoint(tmp_path, r
     assert all(torch.equal(soup[k], original[k]) for k in original)
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = new_study(url, "same")
-    for copy in copies:
-        add_trial(study, copy, overall_of(runs[0]))
+    tiny_study(url, "same", copies)
     results = ensemble_build.build(build_args(tmp_path, url, "same", "--method", "uniform-soup", "--no-cache"))
     predictor = tmp_path / "out" / "uniform-soup" / "predictor"
-    saved = load_file(str(predictor / "model.safetensors"))
-    assert all(torch.equal(saved[k], original[k]) for k in original)
+    saved = load_file(str(predictor / "soup-1" / "model.safetensors"))  # one soup folder serves all three tasks
+    assert all(torch.equal(saved[k], original[k]) for k in original) and not (predictor / "soup-2").exists()
     # The soup, run again on dev, reproduces the trainer's saved dev outputs of the checkpoint.
     for task in TASKS:
-        np.testing.assert_allclose(
-            results["uniform-soup"].dev_outputs[task]["values"], npz_values(runs[0], task, "dev"), atol=1e-5
-        )
+        np.testing.assert_allclose(results[task].choices["uniform-soup"].values, npz_values(runs[0], task, "dev"), atol=1e-5)
 
 
-def test_greedy_soup_never_scores_below_its_first_member(tmp_path, study_url, runs):
+def test_greedy_soup_keeps_a_member_only_when_it_strictly_improves(tmp_path, study_url, runs):
     with pytest.warns(MemberSkippedWarning):
-        results = ensemble_build.build(build_args(tmp_path, study_url, "tiny", "--method", "all", "--fit-weights"))
-    greedy = results["greedy-soup"]
-    steps = greedy.details["steps"]
-    assert steps[0]["kept"] and len(steps) == 3
-    first_alone = steps[0]["objective"]
-    assert greedy.rows[0].objective >= first_alone
-    assert greedy.rows[0].objective == max(s["objective"] for s in steps if s["kept"])
-    # The first ingredient is the member with the best dev score, and run alone it scores what its outputs say.
-    first = greedy.details["order"][0]
-    member_scores = {
-        f"trial {i}": score_outputs(align_outputs(["a"], [outputs_of(r)], "dev")[0], TASKS, "overall")[1]
-        for i, r in enumerate(runs)
-    }
-    assert member_scores[first] == max(member_scores.values())
-    assert first_alone == pytest.approx(member_scores[first], abs=1e-6)
-    root = tmp_path / "out"
-    for method in ("logits", "uniform-soup", "greedy-soup"):
-        assert (root / method / "summary.md").is_file() and (root / method / "predictions" / "sts-test-out.csv").is_file()
-    assert (root / "greedy-soup" / "predictor" / "config.json").is_file()
-    summary = json.loads((root / "summary.json").read_text())
-    assert "weight_fit" in summary["methods"]["logits"]
-    fit = summary["methods"]["logits"]["weight_fit"]
-    assert fit["uniform_dev"] is not None and fit["cv_dev"] is not None and abs(sum(fit["weights"]) - 1) < 1e-9
-    assert (root / "objective_vs_size.png").is_file()
-
-
-def outputs_of(run: Path) -> dict:
-    outputs = {}
+        args = build_args(tmp_path, study_url, "tiny", "--method", "all", "--fit-weights", "--exclude-early-stopped")
+        results = ensemble_build.build(args)
     for task in TASKS:
-        with np.load(run / "outputs" / f"{task}-dev.npz") as npz:
-            outputs[task] = {"ids": npz["ids"], "values": npz["values"], "labels": npz["labels"]}
-    return outputs
+        pool, greedy = results[task].pool, results[task].choices["greedy-soup"]
+        steps = greedy.details["steps"]
+        assert len(steps) == 3 and steps[0]["kept"]
+        assert steps[0]["member"] == pool.members[pool.ranking()[0]].name  # the task's best member first
+        best = steps[0]["score"]
+        for step in steps[1:]:
+            assert step["kept"] == (step["score"] > best)
+            best = max(best, step["score"])
+        assert pool.score(greedy.values) == pytest.approx(best)
+    root = tmp_path / "out"
+    for method in ("caruana", "top-k", "fitted", "uniform-soup", "greedy-soup"):
+        assert (root / method / "summary.md").is_file() and (root / method / "predictions" / "sts-test-out.csv").is_file()
+    assert (root / "greedy-soup" / "predictor" / "soup-1" / "config.json").is_file()
+    summary = json.loads((root / "summary.json").read_text())
+    fitted = next(r for r in summary["rows"] if r["name"] == "fitted" and r["task"] == "sts")
+    fit = fitted["extra"]["details"]["weight_fit"]
+    assert fit["uniform_dev"] is not None and abs(sum(fit["weights"]) - 1) < 1e-9
+    assert {r["name"] for r in summary["rows"] if r["kind"] == "selected"} == {
+        "best single", "caruana", "top-k", "fitted", "uniform-soup", "greedy-soup"
+    }  # fmt: skip
+    assert (root / "para_dev_vs_size.png").is_file()
 
 
-@pytest.mark.parametrize("method", ["logits", "uniform-soup"])
+def head_of(source: Path, target: Path, rows: int) -> None:
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    target.write_text("".join(lines[: rows + 1]), encoding="utf-8")
+
+
+@pytest.mark.parametrize("method", ["top-k", "uniform-soup"])
 def test_predict_round_trip(tmp_path, study_url, runs, method):
     with pytest.warns(MemberSkippedWarning):
         results = ensemble_build.build(build_args(tmp_path, study_url, "tiny", "--method", method, "--top-k", "2"))
     # A new file in the CS224N format: the first 10 STS dev rows, labels kept.
-    lines = (DATA_DIR / "sts-dev.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     new_file = tmp_path / "my-sts-pairs.csv"
-    new_file.write_text("".join(lines[:11]), encoding="utf-8")
+    head_of(DATA_DIR / "sts-dev.csv", new_file, 10)
     ensemble_dir = tmp_path / "out" / method
     assert ensemble_predict.main(["--ensemble", str(ensemble_dir), "--input", str(new_file)]) == 0
     written = read_csv(ensemble_dir / "predict" / "my-sts-pairs-sts-out.csv")
     assert written[0] == ["id", "Predicted_Similarity"] and len(written) == 11
-    dev = results[method].dev_outputs["sts"]
-    expected = dict(zip(dev["ids"], dev["values"], strict=True))
+    dev = results["sts"]
+    expected = dict(zip(dev.pool.ids, dev.choices[method].values, strict=True))
     for row_id, value in written[1:]:
         assert float(value) == pytest.approx(expected[row_id], abs=1e-4)
+    # Every covered task's dev and test files of a data dir (here: their first rows).
+    data = tmp_path / "data"
+    data.mkdir()
+    for task in TASKS:
+        for split in ("dev", "test"):
+            path = TASK_FILES[task].path(split, DATA_DIR)
+            head_of(path, data / path.name, 12)
+    argv = ["--ensemble", str(ensemble_dir), "--splits", "dev", "test", "--data-dir", str(data)]
+    assert ensemble_predict.main(argv) == 0
+    for task in TASKS:
+        for split in ("dev", "test"):
+            assert len(read_csv(ensemble_dir / "predict" / f"{task}-{split}-out.csv")) == 13
+        expected = dict(zip(results[task].pool.ids, results[task].choices[method].values, strict=True))
+        rows = read_csv(ensemble_dir / "predict" / f"{task}-dev-out.csv")[1:]
+        predicted = {r[0]: r[1] for r in rows}
+        assert set(predicted) <= set(expected)
+        if task == "sts":
+            assert all(float(predicted[i]) == pytest.approx(expected[i], abs=1e-4) for i in predicted)
 
 
 def test_predict_infers_the_task_or_asks(tmp_path):
@@ -254,7 +254,7 @@ def test_predict_infers_the_task_or_asks(tmp_path):
 
 def test_incompatible_checkpoints_are_refused_with_the_key(tmp_path, study_url, runs):
     with pytest.warns(MemberSkippedWarning):
-        members = select_members("tiny", study_url, top_k=3).members
+        members = load_pool(["tiny"], study_url, include_early_stopped=False).members
     check_compatible(members)  # same init, heads and architecture: fine
     other = tmp_path / "other-pooling"
     shutil.copytree(runs[1], other)
@@ -263,7 +263,7 @@ def test_incompatible_checkpoints_are_refused_with_the_key(tmp_path, study_url, 
     (other / "config.json").write_text(json.dumps(config))
     members[1].config = config
     members[1].artifact_dir = other
-    with pytest.raises(IncompatibleMembersError, match=r"trial 1 .*train\.pooling"):
+    with pytest.raises(IncompatibleMembersError, match=r"tiny/trial 1 .*train\.pooling"):
         check_compatible(members)
     members[1].config = json.loads((runs[1] / "config.json").read_text())
     members[1].config["train"]["seed"] = 7  # a different random init
@@ -271,15 +271,28 @@ def test_incompatible_checkpoints_are_refused_with_the_key(tmp_path, study_url, 
         check_compatible(members)
 
     url = f"sqlite:///{tmp_path / 'optuna2.db'}"
-    study = new_study(url, "mixed")
-    add_trial(study, runs[0], 0.9)
-    add_trial(study, other, 0.8)
-    with pytest.raises(EnsembleError, match="train.pooling"):
+    study = tiny_study(url, "mixed", [runs[0], other])
+    with pytest.raises(EnsembleError, match="train.pooling"):  # no task can have a soup
         ensemble_build.build(build_args(tmp_path, url, "mixed", "--method", "uniform-soup"))
-    add_trial(study, runs[2], 0.7)  # compatible: the soup goes on without the refused member
+    assert not (tmp_path / "out").exists()
+    add_trial(study, runs[2], 0.7)  # compatible with trial 0: soups go on without the refused member
     results = ensemble_build.build(build_args(tmp_path, url, "mixed", "--method", "uniform-soup"))
-    assert results["uniform-soup"].rows[0].members == [0, 2]
-    assert "refused: cannot average trial 1" in (tmp_path / "out" / "uniform-soup" / "summary.md").read_text()
+    for result in results.values():
+        if "uniform-soup" in result.choices:
+            assert result.names(result.choices["uniform-soup"]) == ["mixed/trial 0", "mixed/trial 2"]
+        else:
+            assert "train.pooling" in result.refused["uniform-soup"]
+    assert "cannot average mixed/trial 1" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_the_seed_counts_only_for_heads_with_parameters():
+    bi_cosine = {"tasks": ["sts"], "pair_encoding": "bi", "sts_head": "cosine", "seed": 3, "model_config": None}
+    assert "seed" not in init_signature(bi_cosine)  # 5 * cos(u, v): nothing drawn from the seed
+    per_task = bi_cosine | {"pair_encoding": {"sts": "bi"}, "sts_head": {"sts": "cosine"}}
+    assert "seed" not in init_signature(per_task)
+    assert init_signature(bi_cosine | {"sts_head": "regression"})["seed"] == 3  # a linear head
+    assert init_signature(bi_cosine | {"tasks": ["sts", "sst"]})["seed"] == 3  # the SST head
+    assert init_signature(bi_cosine | {"model_config": {"hidden_size": 32}})["seed"] == 3  # a random encoder
 
 
 def test_weight_fitting_is_kept_only_when_it_wins_cross_validation():
@@ -317,38 +330,34 @@ def test_a_member_without_test_outputs_is_run_on_test(tmp_path, runs):
     for task in TASKS:
         (stopped / "outputs" / f"{task}-test.npz").unlink()
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = new_study(url, "stopped")
-    add_trial(study, runs[0], 0.9)
+    study = tiny_study(url, "stopped", [runs[0]])
     add_trial(study, stopped, None, state=optuna.trial.TrialState.PRUNED, early_stopped=True)
-    results = ensemble_build.build(build_args(tmp_path, url, "stopped", "--method", "logits", "--include-early-stopped"))
-    assert any("trial 1 saved no test outputs" in note for note in results["logits"].notes)
+    results = ensemble_build.build(build_args(tmp_path, url, "stopped", "--method", "top-k", "--top-k", "2"))
+    notes = json.loads((tmp_path / "out" / "summary.json").read_text())["notes"]
+    assert "stopped/trial 1 saved no test outputs for sst, para, sts: ran its checkpoint on test" in notes
     for task in TASKS:
-        np.testing.assert_allclose(results["logits"].test_outputs[task]["values"], hand_mean(runs[:2], task, "test"), atol=1e-5)
+        np.testing.assert_allclose(results[task].test["top-k"]["values"], hand_mean(runs[:2], task, "test"), atol=1e-5)
 
 
 def test_soup_evaluations_are_cached_until_a_checkpoint_changes(tmp_path, runs, monkeypatch):
     import os
 
-    import model.train
-    from ensemble.soup import SoupEvaluator
+    import model.evaluation
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = new_study(url, "cache")
     member_dir = tmp_path / "member"
     shutil.copytree(runs[0], member_dir)
-    add_trial(study, member_dir, 0.9)
-    members = select_members("cache", url, top_k=1).members
-    evaluate = SoupEvaluator(TASKS, "overall", DATA_DIR, "cpu", tmp_path / "cache")
-    first = evaluate(members)
+    tiny_study(url, "cache", [member_dir])
+    members = load_pool(["cache"], url).members
+    first = SoupEvaluator(DATA_DIR, "cpu", tmp_path / "cache")(members)
 
     def no_model_runs(*args, **kwargs):
         raise AssertionError("the model ran although the result was cached")
 
-    monkeypatch.setattr(model.train, "evaluate_model", no_model_runs)
-    again = evaluate(members)
-    assert again.objective == first.objective
-    np.testing.assert_array_equal(again.outputs["sts"]["values"], first.outputs["sts"]["values"])
+    monkeypatch.setattr(model.evaluation, "evaluate_model", no_model_runs)
+    again = SoupEvaluator(DATA_DIR, "cpu", tmp_path / "cache")(members)  # a new process would start like this
+    np.testing.assert_array_equal(again["sts"]["values"], first["sts"]["values"])
     weights_file = member_dir / "model.safetensors"
     os.utime(weights_file, ns=(weights_file.stat().st_atime_ns, weights_file.stat().st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="the model ran"):
-        evaluate(members)
+        SoupEvaluator(DATA_DIR, "cpu", tmp_path / "cache")(members)

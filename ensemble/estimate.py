@@ -1,0 +1,97 @@
+"""Honest estimates: how a dev-selected predictor scores on rows its selection did not see.
+
+A predictor chosen on dev (the best single trial, top-k, Caruana, fitted weights, a greedy soup) and
+then scored on the same dev looks better than it is. The out-of-selection estimate repeats, for
+``splits`` seeded random halves (A, B) of dev:
+
+    choice_s = procedure(A_s)            the same selection procedure, run on half A only
+    score_s  = metric(choice_s, B_s)     its score on the other half
+
+and reports mean_s score_s and their standard deviation. The baseline (the usual recipe, a fixed
+trial, no selection) is scored on the same B halves, so each procedure's gain over it is paired:
+gain_s = score_s - metric(baseline, B_s), reported as mean and sd. Each B half is half of dev, so
+the spread is that of a half-size dev set: wider than the full dev set's own noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ensemble.selection import Procedure
+from ensemble.taskpool import TaskPool
+
+DEFAULT_SPLITS = 20
+DEFAULT_SEED = 0
+
+
+def halves(rows: int, splits: int = DEFAULT_SPLITS, seed: int = DEFAULT_SEED) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``splits`` random (A, B) partitions of range(rows) into halves (A gets the smaller one when odd)."""
+    if rows < 4:
+        raise ValueError(f"{rows} dev rows are too few to split into halves")
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for _ in range(splits):
+        order = rng.permutation(rows)
+        pairs.append((np.sort(order[: rows // 2]), np.sort(order[rows // 2 :])))
+    return pairs
+
+
+@dataclass
+class Estimate:
+    """Out-of-selection scores of one procedure over the splits (and gains over the baseline)."""
+
+    scores: list[float]
+    gains: list[float] | None  # None without a baseline
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.scores))
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.scores, ddof=1)) if len(self.scores) > 1 else float("nan")
+
+    @property
+    def gain_mean(self) -> float | None:
+        return None if self.gains is None else float(np.mean(self.gains))
+
+    @property
+    def gain_sd(self) -> float | None:
+        if self.gains is None:
+            return None
+        return float(np.std(self.gains, ddof=1)) if len(self.gains) > 1 else float("nan")
+
+    def to_dict(self) -> dict:
+        return {
+            "mean": self.mean,
+            "sd": self.sd,
+            "gain_mean": self.gain_mean,
+            "gain_sd": self.gain_sd,
+            "splits": len(self.scores),
+            "scores": self.scores,
+            "gains": self.gains,
+        }
+
+
+def out_of_selection(
+    pool: TaskPool,
+    procedures: Mapping[str, Procedure],
+    baseline: Procedure | None = None,
+    splits: int = DEFAULT_SPLITS,
+    seed: int = DEFAULT_SEED,
+) -> dict[str, Estimate]:
+    """Select with each procedure on half A of each split and score on half B; the baseline (when
+    given) is scored on the same B halves and appears under "baseline"."""
+    named = dict(procedures) | ({"baseline": baseline} if baseline is not None else {})
+    scores: dict[str, list[float]] = {name: [] for name in named}
+    for a, b in halves(len(pool.labels), splits, seed):
+        for name, procedure in named.items():
+            scores[name].append(pool.score(procedure(a).values, b, f"{pool.task} {name}"))
+    base = scores.get("baseline")
+    return {
+        name: Estimate(values, None if base is None else [s - s0 for s, s0 in zip(values, base, strict=True)])
+        for name, values in scores.items()
+    }

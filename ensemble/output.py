@@ -1,0 +1,138 @@
+"""Writing an ensemble build: per method, the predictor (a per-task manifest plus soup model folders) and
+the leaderboard CSVs; the per-task tables and plots. Each file is written atomically, and only after
+everything was computed (ensemble.build)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ensemble.estimate import Estimate
+from ensemble.members import Member, TaskOutputs
+from ensemble.report import Curve, Row, plot_score_vs_size, plot_sts_scatter, write_summary
+from ensemble.selection import Choice
+from ensemble.soup import write_soup_predictor
+from ensemble.taskpool import TaskPool, encoder_passes
+from model.metrics import atomic_write_text, write_predictions
+
+MANIFEST_FORMAT = 2
+
+
+@dataclass
+class TaskResult:
+    """One task's outcome: every predictor chosen on all of dev, and the estimates of their procedures."""
+
+    pool: TaskPool
+    choices: dict[str, Choice]  # "best single" and each method built for this task
+    refused: dict[str, str]  # method -> why it could not be built for this task
+    estimates: dict[str, Estimate]  # out-of-selection, per procedure ("baseline" included when there is one)
+    baseline: int | None  # pool index of the baseline member
+    test: dict[str, TaskOutputs] = field(default_factory=dict)  # method -> the predictor's test outputs
+
+    def names(self, choice: Choice) -> list[str]:
+        return [self.pool.members[i].name for i in choice.members]
+
+    def members(self, choice: Choice) -> list[Member]:
+        return [self.pool.members[i] for i in choice.members]
+
+
+def member_row(pool: TaskPool, index: int, name: str, kind: str, **fields) -> Row:
+    member = pool.members[index]
+    score = pool.score(pool.values[index], who=member.name)
+    return Row(pool.task, name, kind, [member.name], encoder_passes(member.config, pool.task), score, **fields)
+
+
+def rows_of(result: TaskResult) -> list[Row]:
+    """The task's table: the baseline, the dev-selected predictors, refusals, then every member."""
+    pool, rows = result.pool, []
+    if result.baseline is not None:
+        estimate = result.estimates["baseline"].to_dict() | {"gain_mean": None, "gain_sd": None}
+        rows.append(
+            member_row(pool, result.baseline, "baseline (usual recipe)", "baseline", estimate=estimate, note="not selected")
+        )
+    for name, choice in result.choices.items():
+        dev = pool.score(choice.values, who=f"{pool.task} {name}")
+        estimate = result.estimates[name].to_dict()
+        note = "; ".join(choice.details.get("refused", []))  # soups: the members left out, and why
+        rows.append(
+            Row(pool.task, name, "selected", result.names(choice), choice.cost(pool), dev, estimate, choice.weights,
+                note, {"details": choice.details})
+        )  # fmt: skip
+    rows += [Row(pool.task, name, "refused", [], 0, float("nan"), note=why) for name, why in result.refused.items()]
+    for index in pool.ranking():
+        note = "early-stopped" if pool.members[index].early_stopped else ""
+        rows.append(member_row(pool, index, pool.members[index].name, "member", note=note))
+    return rows
+
+
+def curves_of(result: TaskResult) -> dict[str, Curve]:
+    """Dev score against ensemble size: top-n uniform, Caruana's additions, greedy soup candidates."""
+    pool, ranking = result.pool, result.pool.ranking()
+    curves: dict[str, Curve] = {}
+    for n in range(1, len(ranking) + 1):
+        weights = np.zeros(len(ranking))
+        weights[ranking[:n]] = 1.0 / n
+        curves.setdefault("top-n uniform", []).append((n, pool.score(pool.mix(weights))))
+    if "caruana" in result.choices:
+        curves["Caruana"] = list(enumerate(result.choices["caruana"].details["history"], start=1))
+    if "greedy-soup" in result.choices:
+        steps = result.choices["greedy-soup"].details["steps"]
+        curves["greedy soup: candidate"] = [(i, step["score"]) for i, step in enumerate(steps, start=1)]
+    return curves
+
+
+def described(result: TaskResult, choice: Choice) -> list[dict]:
+    return [
+        {"name": m.name, "study": m.study, "trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": float(w)}
+        for m, w in zip(result.members(choice), choice.weights, strict=True)
+    ]
+
+
+def write_method(directory: Path, method: str, results: dict[str, TaskResult], header: dict) -> None:
+    """One method's predictor, leaderboard CSVs, summary and STS scatter plot."""
+    tasks, soups = {}, {}
+    for task, result in results.items():
+        if method not in result.choices:
+            continue
+        choice = result.choices[method]
+        entry = {"method": method, "kind": choice.kind, "members": described(result, choice)}
+        entry |= {"inference_cost": choice.cost(result.pool), "dev": result.pool.score(choice.values, who=method)}
+        if choice.kind == "soup":  # one model folder per distinct member set, shared by the tasks choosing it
+            key = tuple(result.names(choice))
+            if key not in soups:
+                soups[key] = f"soup-{len(soups) + 1}"
+                write_soup_predictor(directory / "predictor" / soups[key], result.members(choice), None, method)
+            entry["soup_dir"] = soups[key]
+        tasks[task] = entry
+        for split, out in (("dev", {"ids": result.pool.ids, "values": choice.values}), ("test", result.test[method])):
+            write_predictions(directory / "predictions" / f"{task}-{split}-out.csv", task, out["ids"], out["values"])
+        if task == "sts":
+            r = entry["dev"]
+            title = f"{method}: STS dev, Pearson r = {r:.3f}"
+            plot_sts_scatter(directory / "sts_dev_scatter.png", choice.values, result.pool.labels, title)
+    manifest = {"format": MANIFEST_FORMAT, "method": method, "studies": header["studies"], "tasks": tasks}
+    atomic_write_text(directory / "predictor" / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    rows = [r for result in results.values() for r in rows_of(result) if r.name in (method, "baseline (usual recipe)")]
+    write_summary(directory, f"Ensemble {method} of {' + '.join(header['studies'])}", header, rows)
+
+
+def write_build(root: Path, methods: tuple[str, ...], results: dict[str, TaskResult], header: dict) -> str:
+    """Every method's folder, then the combined summary and per-task plots; returns the markdown."""
+    for method in methods:
+        if any(method in r.choices for r in results.values()):
+            write_method(root / method, method, results, header)
+    for task, result in results.items():
+        best = result.pool.score(result.choices["best single"].values)
+        metric = "Pearson r" if task == "sts" else "accuracy"
+        title = f"{' + '.join(header['studies'])}: {task}"
+        plot_score_vs_size(root / f"{task}_dev_vs_size.png", curves_of(result), metric, best, title)
+    rows = [row for result in results.values() for row in rows_of(result)]
+    preamble = (
+        "In-sample: chosen and scored on all of dev (optimistic). Out-of-selection: the same procedure run on "
+        f"one half of dev, scored on the other, over {header['settings']['splits']} random halves (mean ± sd). "
+        "Gain: paired with the baseline on the same halves. Passes: encoder passes per example.\n\n"
+    )
+    return write_summary(root, f"Ensembles of {' + '.join(header['studies'])}", header, rows, preamble)

@@ -1,0 +1,157 @@
+"""Per-task selection procedures: each turns the rows of a selection set (all of dev, or half of it for
+ensemble.estimate) into a chosen predictor for one task, judged by that task's own metric.
+
+- best single: the member with the best score;
+- top-k: the k best members, outputs averaged with uniform weights;
+- fitted: the k best members with weights fitted on the rows (ensemble.logits.fit_weights), kept only
+  when they beat uniform weights in k-fold cross-validation within the rows;
+- caruana: ensemble selection with replacement (ensemble.caruana);
+- uniform soup: one model, the mean of the weights of the members that can be averaged with the best;
+- greedy soup: those members by score, each kept only if the soup's score strictly improves.
+Soups are run on all of dev once per member set (SoupEvaluator caches them), so a procedure that
+selects on some rows only scores those rows of the cached outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ensemble.caruana import DEFAULT_INIT_SIZE, DEFAULT_ROUNDS, caruana_select
+from ensemble.logits import fit_weights
+from ensemble.members import EnsembleError, Member
+from ensemble.soup import SoupEvaluator, compatible_members, greedy_soup
+from ensemble.taskpool import TaskPool, encoder_passes
+
+LOGIT_METHODS = ("caruana", "top-k", "fitted")
+SOUP_METHODS = ("uniform-soup", "greedy-soup")
+METHODS = (*LOGIT_METHODS, *SOUP_METHODS)
+
+
+@dataclass
+class Choice:
+    """A predictor for one task: pool members with weights (logit average) or a soup of members."""
+
+    method: str
+    kind: str  # "logits" or "soup"
+    members: list[int]  # indexes into the task pool, selection order
+    weights: list[float]  # same length; a soup's are uniform
+    values: np.ndarray  # its dev outputs on all rows
+    details: dict = field(default_factory=dict)
+
+    def cost(self, pool: TaskPool) -> int:
+        """Encoder passes per example: a soup is one model; a logit average runs each distinct member
+        with nonzero weight."""
+        used = [pool.members[i] for i, w in zip(self.members, self.weights, strict=True) if w > 0]
+        if self.kind == "soup":
+            used = used[:1]
+        return sum(encoder_passes(m.config, pool.task) for m in used)
+
+
+Procedure = Callable[[np.ndarray], Choice]  # selection rows -> chosen predictor
+
+
+@dataclass
+class Settings:
+    top_k: int = 5
+    caruana_init: int = DEFAULT_INIT_SIZE
+    caruana_rounds: int = DEFAULT_ROUNDS
+    folds: int = 5
+
+
+class Selector:
+    """The procedures for one task pool."""
+
+    def __init__(self, pool: TaskPool, evaluate: SoupEvaluator | None, settings: Settings):
+        self.pool, self.evaluate, self.settings = pool, evaluate, settings
+        self.soups: dict[tuple[int, ...], np.ndarray] = {}
+        self.compatible: dict[int, tuple[list[int], list[str]]] = {}
+
+    def procedures(self, methods: tuple[str, ...]) -> dict[str, Procedure]:
+        """The named procedures: "best single" and each of ``methods``."""
+        table: dict[str, Procedure] = {
+            "best single": self.best_single,
+            "top-k": self.top_k,
+            "fitted": self.fitted,
+            "caruana": self.caruana,
+            "uniform-soup": self.uniform_soup,
+            "greedy-soup": self.greedy_soup,
+        }
+        return {name: table[name] for name in ("best single", *methods)}
+
+    def logits(self, method: str, members: list[int], weights: list[float], **details) -> Choice:
+        full = np.zeros(len(self.pool.members))
+        np.add.at(full, members, weights)
+        return Choice(method, "logits", members, weights, self.pool.mix(full), details)
+
+    def fixed(self, index: int) -> Procedure:
+        """A member chosen without looking at dev (the baseline)."""
+        return lambda rows: self.logits("fixed", [index], [1.0])
+
+    def best_single(self, rows: np.ndarray) -> Choice:
+        return self.logits("best single", self.pool.ranking(rows)[:1], [1.0])
+
+    def top_k(self, rows: np.ndarray) -> Choice:
+        top = self.pool.ranking(rows)[: self.settings.top_k]
+        return self.logits("top-k", top, [1.0 / len(top)] * len(top))
+
+    def fitted(self, rows: np.ndarray) -> Choice:
+        top = self.pool.ranking(rows)[: self.settings.top_k]
+        task, ids, labels = self.pool.task, self.pool.ids[rows], self.pool.labels[rows]
+        outputs = [{task: {"ids": ids, "values": self.pool.values[i][rows], "labels": labels}} for i in top]
+        fit = fit_weights(outputs, [task], task, "maximize", folds=self.settings.folds)
+        return self.logits("fitted", top, list(fit.weights), weight_fit=fit.to_dict())
+
+    def caruana(self, rows: np.ndarray) -> Choice:
+        s = self.settings
+        result = caruana_select(self.pool.values, self.pool.scorer("caruana"), rows, s.caruana_init, s.caruana_rounds)
+        chosen = [i for i, c in enumerate(result.counts) if c > 0]
+        return self.logits("caruana", chosen, [result.weights[i] for i in chosen], counts=result.counts, history=result.history)
+
+    # ------------------------------------------------------------------------------------- soups
+
+    def soup_values(self, indexes: list[int]) -> np.ndarray:
+        """Dev outputs of the soup of these pool members (a member alone: its saved outputs)."""
+        key = tuple(sorted(indexes))
+        if key not in self.soups:
+            if len(key) == 1:
+                self.soups[key] = self.pool.values[key[0]]
+            else:
+                if self.evaluate is None:
+                    raise EnsembleError("soups need a SoupEvaluator")
+                members = [self.pool.members[i] for i in key]
+                outputs = self.evaluate(members, "dev")[self.pool.task]
+                names = ", ".join(m.name for m in members)
+                aligned = self.pool.align(outputs, f"the soup of {names}")
+                self.soups[key] = np.asarray(aligned["values"], dtype=np.float64)
+        return self.soups[key]
+
+    def soup_pool(self, rows: np.ndarray) -> tuple[list[int], list[str]]:
+        """The best member on ``rows`` and the members that can be averaged with it, by score on rows."""
+        ranking = self.pool.ranking(rows)
+        reference = ranking[0]
+        if reference not in self.compatible:
+            members: list[Member] = self.pool.members
+            found, refusals = compatible_members(members[reference], members)
+            self.compatible[reference] = ([self.pool.index(m) for m in found], refusals)
+        indexes, refusals = self.compatible[reference]
+        return sorted(indexes, key=ranking.index), refusals
+
+    def soup(self, method: str, indexes: list[int], **details) -> Choice:
+        return Choice(method, "soup", indexes, [1.0 / len(indexes)] * len(indexes), self.soup_values(indexes), details)
+
+    def uniform_soup(self, rows: np.ndarray) -> Choice:
+        indexes, refusals = self.soup_pool(rows)
+        return self.soup("uniform-soup", indexes, refused=refusals)
+
+    def greedy_soup(self, rows: np.ndarray) -> Choice:
+        indexes, refusals = self.soup_pool(rows)
+        members = [self.pool.members[i] for i in indexes]
+
+        def score(soup: list[Member]) -> float:
+            return self.pool.score(self.soup_values([self.pool.index(m) for m in soup]), rows, "greedy soup")
+
+        kept, steps = greedy_soup(members, score)
+        return self.soup("greedy-soup", [self.pool.index(m) for m in kept], refused=refusals, steps=[s.__dict__ for s in steps])

@@ -1,0 +1,130 @@
+"""One task's view of the member pool: the members that train the task, their dev outputs stacked in
+one row order, the gold labels, and the task's own metric on any subset of rows.
+
+Also the inference cost of a predictor: encoder passes per example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ensemble.members import EnsembleError, Member, Pool, TaskOutputs
+from model.metrics import task_metric
+
+PAIR_TASKS = ("para", "sts")
+
+
+def task_setting(train: dict, name: str, task: str) -> object:
+    """A trainer setting for one task: ``train[name]`` is one value for all tasks or {task: value}
+    (the shape of model.train.TrainConfig.task_value, read here from a config.json dict)."""
+    value = train.get(name)
+    return value.get(task) if isinstance(value, dict) else value
+
+
+def encoder_passes(config: dict, task: str) -> int:
+    """Encoder passes per example of one model on ``task``: 2 for a bi-encoded pair (each sentence
+    alone), else 1 (a single sentence, or a cross-encoded pair)."""
+    bi = task in PAIR_TASKS and task_setting(config["train"], "pair_encoding", task) == "bi"
+    return 2 if bi else 1
+
+
+def checked_metric(task: str, values: np.ndarray, labels: np.ndarray, who: str) -> float:
+    """The task's metric, refusing non-finite inputs or results (never a silent 0.0 or NaN)."""
+    if not np.isfinite(values).all():
+        raise EnsembleError(f"{who}: {task} outputs contain NaN or inf")
+    score = task_metric(task, values, labels)
+    if not math.isfinite(score):
+        raise EnsembleError(f"{who}: {task} metric is {score}")
+    return float(score)
+
+
+def align_to(reference: TaskOutputs, outputs: TaskOutputs, where: str, reference_where: str) -> TaskOutputs:
+    """``outputs`` in ``reference``'s row order. EnsembleError naming both sources when their id sets
+    differ, ids repeat, or the same id carries different gold labels."""
+    ref_ids, ids = reference["ids"], outputs["ids"]
+    if np.array_equal(ids, ref_ids):
+        aligned = outputs
+    else:
+        position = {i: p for p, i in enumerate(ids)}
+        missing = [i for i in ref_ids if i not in position]
+        if missing or len(position) != len(ids) or len(ids) != len(ref_ids):
+            raise EnsembleError(
+                f"{where} and {reference_where} cover different ids: {len(missing)} of the latter's missing "
+                f"(e.g. {missing[:3]}), {len(ids)} rows against {len(ref_ids)}; members must be evaluated on "
+                "the same rows (same data files and eval_limit)"
+            )
+        order = np.array([position[i] for i in ref_ids])
+        aligned = {k: (None if v is None else v[order]) for k, v in outputs.items()}
+    labels, ref_labels = aligned.get("labels"), reference.get("labels")
+    if labels is not None and ref_labels is not None and not np.allclose(labels, ref_labels):
+        raise EnsembleError(f"{where} and {reference_where} have different gold labels for the same ids")
+    return aligned
+
+
+@dataclass
+class TaskPool:
+    task: str
+    members: list[Member]
+    ids: np.ndarray  # (N,) the dev rows, in the first member's order
+    labels: np.ndarray  # (N,)
+    values: np.ndarray  # (M, N) or (M, N, C): each member's dev outputs
+
+    def score(self, values: np.ndarray, rows: np.ndarray | None = None, who: str = "ensemble") -> float:
+        """The task's metric of ``values`` (all N rows) on ``rows`` (default: all)."""
+        if rows is None:
+            return checked_metric(self.task, values, self.labels, who)
+        return checked_metric(self.task, values[rows], self.labels[rows], who)
+
+    def scorer(self, who: str):
+        """score(values, rows) for selection code that knows nothing of tasks."""
+        return lambda values, rows: self.score(values, rows, who)
+
+    def member_scores(self, rows: np.ndarray | None = None) -> list[float]:
+        return [self.score(v, rows, m.name) for m, v in zip(self.members, self.values, strict=True)]
+
+    def ranking(self, rows: np.ndarray | None = None) -> list[int]:
+        """Member indexes, best on ``rows`` first; pool order breaks ties."""
+        scores = self.member_scores(rows)
+        return sorted(range(len(self.members)), key=lambda i: (-scores[i], i))
+
+    def mix(self, weights: Sequence[float]) -> np.ndarray:
+        """The weighted mean of the members' outputs."""
+        return np.tensordot(np.asarray(weights, dtype=np.float64), self.values, axes=1)
+
+    def index(self, member: Member) -> int:
+        return next(i for i, m in enumerate(self.members) if m is member)
+
+    def align(self, outputs: TaskOutputs, where: str) -> TaskOutputs:
+        """Other outputs of this task (a soup's run) in this pool's row order."""
+        reference = {"ids": self.ids, "labels": self.labels}
+        return align_to(reference, outputs, where, f"{self.members[0].outputs_file(self.task, 'dev')}")
+
+
+def task_pool(pool: Pool, task: str) -> TaskPool:
+    """The members of ``pool`` that train ``task``, their dev outputs aligned to the first one's ids."""
+    members = [m for m in pool.members if task in m.tasks]
+    if not members:
+        raise EnsembleError(f"no member of {pool.studies} trains {task!r}")
+    first = members[0]
+    reference = first.outputs["dev"][task]
+    stacked = []
+    for member in members:
+        aligned = align_to(
+            reference,
+            member.outputs["dev"][task],
+            f"{member.name} ({member.outputs_file(task, 'dev')})",
+            f"{first.name} ({first.outputs_file(task, 'dev')})",
+        )
+        stacked.append(np.asarray(aligned["values"], dtype=np.float64))
+    shapes = {v.shape for v in stacked}
+    if len(shapes) != 1:
+        raise EnsembleError(f"{task}: members' dev outputs have different shapes {sorted(shapes)}")
+    return TaskPool(task, members, reference["ids"], np.asarray(reference["labels"]), np.stack(stacked))
+
+
+def task_pools(pool: Pool, tasks: Sequence[str] | None = None) -> dict[str, TaskPool]:
+    return {task: task_pool(pool, task) for task in (tasks or pool.tasks)}
