@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         default="auto",
-        help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with bf16 matrix units (AMX), else fp32",
+        help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with bf16 matrix units (AMX or AVX512_BF16), else fp32",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--train-limit", type=int, default=None, help="use the first N training examples")

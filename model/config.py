@@ -118,7 +118,8 @@ class TrainConfig:
     device: str | None = field(**_help("cpu, cuda or cuda:N (default: cuda when available)", default=None))
     precision: str = field(
         **_help(
-            "fp32, bf16 (autocast), or auto: bf16 on CUDA and on CPUs with bf16 matrix units (AMX), else fp32", default="auto"
+            "fp32, bf16 (autocast), or auto: bf16 on CUDA and on CPUs with bf16 matrix units (AMX or AVX512_BF16), else fp32",
+            default="auto",
         )
     )
     predict_test: bool = field(**_help("write test-set outputs and predictions with the best weights", default=True))

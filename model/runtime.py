@@ -16,10 +16,17 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+# torch's CPU feature probes (private, but the only way to ask; absent probes count as "no").
+BF16_MATMUL_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+
+
 def cpu_has_bf16_matmul() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX); elsewhere bf16 is slower."""
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(check and check())
+    """Whether this CPU multiplies bf16 matrices in hardware: Intel AMX tiles, or AVX512_BF16 dot
+    products (AMD Zen 4 and later, Intel Cooper Lake and later). Measured on an AMD EPYC with
+    AVX512_BF16: a BERT training step 1.7x faster under bf16 autocast than in fp32 (README). Without
+    either, bf16 is emulated and slower than fp32."""
+    probes = (getattr(torch.cpu, name, None) for name in BF16_MATMUL_PROBES)
+    return any(bool(probe and probe()) for probe in probes)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
