@@ -100,12 +100,25 @@ def read_file(path: str | Path, spec: TaskFiles, labelled: bool) -> list[Example
                 texts = tuple(row[c].strip() for c in spec.text_columns)
                 examples.append(Example(row["id"].strip(), texts, label))
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not valid UTF-8 text ({err}); re-save the file as UTF-8") from err
+        raise DataError(f"{undecodable_position(path)}: not valid UTF-8 text ({err.reason}); re-save the file as UTF-8") from err
     if not examples:
         raise DataError(f"{path}: no data rows after the header")
     if skipped:
         warnings.warn(f"{path}: skipped {skipped} row(s) with an empty {spec.label_column!r}", stacklevel=2)
     return examples
+
+
+def undecodable_position(path: Path) -> str:
+    """``path:line:column`` of the first byte that is not UTF-8. The decoder's own offset counts
+    from the start of its read buffer, not of the file, so the file is scanned again line by line."""
+    with open(path, "rb") as fp:
+        for line_number, raw in enumerate(fp, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                column = len(raw[: err.start].decode("utf-8")) + 1
+                return f"{path}:{line_number}:{column} (byte {raw[err.start]:#04x})"
+    return str(path)  # only a multi-line sequence fails, which a line-by-line decode cannot place
 
 
 def parse_label(raw: str, spec: TaskFiles, where: str) -> float | int:

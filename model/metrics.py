@@ -39,18 +39,38 @@ def predicted_labels(task: str, values: np.ndarray) -> np.ndarray:
     raise KeyError(f"unknown task {task!r}; known tasks: {sorted(PREDICTION_COLUMNS)}")
 
 
+class NonFiniteMetricError(ValueError):
+    """A metric was asked of NaN or infinite values: the score is undefined, never 0.0."""
+
+
+def require_finite(task: str, name: str, array: np.ndarray) -> None:
+    """Raise NonFiniteMetricError naming the task and the first row of ``array`` holding NaN or inf."""
+    rows = np.atleast_1d(np.asarray(array))
+    if rows.dtype.kind not in "fc" or rows.size == 0:
+        return
+    bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
+    if len(bad):
+        raise NonFiniteMetricError(f"{task}: {len(bad)} of {len(rows)} {name} are NaN or infinite (first at row {bad[0]})")
+
+
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson r; 0.0 when either side is constant (r is undefined there, and a constant
-    predictor carries no information about the ranking)."""
+    predictor carries no information about the ranking). NaN or infinite values raise
+    NonFiniteMetricError: they mean a broken model, which must not score as uninformative."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    require_finite("pearson", "first values", x)
+    require_finite("pearson", "second values", y)
     x, y = x - x.mean(), y - y.mean()
     denom = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
     return float((x * y).sum() / denom) if denom > 0 else 0.0
 
 
 def task_metric(task: str, values: np.ndarray, labels: np.ndarray) -> float:
-    """Accuracy for sst/cfimdb/para, Pearson r for sts."""
+    """Accuracy for sst/cfimdb/para, Pearson r for sts; NonFiniteMetricError on NaN/inf outputs
+    (an argmax or a threshold would silently turn them into a class)."""
     labels = np.asarray(labels)
+    require_finite(task, "output values", np.asarray(values))
+    require_finite(task, "labels", labels)
     predicted = predicted_labels(task, values)
     if len(predicted) != len(labels):
         raise ValueError(f"{task}: {len(predicted)} predictions but {len(labels)} labels")

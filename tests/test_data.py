@@ -295,7 +295,7 @@ def test_empty_file(tmp_path):
 
 def test_undecodable_bytes(tmp_path):
     (tmp_path / "ids-sst-train.csv").write_bytes(b"\tid\tsentence\tsentiment\n0\ta\tna\xefve \xff\t2\n")
-    with pytest.raises(DataError, match="ids-sst-train.csv: not valid UTF-8"):
+    with pytest.raises(DataError, match=r"ids-sst-train.csv:2:7 \(byte 0xef\): not valid UTF-8"):
         load_examples("sst", "train", tmp_path)
 
 
