@@ -11,8 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from search.storage import DEFAULT_STORAGE_URL
-from search.tune import RESULTS_DIR_ENV, SearchOptions, main_exit
+from search.cluster import prepare_token_auth
+from search.storage import DEFAULT_STORAGE_URL, RESULTS_DIR_ENV
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--results-dir", type=Path, help=f"results folder (default: ${RESULTS_DIR_ENV}, else ./results)")
     parser.add_argument("--data-dir", help="CS224N data directory (default: $MINBERT_DATA, else ./datasets)")
-    parser.add_argument("--address", help="connect to this running Ray cluster instead of starting a local one")
+    parser.add_argument(
+        "--address",
+        help="connect to this running Ray cluster (HOST:PORT of `ray start --head`) instead of starting a local one; "
+        "with a Ray token on this machine (~/.ray/auth_token or $RAY_AUTH_TOKEN) it joins with RAY_AUTH_MODE=token",
+    )
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     parser.add_argument("--trials", type=int, help="override the study's budget.trials")
     parser.add_argument("--max-concurrent", type=int, help="override budget.max_concurrent")
@@ -47,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    # Ray reads RAY_AUTH_MODE once, at import: decide it before search.tune imports Ray.
+    prepare_token_auth(args["address"])
+    from search.tune import SearchOptions, main_exit
+
     return main_exit(SearchOptions(**args))
 
 

@@ -15,13 +15,22 @@ else, because callbacks see every result (the stopping one too), every completio
 
 Resuming: Ray checkpoints the searcher together with its own trial list, so on restore the
 searcher knows exactly which Optuna trials Ray will continue. Any other trial still RUNNING in the
-storage was started after that checkpoint; Ray will never continue it, so it is marked FAIL.
+storage was started after that checkpoint; Ray will never continue it. Such orphans are adopted:
+the searcher's next suggestions hand them out again (same number, params and folder, so the trainer
+resumes from its checkpoint) before it asks Optuna for new trials, and the sampler is reseeded, since
+its restored random state would draw the orphans' params again. No trial is lost or duplicated.
+
+A trial that cannot write its files (a full disk) fails with DiskFullError; the recorder then stops
+the whole study through STUDY_STOP, since every later trial would fail the same way.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +39,7 @@ import ray.cloudpickle as cloudpickle
 from optuna.trial import TrialState
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search import storage as names
@@ -42,15 +52,44 @@ TRIAL_NUMBER_KEY = "optuna_trial_number"
 ORPHAN_ERROR = "interrupted: the driver stopped before Ray's experiment checkpoint recorded this trial, so Ray does not resume it"
 
 
+class DiskFullError(RuntimeError):
+    """A trial could not write its files: the device is full (or the quota spent)."""
+
+
+class StudyStop(threading.Event):
+    """Set, with a reason, when a trial's failure means that every other trial would fail the same way."""
+
+    reason = ""
+
+    def reset(self) -> None:
+        self.reason = ""
+        self.clear()
+
+    def stop(self, reason: str) -> None:
+        if self.is_set():
+            return
+        self.reason = reason
+        self.set()
+        # Ray Tune's own Ctrl-C path: it saves the experiment and ends fit() cleanly, resumable.
+        _thread.interrupt_main(signal.SIGINT)
+
+
+# Process-wide, because Ray restores the callbacks from its saved state: a new object could not reach them.
+STUDY_STOP = StudyStop()
+
+
 def artifact_dir_for(artifacts_root: str | Path, number: int) -> Path:
     return Path(artifacts_root) / str(number)
 
 
+def storage_trial_id(study: optuna.Study, number: int) -> int:
+    """The storage's id of trial ``number`` (Optuna has no public lookup)."""
+    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+
+
 def fail_trial(study: optuna.Study, number: int, message: str) -> None:
     """Mark a RUNNING trial FAIL with its error message as user attr."""
-    storage = study._storage
-    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    storage.set_trial_user_attr(trial_id, names.TRIAL_ERROR, message)
+    study._storage.set_trial_user_attr(storage_trial_id(study, number), names.TRIAL_ERROR, message)
     study.tell(number, state=TrialState.FAIL)
 
 
@@ -73,12 +112,31 @@ class RecordingOptunaSearch(OptunaSearch):
     Ray trial id as user attrs at once, so that the dashboard shows where a running trial writes.
     """
 
-    def __init__(self, *args: Any, artifacts_root: str | Path, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        artifacts_root: str | Path,
+        adopt: list[int] = (),
+        sampler_seed: int = 0,
+        startup_trials: int = 10,
+        max_trials: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._artifacts_root = str(artifacts_root)
+        self._adoptable = list(adopt)  # Optuna numbers of RUNNING trials to hand out before asking new ones
+        self._sampler_seed, self._startup_trials = sampler_seed, startup_trials  # to reseed after a restore
+        # The budget, counted in Optuna: Ray's own count restarts from its last experiment checkpoint,
+        # which may predate trials that ran (and ended) before a driver was killed.
+        self._max_trials = max_trials
         super().__init__(*args, **kwargs)
 
-    def suggest(self, trial_id: str) -> dict | None:
-        params = super().suggest(trial_id)
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._adoptable:
+            params = self._adopt(trial_id, self._adoptable.pop(0))
+        elif trial_id not in self._ot_trials and self._budget_spent():
+            return Searcher.FINISHED
+        else:
+            params = super().suggest(trial_id)
         if params is None:
             return None
         ot_trial = self._ot_trials[trial_id]
@@ -92,10 +150,38 @@ class RecordingOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._completed_trials.add(trial_id)  # OptunaRecorder tells Optuna the outcome
 
+    def _budget_spent(self) -> bool:
+        if self._max_trials is None:
+            return False
+        trials = self._ot_study.get_trials(deepcopy=False)
+        counted = [t for t in trials if t.state != TrialState.WAITING and t.user_attrs.get(names.TRIAL_ERROR) != ORPHAN_ERROR]
+        return len(counted) >= self._max_trials
+
+    def _adopt(self, trial_id: str, number: int) -> dict:
+        """Hand out the RUNNING Optuna trial ``number`` again, under the Ray trial ``trial_id``."""
+        ot_trial = optuna.trial.Trial(self._ot_study, storage_trial_id(self._ot_study, number))
+        self._ot_trials[trial_id] = ot_trial
+        logger.warning(
+            "Optuna trial %d was left running by an interrupted driver; it continues as Ray trial %s", number, trial_id
+        )
+        return dict(ot_trial.params)
+
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         resumed = {t.number for trial_id, t in self._ot_trials.items() if trial_id not in self._completed_trials}
-        fail_running_trials(self._ot_study, keep=resumed)
+        known = {t.number for t in self._ot_trials.values()}
+        orphans = [
+            t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in resumed
+        ]
+        self._adoptable = [n for n in orphans if n not in known]
+        # Still RUNNING although Ray's list says they ended (the driver died in between): not resumable.
+        fail_running_trials(self._ot_study, keep=resumed | set(self._adoptable))
+        if self._adoptable:
+            # The restored random state is the one before the orphans were drawn: it would draw them again.
+            drawn = len([t for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+            self._ot_study.sampler = optuna.samplers.TPESampler(
+                seed=self._sampler_seed + drawn, n_startup_trials=self._startup_trials
+            )
 
 
 class OptunaRecorder(tune.Callback):
@@ -169,7 +255,10 @@ class OptunaRecorder(tune.Callback):
             return
         number, trial_id = ids
         self.study._storage.set_trial_user_attr(trial_id, names.TRIAL_EARLY_STOPPED, False)
-        fail_trial(self.study, number, error_message(trial))
+        message = error_message(trial)
+        fail_trial(self.study, number, message)
+        if message.startswith(f"{DiskFullError.__name__}:"):
+            STUDY_STOP.stop(f"trial {number} could not write its files ({message}); every other trial would fail the same way")
 
 
 def error_message(trial: Any) -> str:

@@ -7,16 +7,22 @@ several machines). Names of the attributes written on studies and trials are def
 
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DB_PATH = PROJECT_ROOT / "studies" / "optuna.db"
 DEFAULT_STORAGE_URL = f"sqlite:///{DEFAULT_DB_PATH}"
+RESULTS_DIR_ENV = "MINBERT_RESULTS"  # where run_search.py writes results (default: <project>/results)
 
 # A dashboard (or another reader) holding the SQLite lock briefly must make a writer wait, not fail.
 SQLITE_BUSY_TIMEOUT_S = 60
+# Seconds to reach a database server before giving up with an error.
+CONNECT_TIMEOUT_S = 10
 
 # Study-level user attributes.
 STUDY_METRIC = "metric"  # trainer metric key of the objective, e.g. "sts" or "overall"
@@ -34,22 +40,90 @@ TRIAL_ERROR = "error"  # error message of a FAIL trial
 TRIAL_RAY_ID = "ray_trial_id"
 
 
-def open_storage(url: str = DEFAULT_STORAGE_URL) -> optuna.storages.RDBStorage:
-    """Open (creating if needed) the Optuna RDB storage at a SQLAlchemy URL."""
+class StorageError(RuntimeError):
+    """The Optuna storage cannot be used; the message is one line naming the URL, its password masked."""
+
+
+def masked_url(url: str) -> str:
+    """The URL with any password replaced by ***, for messages and logs."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not parseable: mask whatever sits between "user:" and "@"
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite:/// URL (None for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///") :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def storage_exists(url: str) -> bool:
+    """False only when the URL names a SQLite file that does not exist yet (a server is assumed to)."""
+    path = sqlite_file(url)
+    return path is None or path.is_file()
+
+
+def describe_error(url: str, error: BaseException) -> str:
+    """One line: the masked URL and the driver's own reason, without SQLAlchemy's SQL, links or the password."""
+    reason = getattr(error, "orig", None) or error
+    text = " ".join(line.strip() for line in str(reason).splitlines() if line.strip())
+    password = None
+    with contextlib.suppress(Exception):
+        password = sqlalchemy.engine.make_url(url).password
+    if password:
+        text = text.replace(str(password), "***")
+    return f"{masked_url(url)}: {type(reason).__name__}: {text}" if text else f"{masked_url(url)}: {type(reason).__name__}"
+
+
+def open_storage(url: str = DEFAULT_STORAGE_URL, create: bool = True) -> optuna.storages.RDBStorage:
+    """Open the Optuna RDB storage at a SQLAlchemy URL; ``create=False`` never creates a SQLite file.
+
+    Every failure (bad URL, missing driver, unreachable server, wrong credentials) is a StorageError
+    whose message is one line naming the URL with its password masked."""
     engine_kwargs: dict = {}
-    if url.startswith("sqlite:///"):
-        db_path = Path(url[len("sqlite:///") :])
-        if str(db_path) not in ("", ":memory:"):
-            db_path.parent.mkdir(parents=True, exist_ok=True)
+    path = sqlite_file(url)
+    if path is not None:
+        if not create and not path.is_file():
+            raise StorageError(f"{masked_url(url)}: no such database file")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageError(f"{masked_url(url)}: cannot create its folder: {error}") from None
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    elif url.startswith(("postgresql", "postgres")):
+        # An unreachable server must fail within seconds, not after the OS's TCP timeout.
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except ImportError as error:
+        hint = (
+            ' (pip install -e ".[postgres]" installs psycopg 3, the driver of postgresql:// URLs)'
+            if url.startswith("postgres")
+            else ""
+        )
+        cause = error.__cause__ or error
+        raise StorageError(f"{masked_url(url)}: the database driver is not installed: {cause}{hint}") from None
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError) as error:
+        raise StorageError(f"cannot open the Optuna storage {describe_error(url, error)}") from None
+
+
+def study_in_storage(name: str, url: str) -> bool:
+    """Whether the storage holds a study of this name, without creating a SQLite file that is not there."""
+    if not storage_exists(url):
+        return False
+    return name in optuna.study.get_all_study_names(open_storage(url, create=False))
 
 
 def load_study(name: str, url: str = DEFAULT_STORAGE_URL) -> optuna.Study:
     """Load an existing study by name; KeyError naming the study and storage when it does not exist."""
-    storage = open_storage(url)
+    if not storage_exists(url):
+        raise KeyError(f"no study named {name!r} in {masked_url(url)} (the database file does not exist)")
+    storage = open_storage(url, create=False)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError as error:
-        known = [summary.study_name for summary in optuna.get_all_study_summaries(storage)]
-        raise KeyError(f"no study named {name!r} in {url} (studies there: {known})") from error
+        known = optuna.study.get_all_study_names(storage)
+        raise KeyError(f"no study named {name!r} in {masked_url(url)} (studies there: {known})") from error

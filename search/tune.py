@@ -11,15 +11,20 @@ The Optuna study (named after the study) lives in the storage (default: SQLite s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,24 +33,36 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from data.files import DATA_DIR_ENV, TASK_FILES, DataError, resolve_data_dir
+from data.files import DataError, load_examples, resolve_data_dir
 from model.metrics import atomic_write_text
 from model.train import train
 from search import storage as names
+from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
+from search.lease import DriverLease, LeaseError, current_holder, refuse_if_held
 from search.records import (
     ORPHAN_ERROR,
+    STUDY_STOP,
     TRIAL_NUMBER_KEY,
+    DiskFullError,
     OptunaRecorder,
     RecordingOptunaSearch,
     ResumableASHA,
+    StudyStop,
     artifact_dir_for,
     fail_running_trials,
 )
-from search.storage import DEFAULT_STORAGE_URL, PROJECT_ROOT, open_storage
+from search.storage import (
+    DEFAULT_STORAGE_URL,
+    PROJECT_ROOT,
+    RESULTS_DIR_ENV,
+    StorageError,
+    masked_url,
+    open_storage,
+    study_in_storage,
+)
 from search.study import Budget, Study, StudyError, load_study_file
 
 DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
-RESULTS_DIR_ENV = "MINBERT_RESULTS"
 EXPERIMENT_NAME = "ray"
 # AF_UNIX socket paths hold 107 bytes; Ray puts "session_<date>_<time>_<pid>/sockets/plasma_store" (~64) under its temp dir.
 MAX_RAY_TEMP_DIR_CHARS = 40
@@ -79,6 +96,12 @@ class TrialJob:
     study: Study
     artifacts_root: str
     data_dir: str | None = None
+    # Optuna trials that had already ended when this driver started: Ray may restart some of them
+    # (they ended after its last experiment checkpoint), and they must not train again.
+    ended_trials: frozenset[int] = frozenset()
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 def run_trial(config: dict[str, Any], job: TrialJob) -> None:
@@ -86,18 +109,47 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     from ray import tune
 
     number = config[TRIAL_NUMBER_KEY]
+    output_dir = artifact_dir_for(job.artifacts_root, number)
+    history = read_history(output_dir / "metrics.json")
+    if number in job.ended_trials:
+        # Its record in Optuna is final (e.g. PRUNED after 1 epoch): training on would contradict it.
+        # One last report, because Ray refuses a trial that ends without the metric it ranks by.
+        tune.report(dict(history[-1]) if history else {"epoch": 0, job.study.metric: float("nan")})
+        return
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
     train_config = job.study.train_config(params, number)
     # One torch thread per reserved CPU, so that concurrent trials do not fight over the cores.
     train_config.setdefault("threads", max(1, int(job.study.budget.cpus_per_trial)))
-    output_dir = artifact_dir_for(job.artifacts_root, number)
+    reported: set[int] = set()
+
+    def report(metrics: dict) -> None:
+        reported.add(int(metrics["epoch"]))
+        tune.report(dict(metrics))
+
     # A trial resumed after an interrupted driver first reports again the epochs its checkpoint holds:
     # an epoch checkpointed but not yet reported when the driver died is not lost (repeats are harmless).
-    metrics_file = output_dir / "metrics.json"
-    if metrics_file.is_file():
-        for record in json.loads(metrics_file.read_text(encoding="utf-8")).get("history", []):
-            tune.report(dict(record))
-    train(train_config, output_dir, report=lambda metrics: tune.report(dict(metrics)), data_dir=job.data_dir)
+    # The final epoch waits until train() has written the test outputs: a scheduler stops a trial as
+    # soon as it sees its final epoch, which would leave a COMPLETE trial without them.
+    final = [record for record in history if int(record["epoch"]) >= job.study.budget.max_epochs]
+    for record in history:
+        if record not in final:
+            report(record)
+    try:
+        train(train_config, output_dir, report=report, data_dir=job.data_dir)
+    except OSError as error:
+        if error.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(f"trial {number} cannot write its files in {output_dir}: {os.strerror(error.errno)}") from None
+        raise
+    for record in final:
+        if int(record["epoch"]) not in reported:
+            report(record)
+
+
+def read_history(metrics_file: Path) -> list[dict]:
+    """The per-epoch records of a trial's metrics.json ([] when there is none yet)."""
+    if not metrics_file.is_file():
+        return []
+    return list(json.loads(metrics_file.read_text(encoding="utf-8")).get("history", []))
 
 
 def trial_dirname(trial: Any) -> str:
@@ -153,19 +205,29 @@ def run_search(options: SearchOptions) -> Outcome:
             raise StudyError(f"--name {options.name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
         study = dataclasses.replace(study, name=options.name)
     paths = StudyPaths(results_root(options) / study.name)
-    storage = open_storage(options.storage)
-    in_storage = study.name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    url = masked_url(options.storage)
+    # Reading never creates a SQLite file: a refused command leaves no empty database behind.
+    in_storage = study_in_storage(study.name, options.storage)
     on_disk = paths.root.exists()
+    holder = (
+        current_holder(optuna.load_study(study_name=study.name, storage=open_storage(options.storage))) if in_storage else None
+    )
 
     if options.fresh and (in_storage or on_disk):
-        delete_study_run(study.name, options.storage, storage, paths, in_storage)
-        in_storage = on_disk = False
+        if holder is not None:
+            raise LeaseError(f"study {study.name!r} is being run by {holder.describe()}; refusing to delete it (--fresh)")
+        data_dir = check_data(study, options.data_dir)  # before deleting anything
+        delete_study_run(study.name, url, paths, in_storage, options.storage)
+        return execute(study, options, paths, data_dir)
     if (in_storage or on_disk) and not options.resume:
-        where = f"Optuna study {study.name!r} in {options.storage}" if in_storage else f"results in {paths.root}"
+        where = f"Optuna study {study.name!r} in {url}" if in_storage else f"results in {paths.root}"
         if paths.finished.is_file():
             print(f"Study {study.name!r} has already finished ({where}); showing its results.")
             print(f"  To start it over: {command_line(options, '--fresh')}  (deletes it first)")
             return summarize(study, options.storage, paths, options.top)
+        if holder is not None:
+            print(f"Study {study.name!r} is running now ({where}): {holder.describe()}.")
+            return Outcome(EXIT_REFUSED)
         print(
             f"Study {study.name!r} already has an unfinished run ({where}).\n"
             f"  To continue it: {command_line(options, '--resume')}\n"
@@ -173,11 +235,13 @@ def run_search(options: SearchOptions) -> Outcome:
         )
         return Outcome(EXIT_REFUSED)
     if options.resume and not (in_storage or on_disk):
-        print(f"Nothing to resume: no Optuna study {study.name!r} in {options.storage} and no {paths.root}.")
+        print(f"Nothing to resume: no Optuna study {study.name!r} in {url} and no {paths.root}.")
         return Outcome(EXIT_REFUSED)
     if options.resume and paths.finished.is_file():
         print(f"Study {study.name!r} has already finished; nothing to resume.")
         return summarize(study, options.storage, paths, options.top)
+    if options.resume and in_storage:
+        refuse_if_held(optuna.load_study(study_name=study.name, storage=open_storage(options.storage)), "resume it")
 
     if options.resume and paths.snapshot.is_file():
         # Trials resume from checkpoints of the original settings; the copy taken at the start is the truth.
@@ -186,7 +250,7 @@ def run_search(options: SearchOptions) -> Outcome:
         study = dataclasses.replace(load_study_file(paths.snapshot), name=study.name, path=study.path)
     if options.resume and in_storage:
         # The budget the run started with, command-line overrides included (Ray keeps its own copy of it).
-        started = optuna.load_study(study_name=study.name, storage=storage).user_attrs.get("budget")
+        started = optuna.load_study(study_name=study.name, storage=open_storage(options.storage)).user_attrs.get("budget")
         if started:
             study = dataclasses.replace(study, budget=Budget(**started))
     if options.resume and (options.trials is not None or options.max_concurrent is not None):
@@ -197,23 +261,32 @@ def run_search(options: SearchOptions) -> Outcome:
         cpus_per_trial=options.cpus_per_trial,
         gpus_per_trial=options.gpus_per_trial,
     )
-    return execute(study, options, paths)
+    data_dir = check_data(study, options.data_dir)
+    return execute(study, options, paths, data_dir)
 
 
 def command_line(options: SearchOptions, flag: str) -> str:
-    """The run_search.py command for this study with ``flag``, keeping non-default locations."""
-    words = ["python run_search.py --study", options.study, flag]
+    """The run_search.py command for this study with ``flag``, repeating every option that says where
+    things are (a resumed run must find the same storage, results, data and cluster). A password in
+    the storage URL is masked: give it through ~/.pgpass or $PGPASSWORD instead."""
+    words = ["python", "run_search.py", "--study", options.study, flag]
     if options.storage != DEFAULT_STORAGE_URL:
-        words += ["--storage", options.storage]
-    if options.results_dir is not None:
-        words += ["--results-dir", str(options.results_dir)]
-    if options.name:
-        words += ["--name", options.name]
-    return " ".join(words)
+        words += ["--storage", masked_url(options.storage)]
+    for option, value in (
+        ("--results-dir", options.results_dir),
+        ("--data-dir", options.data_dir),
+        ("--address", options.address),
+        ("--num-cpus", options.num_cpus),
+        ("--name", options.name),
+    ):
+        if value is not None:
+            words += [option, str(value)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
-def delete_study_run(name: str, url: str, storage: optuna.storages.RDBStorage, paths: StudyPaths, in_storage: bool) -> None:
+def delete_study_run(name: str, url: str, paths: StudyPaths, in_storage: bool, storage_url: str) -> None:
     if in_storage:
+        storage = open_storage(storage_url)
         count = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
         print(f"--fresh: deleting Optuna study {name!r} ({count} trials) from {url}")
         optuna.delete_study(study_name=name, storage=storage)
@@ -222,10 +295,10 @@ def delete_study_run(name: str, url: str, storage: optuna.storages.RDBStorage, p
         shutil.rmtree(paths.root)
 
 
-def prepare_optuna_study(study: Study, url: str, paths: StudyPaths) -> optuna.Study:
+def prepare_optuna_study(study: Study, url: str, paths: StudyPaths, options: SearchOptions) -> optuna.Study:
     """Create (or load) the Optuna study with its attributes; queue the start points of a new one."""
     storage = open_storage(url)
-    existing = study.name in {s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    existing = study.name in optuna.study.get_all_study_names(storage)
     ot_study = optuna.create_study(study_name=study.name, storage=storage, direction=study.direction, load_if_exists=True)
     attrs = {
         names.STUDY_METRIC: study.metric,
@@ -237,47 +310,40 @@ def prepare_optuna_study(study: Study, url: str, paths: StudyPaths) -> optuna.St
     }
     for key, value in attrs.items():
         ot_study.set_user_attr(key, value)
+    if not options.resume:
+        ot_study.set_user_attr("early_stopping", options.early_stopping)
     if not existing:
         for point in study.start_points:
             ot_study.enqueue_trial(point)
     return ot_study
 
 
-def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
-    """Run (or restore) the Ray Tune experiment of a study to its end or an interruption."""
+def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> Outcome:
+    """Run (or restore) the Ray Tune experiment of a study to its end, an interruption or a full disk."""
     import ray
-    from ray import tune
-
-    data_dir = check_data(study, options.data_dir)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    if not paths.snapshot.is_file():
-        atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
-    ot_study = prepare_optuna_study(study, options.storage, paths)
-    if not options.resume:
-        ot_study.set_user_attr("early_stopping", options.early_stopping)
-    restoring = options.resume and tune.Tuner.can_restore(str(paths.experiment))
-    if not restoring:
-        # Nothing of Ray's to continue: whatever is RUNNING in Optuna belongs to a run that cannot resume.
-        fail_running_trials(ot_study)
-
-    job = TrialJob(study=study, artifacts_root=str(paths.trials), data_dir=str(data_dir))
-    resources = {"cpu": study.budget.cpus_per_trial, "gpu": study.budget.gpus_per_trial}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), resources)
 
     started = time.monotonic()
     start_ray(options, paths)
     try:
-        if restoring:
-            print(f"Resuming {paths.experiment}")
-            tuner = tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
-        else:
-            tuner = new_tuner(study, options, paths, trainable)
-        grid = tuner.fit()
+        # Before any record is written: a trial that no node can hold would wait forever.
+        check_resources(study.budget.cpus_per_trial, study.budget.gpus_per_trial, ray.nodes())
+        paths.root.mkdir(parents=True, exist_ok=True)
+        if not paths.snapshot.is_file():
+            atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
+        prepare_optuna_study(study, options.storage, paths, options)
+        with DriverLease(study.name, open_storage(options.storage)), sigterm_stops_like_ctrl_c():
+            grid, stop = fit(study, options, paths, data_dir)
     finally:
         ray.shutdown()
     wall_seconds = time.monotonic() - started
 
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
+    if stop.is_set():
+        # The trials that were running ran on the same full disk: ended, so that a resume does not retry them.
+        fail_running_trials(ot_study, message=f"interrupted: the study stopped because {stop.reason}")
+        summarize(study, options.storage, paths, options.top)
+        print(f"\nStopped: {stop.reason}.\n  Free some space, then continue with: {command_line(options, '--resume')}")
+        return Outcome(EXIT_NO_SUCCESS, ot_study)
     if run_interrupted(ot_study, study.budget.trials):
         print(f"\nThe run was interrupted. Continue it with: {command_line(options, '--resume')}")
         return Outcome(EXIT_INTERRUPTED, ot_study)
@@ -294,13 +360,75 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths) -> Outcome:
     return outcome
 
 
+def fit(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> tuple[Any, StudyStop]:
+    """Restore Ray's experiment when it saved one, else start a new Tuner; run it to its end."""
+    from ray import tune
+
+    ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
+    trials = ot_study.get_trials(deepcopy=False)
+    ended = frozenset(t.number for t in trials if t.state.is_finished())
+    job = TrialJob(study=study, artifacts_root=str(paths.trials), data_dir=str(data_dir), ended_trials=ended)
+    resources = {"cpu": study.budget.cpus_per_trial, "gpu": study.budget.gpus_per_trial}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), resources)
+    STUDY_STOP.reset()
+    if options.resume and ray_experiment_saved(paths.experiment):
+        print(f"Resuming {paths.experiment}")
+        tuner = tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        return tuner.fit(), STUDY_STOP
+    # Nothing of Ray's to continue (a new run, or a driver killed before Ray saved its experiment):
+    # the trials left RUNNING in Optuna are adopted by the new Tuner, in order, with their params.
+    if paths.experiment.exists():
+        shutil.rmtree(paths.experiment)
+    adopt = [t.number for t in trials if t.state == TrialState.RUNNING]
+    counted = [t for t in trials if t.state.is_finished() and t.user_attrs.get(names.TRIAL_ERROR) != ORPHAN_ERROR]
+    remaining = study.budget.trials - len(counted)
+    if remaining <= 0:
+        fail_running_trials(ot_study)
+        return [], STUDY_STOP
+    drawn = [t for t in trials if t.state != TrialState.WAITING]  # WAITING: start points not yet run
+    tuner = new_tuner(study, options, paths, trainable, adopt=adopt, seed_offset=len(drawn))
+    return tuner.fit(), STUDY_STOP
+
+
+def ray_experiment_saved(experiment: Path) -> bool:
+    """Whether Ray saved an experiment state there: tuner.pkl alone (a driver killed in its first
+    seconds) restores an experiment that runs one trial and never finishes."""
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(experiment)):
+        return False
+    try:
+        tune.ExperimentAnalysis(str(experiment))
+    except (ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def sigterm_stops_like_ctrl_c() -> Any:
+    """SIGTERM (what job schedulers and `kill` send) stops the run as gracefully as Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: signal.raise_signal(signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def start_ray(options: SearchOptions, paths: StudyPaths) -> None:
     """Connect to the cluster at --address, or start a local one whose files stay under the results folder."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    prepare_token_auth(options.address)  # effective only when Ray was not imported yet (run_search.py sees to it)
     import ray
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if options.address:
-        ray.init(address=options.address)
+        try:
+            ray.init(address=options.address)
+        except Exception as error:  # Ray raises ConnectionError, RuntimeError or AuthenticationError
+            raise join_error(options.address, error) from None
         return
     # Workers must import this project whether or not it is pip-installed.
     python_path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -311,8 +439,12 @@ def start_ray(options: SearchOptions, paths: StudyPaths) -> None:
     ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir))
 
 
-def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable: Any) -> Any:
-    """A Tuner: TPE sampling recorded in Optuna, ASHA (or no early stopping), at most max_concurrent trials."""
+def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable: Any, adopt: list[int], seed_offset: int) -> Any:
+    """A Tuner: TPE sampling recorded in Optuna, ASHA (or no early stopping), at most max_concurrent trials.
+
+    ``adopt``: Optuna trials left RUNNING by a driver killed before Ray saved anything; they run first,
+    with their own params and folders. ``seed_offset`` (the trials already in the study) reseeds the
+    sampler, which would otherwise draw again the params of the trials drawn before the kill."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -321,10 +453,14 @@ def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable
         space=study.distributions(),
         metric=study.metric,
         mode=study.mode,
-        sampler=optuna.samplers.TPESampler(seed=study.budget.seed, n_startup_trials=study.budget.startup_trials),
+        sampler=optuna.samplers.TPESampler(seed=study.budget.seed + seed_offset, n_startup_trials=study.budget.startup_trials),
         study_name=study.name,
         storage=open_storage(options.storage),
         artifacts_root=paths.trials,
+        adopt=adopt,
+        sampler_seed=study.budget.seed,
+        startup_trials=study.budget.startup_trials,
+        max_trials=study.budget.trials,
     )
     scheduler = (
         ResumableASHA(
@@ -345,6 +481,7 @@ def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable
         tune_config=tune.TuneConfig(
             search_alg=ConcurrencyLimiter(searcher, max_concurrent=study.budget.max_concurrent),
             scheduler=scheduler,
+            # The searcher ends the run once the study holds the budget (trials of an earlier driver included).
             num_samples=study.budget.trials,
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
@@ -360,13 +497,13 @@ def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable
 
 
 def check_data(study: Study, data_dir: str | None) -> Path:
-    """The resolved data directory, once every file the trials read is there (else every trial would fail)."""
+    """The resolved data directory, once every file the trials read parses (else every trial would fail,
+    one after the other, and the budget be spent on the same error). DataError names the file and line."""
     resolved = resolve_data_dir(data_dir).resolve()
     splits = ("train", "dev", "test") if study.fixed.get("predict_test", True) else ("train", "dev")
-    missing = [str(TASK_FILES[task].path(split, resolved)) for task in study.tasks for split in splits]
-    missing = [path for path in missing if not Path(path).is_file()]
-    if missing:
-        raise DataError(f"{missing[0]}: file not found (data directory: --data-dir, else ${DATA_DIR_ENV}, else ./datasets)")
+    for task in study.tasks:
+        for split in splits:
+            load_examples(task, split, resolved)
     return resolved
 
 
@@ -440,6 +577,6 @@ def format_value(value: Any) -> str:
 def main_exit(options: SearchOptions) -> int:
     try:
         return run_search(options).exit_code
-    except (StudyError, DataError) as error:
+    except (StudyError, DataError, StorageError, ClusterError, LeaseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED

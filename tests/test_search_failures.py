@@ -1,0 +1,202 @@
+"""Failures a study must meet with one clear line, before the budget is spent, and without Ray where
+the check does not need it: bad data, bad storage, a cluster too small, a second driver, NaN metrics."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+
+import numpy as np
+import optuna
+import pytest
+from test_search import STUDY_TOML
+from tiny_model import DATA_DIR, needs_data
+
+from data.files import DataError, load_examples
+from model.metrics import NonFiniteMetricError, pearson, task_metric
+from search.cluster import ClusterError, check_resources
+from search.lease import LEASE_ATTR, DriverLease, LeaseError, current_holder
+from search.storage import StorageError, masked_url, open_storage
+from search.tune import EXIT_REFUSED, SearchOptions, command_line, main_exit, run_search
+
+
+@pytest.fixture
+def study_setup(tmp_path, monkeypatch):
+    """A study file, a storage URL and a results folder in tmp_path; execute() must never be reached."""
+    import search.tune
+
+    def no_execute(*args):
+        raise AssertionError("the run should have been refused before Ray starts")
+
+    monkeypatch.setattr(search.tune, "execute", no_execute)
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    options = SearchOptions(study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r")
+    return options, tmp_path
+
+
+def copy_data(tmp_path, edit: str, text: bytes):
+    """A data folder with the STS files (the study's task), ``edit`` replaced by ``text``."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for source in DATA_DIR.glob("sts-*.csv"):
+        shutil.copyfile(source, data / source.name)
+    (data / edit).write_bytes(text)
+    return data
+
+
+# ------------------------------------------------------------------------------------- the data
+
+
+def test_undecodable_bytes_name_the_line_and_column(tmp_path):
+    (tmp_path / "ids-sst-train.csv").write_bytes(b"\tid\tsentence\tsentiment\n0\ta\tok\t2\n1\tb\tna\xefve \xff\t2\n")
+    with pytest.raises(DataError, match=r"ids-sst-train.csv:3:7 \(byte 0xef\): not valid UTF-8"):
+        load_examples("sst", "train", tmp_path)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "file, text, where",
+    [
+        (
+            "sts-dev.csv",
+            b"id\tsentence1\tsentence2\tsimilarity\na\tx\ty\t2.5\nb\tx\ty\tseven\n",
+            "sts-dev.csv:3: similarity 'seven'",
+        ),
+        ("sts-test-student.csv", b"id\tsentence1\tsentence2\na\tx\ty\nb\tx\t\xff\n", "sts-test-student.csv:3:"),
+        ("sts-train.csv", b"id\tsentence1\tsimilarity\na\tx\t1\n", "sts-train.csv:1: missing column(s) ['sentence2']"),
+    ],
+)
+def test_bad_data_stops_the_study_before_ray_naming_file_and_line(study_setup, file, text, where, capsys):
+    options, tmp_path = study_setup
+    options.data_dir = str(copy_data(tmp_path, file, text))
+    assert main_exit(options) == EXIT_REFUSED
+    assert where in capsys.readouterr().err
+    assert not (tmp_path / "o.db").exists() and not (tmp_path / "r").exists()  # nothing was created
+
+
+# ----------------------------------------------------------------------------------- the storage
+
+
+def test_storage_errors_are_one_line_with_the_password_masked(study_setup, capsys):
+    options, _ = study_setup
+    options.storage = "postgresql://bob:s3cret@127.0.0.1:9/optuna"  # port 9 (discard): refused at once
+    assert main_exit(options) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "postgresql://bob:***@127.0.0.1:9/optuna" in err
+    with pytest.raises(StorageError, match="no such database file"):
+        open_storage(f"sqlite:///{study_setup[1] / 'absent.db'}", create=False)
+    assert masked_url("postgresql+psycopg://u:p@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
+
+
+def test_refused_commands_create_no_database(study_setup, capsys):
+    options, tmp_path = study_setup
+    options.resume = True
+    assert run_search(options).exit_code == EXIT_REFUSED and "Nothing to resume" in capsys.readouterr().out
+    assert not (tmp_path / "o.db").exists()
+
+
+def test_resume_hints_repeat_every_location(tmp_path):
+    options = SearchOptions(
+        study="sts",
+        storage="postgresql://bob:s3cret@db.example:5432/optuna",
+        results_dir=tmp_path / "my results",
+        data_dir="/data/cs224n",
+        address="10.0.0.1:6379",
+        name="sts-2",
+    )
+    hint = command_line(options, "--resume")
+    assert hint == (
+        "python run_search.py --study sts --resume --storage 'postgresql://bob:***@db.example:5432/optuna' "
+        f"--results-dir '{tmp_path / 'my results'}' --data-dir /data/cs224n --address 10.0.0.1:6379 --name sts-2"
+    )
+
+
+# ----------------------------------------------------------------------------------- the cluster
+
+
+def test_trials_larger_than_any_node_are_refused():
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 2.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0, "GPU": 1.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+    ]
+    check_resources(8, 1, nodes)
+    with pytest.raises(ClusterError, match=r"asks for 4 CPUs and 2 GPUs.*its nodes: 2 CPUs and 0 GPUs, 8 CPUs and 1 GPUs"):
+        check_resources(4, 2, nodes)
+    with pytest.raises(ClusterError, match="no live node"):
+        check_resources(1, 0, [])
+
+
+# --------------------------------------------------------------------------- one driver per study
+
+
+def lease_study(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'lease.db'}")
+    optuna.create_study(study_name="s", storage=storage)
+    return storage
+
+
+def test_a_second_driver_is_refused_naming_the_holder(tmp_path, monkeypatch):
+    import search.lease
+
+    monkeypatch.setattr(search.lease, "SETTLE_SECONDS", 0.0)
+    storage = lease_study(tmp_path)
+    with DriverLease("s", storage, interval=0.2) as first:
+        time.sleep(0.5)  # a few beats: the lease stays live
+        holder = current_holder(optuna.load_study(study_name="s", storage=storage))
+        assert holder is not None and holder.token == first.token and holder.age() < 0.5
+        with pytest.raises(LeaseError, match=rf"being run by driver pid \d+ on {socket.gethostname()}"):
+            DriverLease("s", storage).acquire()
+    assert current_holder(optuna.load_study(study_name="s", storage=storage)) is None  # released on exit
+
+
+def test_a_dead_drivers_lease_does_not_block(tmp_path, monkeypatch):
+    import search.lease
+
+    monkeypatch.setattr(search.lease, "SETTLE_SECONDS", 0.0)
+    storage = lease_study(tmp_path)
+    study = optuna.load_study(study_name="s", storage=storage)
+    # Killed on this host: its pid is gone (pid 2**22 + 1 is above Linux's pid_max).
+    study.set_user_attr(
+        LEASE_ATTR, {"host": socket.gethostname(), "pid": 2**22 + 1, "token": "x", "beat": time.time(), "interval": 10}
+    )
+    assert current_holder(study) is None
+    # Killed on another machine: live until it misses three beats.
+    study.set_user_attr(LEASE_ATTR, {"host": "elsewhere", "pid": 1, "token": "y", "beat": time.time() - 5, "interval": 10})
+    assert current_holder(study) is not None
+    study.set_user_attr(LEASE_ATTR, {"host": "elsewhere", "pid": 1, "token": "y", "beat": time.time() - 31, "interval": 10})
+    assert current_holder(study) is None
+    with DriverLease("s", storage):
+        assert current_holder(study).pid != 1
+
+
+def test_resume_and_fresh_are_refused_while_a_driver_runs(study_setup, capsys):
+    options, tmp_path = study_setup
+    storage = open_storage(options.storage)
+    study = optuna.create_study(study_name="tiny", storage=storage)
+    study.set_user_attr(LEASE_ATTR, {"host": "gpu-7", "pid": 4242, "token": "z", "beat": time.time(), "interval": 10})
+    for flag in ("resume", "fresh"):
+        setattr(options, flag, True)
+        assert main_exit(options) == EXIT_REFUSED
+        assert "being run by driver pid 4242 on gpu-7" in capsys.readouterr().err
+        setattr(options, flag, False)
+    assert run_search(options).exit_code == EXIT_REFUSED
+    assert "is running now" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- metrics
+
+
+def test_metrics_of_non_finite_values_are_errors_never_zero():
+    with pytest.raises(NonFiniteMetricError, match=r"sts: 1 of 3 output values are NaN or infinite \(first at row 1\)"):
+        task_metric("sts", np.array([1.0, np.nan, 3.0]), np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(NonFiniteMetricError, match="sst: 1 of 2"):
+        task_metric("sst", np.array([[0.2, 0.8], [np.inf, 0.0]]), np.array([1, 0]))
+    with pytest.raises(NonFiniteMetricError, match="para"):
+        task_metric("para", np.array([np.nan, 0.7]), np.array([0, 1]))
+    with pytest.raises(NonFiniteMetricError):
+        pearson(np.array([1.0, 2.0]), np.array([np.nan, np.nan]))
+    assert pearson(np.array([1.0, 1.0]), np.array([1.0, 2.0])) == 0.0  # constant but finite: uninformative
