@@ -45,6 +45,13 @@ def member_row(pool: TaskPool, index: int, name: str, kind: str, **fields) -> Ro
     return Row(pool.task, name, kind, [member.name], encoder_passes(member.config, pool.task), score, **fields)
 
 
+def choice_note(choice: Choice) -> str:
+    """What the table should say besides the numbers: a soup's left-out members, a weight fit's verdict."""
+    if "weight_fit" in choice.details:
+        return choice.details["weight_fit"]["reason"]
+    return "; ".join(choice.details.get("refused", []))
+
+
 def rows_of(result: TaskResult) -> list[Row]:
     """The task's table: the baseline, the dev-selected predictors, refusals, then every member."""
     pool, rows = result.pool, []
@@ -56,7 +63,7 @@ def rows_of(result: TaskResult) -> list[Row]:
     for name, choice in result.choices.items():
         dev = pool.score(choice.values, who=f"{pool.task} {name}")
         estimate = result.estimates[name].to_dict()
-        note = "; ".join(choice.details.get("refused", []))  # soups: the members left out, and why
+        note = choice_note(choice)
         rows.append(
             Row(pool.task, name, "selected", result.names(choice), choice.cost(pool), dev, estimate, choice.weights,
                 note, {"details": choice.details})
@@ -88,6 +95,7 @@ def described(result: TaskResult, choice: Choice) -> list[dict]:
     return [
         {"name": m.name, "study": m.study, "trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": float(w)}
         for m, w in zip(result.members(choice), choice.weights, strict=True)
+        if w > 0  # a fitted weight of 0 would only cost a model run
     ]
 
 
