@@ -195,9 +195,8 @@ def test_fixed_setting_may_rely_on_a_searched_field(tmp_path):
         load_study_file(path)
 
 
-
 VARIANTS = (
-    MULTI.replace('surgery = { choices = ["none", "pcgrad", "gradvac"] }', 'lr = { low = 1e-5, high = 1e-3, log = true }')
+    MULTI.replace('surgery = { choices = ["none", "pcgrad", "gradvac"] }', "lr = { low = 1e-5, high = 1e-3, log = true }")
     + """
 [variants.encoder]
 bi_cosine = { pair_encoding = { para = "bi", sts = "bi" }, sts_head = "cosine" }
@@ -231,10 +230,13 @@ def test_variants_set_several_fields_at_once(tmp_path):
         load_study_file(path)
 
 
-PER_TASK = MULTI.replace(
-    'surgery = { choices = ["none", "pcgrad", "gradvac"] }',
-    'pair_encoding.sts = { choices = ["bi", "cross"] }\npooling.sst = { choices = ["mean", "cls"] }',
-) + '\n[fixed]\nsts_head = "regression"\n'
+PER_TASK = (
+    MULTI.replace(
+        'surgery = { choices = ["none", "pcgrad", "gradvac"] }',
+        'pair_encoding.sts = { choices = ["bi", "cross"] }\npooling.sst = { choices = ["mean", "cls"] }',
+    )
+    + '\n[fixed]\nsts_head = "regression"\n'
+)
 
 
 def test_a_per_task_field_is_searched_for_one_task(tmp_path):
