@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.bert import BertModel, default_model_path  # noqa: E402
 from model.optimizer import AdamW  # noqa: E402
+from scripts.machine import describe, machine  # noqa: E402
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "ours foreach": lambda params: AdamW(params, lr=1e-5, weight_decay=0.01, foreach=True),
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time_steps(OPTIMIZERS, model_path, args.steps, args.warmup, args.embedding_rows)
     count = sum(p.numel() for p in BertModel.from_pretrained(model_path).parameters())
     rows = args.embedding_rows or "all"
+    print("\n".join(describe(machine(args.threads, None, None))[:3]))
     print(
         f"torch {torch.__version__}, {args.threads} threads, {count / 1e6:.1f}M fp32 parameters, "
         f"word embedding gradients in {rows} rows, {args.steps} timed steps"

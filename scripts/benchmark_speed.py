@@ -1,19 +1,60 @@
-"""Training speed of our model + AdamW against Hugging Face transformers' BertModel + torch.optim.AdamW.
+"""Training speed on this machine: our BERT + AdamW against transformers' BertModel + torch.optim.AdamW,
+and the trainer's multitask step with and without PCGrad. A benchmark, not a test:
 
-Both start from the same weights (the embedded default unless --model-path), run the same head
-(mean pooling, then our SST / STS head), the same loss and the same batches (from the trainer's
-length-bucketed stream), in train mode with dropout. Steps alternate between the two models so
-that load from other processes hits both alike. A benchmark, not a test:
+    python scripts/benchmark_speed.py                       # every case, the precisions fast here
+    python scripts/benchmark_speed.py --json results/speed.json --repeats 7
 
-    python scripts/benchmark_speed.py --steps 30 --threads 2
+What it prints first: the CPU model, the instruction sets that matter for training (AVX2, FMA,
+AVX-512, AVX512_BF16, AMX), torch's thread count, the precisions measured and why (by default fp32,
+and bf16 where the trainer's --precision auto uses it), and estimates of the machine's peak.
+
+Cases (``--cases``):
+- ``sst``: single-task steps on SST sentences;
+- ``sts``: single-task steps on cross-encoded STS pairs ([CLS] s1 [SEP] s2 [SEP]);
+  both: ours (our BertModel + our AdamW, our trainer's head) against transformers' BertModel with
+  the same head and ``torch.optim.AdamW``, from the same weights (the embedded default model unless
+  --model-path), on the same length-bucketed batches, in train mode with dropout. Ratio: ours'
+  speed / transformers' speed (> 1: ours is faster).
+- ``multitask``: the trainer's own step (``Trainer._train_step``, gradient clipping included) over
+  one batch each of SST, Quora and STS, round-robin, with the trainer's default settings (Quora
+  cross-encoded, STS bi-encoded with the cosine head), ``surgery = none`` against
+  ``surgery = pcgrad``, both from the same weights on the same batches. Ratio: the PCGrad step's
+  time / the plain step's time (its cost; the issue's target is at most 1.3).
+
+Timing, robust to load from other processes: all setups of a case run one step each in turn on the
+same batch (interleaved), so that load hits them alike; ``--warmup`` untimed steps first, then
+``--repeats`` repeats of ``--steps`` steps, each repeat on the same batches. Reported: throughput
+(examples/s) per repeat, and the ratio's median and spread (min-max over repeats, and the
+interquartile range of the per-step ratios of the paired steps).
+
+FLOPs of one training step on a batch of B sequences padded to T tokens (the work done, padding
+included; batches are length-bucketed so padding is small; the two views of a bi-encoded batch
+count as two batches), for an encoder of L layers, width d and
+feed-forward width d_ff:
+    6 * N * B * T  +  12 * L * B * T^2 * d,      N = L * (4 d^2 + 2 d d_ff)
+N is the non-embedding weight-matrix parameter count (the Q, K, V, output and two feed-forward
+matrices of each layer); each of its weights costs a multiply-add (2 FLOPs) per token forward and
+twice that backward (input and weight gradients): 6 N per token (Kaplan et al. 2020). The second
+term is attention's Q K^T and A V, 2 * B * T^2 * d FLOPs each forward, times 3 with the backward.
+Embedding lookups, biases, LayerNorm, softmax, GELU, dropout, the heads, the optimizer and the
+PCGrad projections are left out (memory-bound or small): GFLOP/s counts model FLOPs only.
+
+Peak: an estimate of the machine's fp32 and bf16 FLOP/s (see scripts/machine.py); each setup's
+GFLOP/s is set against the peak of its precision.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +62,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data.batching import Batch, BatchStream  # noqa: E402
+from model.bert import BertConfig  # noqa: E402
+from model.build import bert_config_for, build_model  # noqa: E402
+from model.config import TrainConfig  # noqa: E402
 from model.multitask import task_loss  # noqa: E402
-from model.optimizer import AdamW  # noqa: E402
-from model.train import TrainConfig, autocast, build_model, load_split, model_dir, use_bf16  # noqa: E402
+from model.optimizer import AdamW, param_groups  # noqa: E402
+from model.runtime import autocast  # noqa: E402
+from model.splits import load_split, model_dir  # noqa: E402
+from model.train import Trainer  # noqa: E402
+from scripts.machine import default_precisions, describe, machine  # noqa: E402
+
+CASES = ("sst", "sts", "multitask")
+MULTITASK = ("sst", "para", "sts")
+CPU = torch.device("cpu")
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def train_flops(config: BertConfig, shapes: list[tuple[int, int]]) -> float:
+    """Model FLOPs of one forward + backward over batches of (B, T) padded token ids (see the top)."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    matrix_params = layers * (4 * d * d + 2 * d * config.intermediate_size)
+    return float(sum(6 * matrix_params * b * t + 12 * layers * b * t * t * d for b, t in shapes))
+
+
+def batch_shapes(batch: Batch) -> list[tuple[int, int]]:
+    return [tuple(view[0].shape) for view in batch.views]
+
+
+# ----------------------------------------------------------------------------------------- setups
+
+
+@dataclass
+class Step:
+    seconds: float
+    examples: int
+    tokens: int  # real (unpadded) tokens
+    flops: float
 
 
 class HFModel(torch.nn.Module):
@@ -46,72 +121,309 @@ class HFModel(torch.nn.Module):
         return self.head([(hidden * m).sum(1) / m.sum(1).clamp(min=1.0)])
 
 
-def step(model: torch.nn.Module, optimizer, forward, task: str, batch: Batch, bf16: bool) -> float:
-    started = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    with autocast(torch.device("cpu"), bf16):
-        loss = task_loss(task, forward(model, batch), batch.labels)
-    loss.backward()
-    optimizer.step()
-    return time.perf_counter() - started
+@dataclass
+class SingleTask:
+    """One model + optimizer trained on a fixed list of batches of one task."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    forward: Callable[[torch.nn.Module, Batch], torch.Tensor]
+    task: str
+    batches: list[Batch]
+    bf16: bool
+    config: BertConfig
+    position: int = 0
+
+    def rewind(self) -> None:
+        self.position = 0
+
+    def step(self) -> Step:
+        batch = self.batches[self.position % len(self.batches)]
+        self.position += 1
+        started = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(CPU, self.bf16):
+            loss = task_loss(self.task, self.forward(self.model, batch), batch.labels)
+        loss.backward()
+        self.optimizer.step()
+        seconds = time.perf_counter() - started
+        return Step(seconds, len(batch), int(batch.views[0][1].sum()), train_flops(self.config, batch_shapes(batch)))
 
 
-def benchmark(task: str, steps: int, warmup: int, batch_size: int, precisions: list[str], model_path: str | None) -> dict:
-    """Examples per second of each (implementation, precision), timed on the same batches."""
-    cfg = TrainConfig(tasks=[task], pair_encoding="cross", pooling="mean", model_path=model_path, batch_size=batch_size)
-    stream = BatchStream(load_split(cfg, task, "train"), batch_size, seed=0)
-    batches = [stream.next() for _ in range(warmup + steps)]
-    runners = {}
+@dataclass
+class _Recorder:
+    """Stands in for a trainer's BatchStream and notes the batches it hands out."""
+
+    stream: BatchStream
+    seen: list[Batch] = field(default_factory=list)
+
+    def next(self) -> Batch:
+        batch = self.stream.next()
+        self.seen.append(batch)
+        return batch
+
+
+class TrainerStep:
+    """The trainer's own step (``Trainer._train_step``) over one batch of each task."""
+
+    def __init__(self, cfg: TrainConfig, output_dir: Path):
+        self.trainer = Trainer(cfg, output_dir, None, fresh=True)
+        self.config = self.trainer.model.bert.config
+        self.recorders = {t: _Recorder(s) for t, s in self.trainer.streams.items()}
+        self.trainer.streams = self.recorders
+        self.start = {t: r.stream.state_dict() for t, r in self.recorders.items()}
+
+    def rewind(self) -> None:
+        for task, recorder in self.recorders.items():
+            recorder.stream.load_state_dict(self.start[task])
+
+    def step(self) -> Step:
+        for recorder in self.recorders.values():
+            recorder.seen.clear()
+        started = time.perf_counter()
+        self.trainer._train_step(list(self.trainer.cfg.tasks))
+        seconds = time.perf_counter() - started
+        batches = [b for r in self.recorders.values() for b in r.seen]
+        shapes = [s for b in batches for s in batch_shapes(b)]
+        tokens = sum(int(view[1].sum()) for b in batches for view in b.views)
+        return Step(seconds, sum(len(b) for b in batches), tokens, train_flops(self.config, shapes))
+
+
+def single_task_setups(task: str, precisions: list[str], args: argparse.Namespace) -> dict[tuple[str, str], SingleTask]:
+    cfg = TrainConfig(
+        tasks=[task],
+        pair_encoding="cross",
+        pooling="mean",
+        sts_head="regression",
+        model_path=args.model_path,
+        batch_size=args.batch_size,
+    )
+    stream = BatchStream(load_split(cfg, task, "train"), args.batch_size, seed=0)
+    batches = [stream.next() for _ in range(args.steps)]
+    config = bert_config_for(cfg)
+    setups = {}
     for precision in precisions:
         torch.manual_seed(0)
         ours = build_model(cfg).train()
         theirs = HFModel(model_dir(cfg), copy.deepcopy(ours.heads[task])).train()
-        runners[("ours", precision)] = (
-            ours,
-            AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01),
-            lambda m, b: m(task, b.views),
-        )
-        runners[("transformers", precision)] = (
-            theirs,
-            torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01),
-            lambda m, b: m(b.views),
-        )
-    seconds = dict.fromkeys(runners, 0.0)
-    for i, batch in enumerate(batches):
-        for key, (model, optimizer, forward) in runners.items():  # interleaved: load hits all alike
-            elapsed = step(model, optimizer, forward, task, batch, key[1] == "bf16")
-            if i >= warmup:
-                seconds[key] += elapsed
-    tokens = sum(int(b.views[0][1].sum()) for b in batches[warmup:]) / (steps * batch_size)
-    return {"tokens": tokens, **{key: steps * batch_size / s for key, s in seconds.items()}}
+        for name, model, optimizer_class, forward in (
+            ("ours", ours, AdamW, lambda m, b: m(task, b.views)),
+            ("transformers", theirs, torch.optim.AdamW, lambda m, b: m(b.views)),
+        ):
+            optimizer = optimizer_class(param_groups(model, 0.01), lr=1e-5)
+            setups[(name, precision)] = SingleTask(model, optimizer, forward, task, batches, precision == "bf16", config)
+    return setups
+
+
+def multitask_setups(precisions: list[str], args: argparse.Namespace, output_dir: Path) -> dict[tuple[str, str], TrainerStep]:
+    setups = {}
+    for precision in precisions:
+        for surgery in ("none", "pcgrad"):
+            cfg = TrainConfig(  # the trainer's defaults otherwise (para cross-encoded, STS bi-encoded, cosine head)
+                tasks=list(MULTITASK),
+                surgery=surgery,
+                batch_size=args.batch_size,
+                model_path=args.model_path,
+                precision=precision,
+                threads=args.threads,
+                eval_limit=8,
+                predict_test=False,
+            )
+            (output_dir / f"{surgery}-{precision}").mkdir()
+            setups[(surgery, precision)] = TrainerStep(cfg, output_dir / f"{surgery}-{precision}")
+    return setups
+
+
+# ------------------------------------------------------------------------------------------ timing
+
+
+def measure(setups: dict, steps: int, warmup: int, repeats: int) -> dict[tuple[str, str], list[list[Step]]]:
+    """Steps of every setup in turn; returns per setup one list of ``steps`` timed steps per repeat."""
+    for setup in setups.values():
+        for _ in range(warmup):
+            setup.step()
+    timed: dict[tuple[str, str], list[list[Step]]] = {key: [] for key in setups}
+    for _ in range(repeats):
+        for key, setup in setups.items():
+            setup.rewind()
+            timed[key].append([])
+        for _ in range(steps):
+            for key, setup in setups.items():  # interleaved: load hits all alike
+                timed[key][-1].append(setup.step())
+    return timed
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def summarise(timed: dict[tuple[str, str], list[list[Step]]], info: dict) -> dict[str, dict]:
+    """Per setup: examples/s, GFLOP/s and % of the peak estimate at its precision, each per repeat
+    and their median."""
+    summary = {}
+    for (name, precision), repeats in timed.items():
+        seconds = [sum(s.seconds for s in r) for r in repeats]
+        ex_per_s = [sum(s.examples for s in r) / t for r, t in zip(repeats, seconds, strict=True)]
+        gflops = [sum(s.flops for s in r) / t / 1e9 for r, t in zip(repeats, seconds, strict=True)]
+        first = repeats[0]
+        summary[f"{name} {precision}"] = {
+            "setup": name,
+            "precision": precision,
+            "examples_per_step": sum(s.examples for s in first) / len(first),
+            "tokens_per_example": sum(s.tokens for s in first) / sum(s.examples for s in first),
+            "gflop_per_step": sum(s.flops for s in first) / len(first) / 1e9,
+            "examples_per_s": ex_per_s,
+            "examples_per_s_median": statistics.median(ex_per_s),
+            "gflops": gflops,
+            "gflops_median": statistics.median(gflops),
+            "peak_fraction": statistics.median(gflops) / info[f"{precision}_peak_gflops_estimate"],
+        }
+    return summary
+
+
+def ratio(timed: dict, numerator: tuple[str, str], denominator: tuple[str, str]) -> dict:
+    """time(numerator) / time(denominator): per repeat (median, min, max) and per paired step (quartiles)."""
+    per_repeat = [
+        sum(a.seconds for a in ra) / sum(b.seconds for b in rb)
+        for ra, rb in zip(timed[numerator], timed[denominator], strict=True)
+    ]
+    per_step = [
+        a.seconds / b.seconds
+        for ra, rb in zip(timed[numerator], timed[denominator], strict=True)
+        for a, b in zip(ra, rb, strict=True)
+    ]
+    q1, q2, q3 = quartiles(per_step)
+    return {
+        "per_repeat": per_repeat,
+        "median": statistics.median(per_repeat),
+        "min": min(per_repeat),
+        "max": max(per_repeat),
+        "per_step_median": q2,
+        "per_step_iqr": [q1, q3],
+    }
+
+
+def case_ratios(case: str, timed: dict, precisions: list[str]) -> list[dict]:
+    rows = []
+    for precision in precisions:
+        if case == "multitask":
+            label = "PCGrad step time / plain step time (cost; target <= 1.3)"
+            rows.append({"precision": precision, "ratio": label, **ratio(timed, ("pcgrad", precision), ("none", precision))})
+        else:
+            label = "ours' speed / transformers' speed (> 1: ours faster)"
+            rows.append(
+                {"precision": precision, "ratio": label, **ratio(timed, ("transformers", precision), ("ours", precision))}
+            )
+    if case != "multitask" and "fp32" in precisions and "bf16" in precisions:
+        label = "ours bf16 speed / transformers fp32 speed"
+        rows.append({"precision": "bf16 vs fp32", "ratio": label, **ratio(timed, ("transformers", "fp32"), ("ours", "bf16"))})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ output
+
+CASE_TITLES = {"sst": "SST sentences", "sts": "STS cross-encoded pairs", "multitask": "multitask step SST + Quora + STS"}
+
+
+def header(info: dict, args: argparse.Namespace) -> str:
+    return "\n".join(
+        [
+            *describe(info),
+            f"batch {args.batch_size}; {args.warmup} warm-up steps; {args.repeats} x {args.steps} timed steps, interleaved",
+            f"precision: {', '.join(args.precisions)}. Why: {info['precision_reason']}",
+        ]
+    )
+
+
+def tables(results: list[dict]) -> str:
+    lines = [
+        "| case | setup | precision | tokens/example | ex/s median [min-max] | GFLOP/s | % of peak (its precision) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for s in result["setups"].values():
+            ex = s["examples_per_s"]
+            lines.append(
+                f"| {CASE_TITLES[result['case']]} | {s['setup']} | {s['precision']} | {s['tokens_per_example']:.1f} | "
+                f"{s['examples_per_s_median']:.1f} [{min(ex):.1f}-{max(ex):.1f}] | {s['gflops_median']:.1f} | "
+                f"{100 * s['peak_fraction']:.0f}% |"
+            )
+    lines += [
+        "",
+        "| case | precision | ratio | median over repeats | min-max | per-step median [IQR] |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for r in result["ratios"]:
+            q1, q3 = r["per_step_iqr"]
+            lines.append(
+                f"| {CASE_TITLES[result['case']]} | {r['precision']} | {r['ratio']} | **{r['median']:.2f}** | "
+                f"{r['min']:.2f}-{r['max']:.2f} | {r['per_step_median']:.2f} [{q1:.2f}-{q3:.2f}] |"
+            )
+    lines += ["", "GFLOP/s: model FLOPs 6*N*B*T + 12*L*B*T^2*d per step (see the script's docstring), padded tokens."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per task and model")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--tasks", nargs="+", default=["sst", "sts"], choices=["sst", "para", "sts"])
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--model-path", default=None, help="HF BERT directory (default: the embedded default)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    default = "bf16" if use_bf16("auto", torch.device("cpu")) else "fp32"
-    print(
-        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, {args.steps} timed steps; "
-        f"the trainer's default precision on this CPU: {default}"
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per repeat and setup")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of --steps steps (the spread is over these)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per setup first")
+    parser.add_argument("--batch-size", type=int, default=32, help="per task")
+    parser.add_argument(
+        "--threads", type=int, default=available, help=f"torch threads (default: the CPUs available, {available})"
     )
-    for task in args.tasks:
-        result = benchmark(task, args.steps, args.warmup, args.batch_size, args.precisions, args.model_path)
-        kind = "cross-encoded pairs" if task != "sst" else "sentences"
-        print(f"{task} ({kind}, {result['tokens']:.1f} tokens/example):")
-        for precision in args.precisions:
-            ours, theirs = result[("ours", precision)], result[("transformers", precision)]
-            print(f"  {precision}: ours {ours:.1f} ex/s, transformers {theirs:.1f} ex/s, ratio {ours / theirs:.2f}")
-        if "fp32" in args.precisions and default in args.precisions:
-            ratio = result[("ours", default)] / result[("transformers", "fp32")]
-            print(f"  ours at the default precision ({default}) vs transformers fp32: ratio {ratio:.2f}")
+    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], help="default: fp32, and bf16 where auto uses it")
+    parser.add_argument("--model-path", default=None, help="HF BERT directory (default: the embedded default)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the machine, settings and results here")
+    parser.add_argument("--ghz", type=float, default=None, help="clock for the peak estimate (default: read from the system)")
+    parser.add_argument("--flops-per-cycle", type=int, default=None, help="fp32 FLOPs per cycle per core for the peak estimate")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.repeats, args.threads, args.batch_size) < 1 or args.warmup < 0:
+        parser.error("--steps, --repeats, --threads and --batch-size must be >= 1, --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    info = machine(args.threads, args.ghz, args.flops_per_cycle)
+    defaults, info["precision_reason"] = default_precisions(info["isa"])
+    if args.precisions is None:
+        args.precisions = defaults
+    elif "bf16" in args.precisions and "bf16" not in defaults:
+        print(f"warning: bf16 requested; {info['precision_reason']}", file=sys.stderr)
+    print(header(info, args), flush=True)
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="benchmark-speed-") as tmp:
+        for case in args.cases:
+            started = time.perf_counter()
+            if case == "multitask":
+                setups = multitask_setups(args.precisions, args, Path(tmp))
+            else:
+                setups = single_task_setups(case, args.precisions, args)
+            timed = measure(setups, args.steps, args.warmup, args.repeats)
+            results.append(
+                {
+                    "case": case,
+                    "summary": CASE_TITLES[case],
+                    "setups": summarise(timed, info),
+                    "ratios": case_ratios(case, timed, args.precisions),
+                    "wall_seconds": round(time.perf_counter() - started, 1),
+                }
+            )
+            del setups
+            print(f"{case}: done in {results[-1]['wall_seconds']} s", file=sys.stderr, flush=True)
+    print()
+    print(tables(results))
+    if args.json:
+        command = " ".join(["python scripts/benchmark_speed.py", *(argv if argv is not None else sys.argv[1:])])
+        date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        record = {"command": command, "date": date, "machine": info, "settings": vars(args), "results": results}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(f"\nwrote {args.json}")
     return 0
 
 

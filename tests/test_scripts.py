@@ -1,0 +1,64 @@
+"""The benchmark scripts' arithmetic: the FLOP formula against torch's FLOP counter, the peak
+estimate's rules, and the machine description."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model.bert import BertConfig, BertModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is not an installed package
+
+from scripts.benchmark_speed import Step, ratio, train_flops  # noqa: E402
+from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, fp32_flops_per_cycle, machine  # noqa: E402
+
+
+@pytest.mark.parametrize("shapes", [[(3, 16)], [(2, 9), (4, 5)]])
+def test_train_flops_equal_torchs_count_of_a_forward_and_backward(shapes):
+    config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    model = BertModel(config).train()
+    with FlopCounterMode(display=False) as counter:
+        for b, t in shapes:
+            ids = torch.randint(0, 100, (b, t))
+            model(ids, torch.ones_like(ids), torch.zeros_like(ids))["last_hidden_state"].sum().backward()
+    pooler = sum(2 * b * config.hidden_size**2 for b, _ in shapes)  # forward only, its output unused
+    assert counter.get_total_flops() - pooler == train_flops(config, shapes)
+
+
+def test_fp32_flops_per_cycle_follow_the_isa():
+    isa = {"AVX2": True, "FMA": True, "AVX-512": False, "AVX512_BF16": False, "AMX-BF16": False}
+    assert fp32_flops_per_cycle(isa, "AuthenticAMD", 23)[0] == 32
+    assert fp32_flops_per_cycle(isa | {"AVX-512": True}, "GenuineIntel", 6)[0] == 64
+    assert fp32_flops_per_cycle(isa | {"AVX-512": True}, "AuthenticAMD", 25)[0] == 32  # Zen 4
+    assert fp32_flops_per_cycle(isa | {"AVX-512": True}, "AuthenticAMD", 26)[0] == 64  # Zen 5
+    assert fp32_flops_per_cycle(isa | {"AVX2": False, "FMA": False}, "", 0)[0] == 8
+    assert bf16_flops_per_cycle(isa, 32)[0] == 32
+    assert bf16_flops_per_cycle(isa | {"AVX512_BF16": True}, 32)[0] == 64
+    assert bf16_flops_per_cycle(isa | {"AVX512_BF16": True, "AMX-BF16": True}, 64)[0] == 1024
+
+
+def test_machine_description_and_precision_reason():
+    info = machine(threads=2, ghz=3.0, flops_per_cycle=32)
+    assert info["fp32_peak_gflops_estimate"] == pytest.approx(info["cores_used"] * 3.0 * 32)
+    assert set(info["isa"]) == {"AVX2", "FMA", "AVX-512", "AVX512_BF16", "AMX-BF16"}
+    lines = describe(info)
+    assert lines[0].startswith("CPU: ") and "estimate" in lines[-1]
+    precisions, reason = default_precisions(info["isa"])
+    assert precisions[0] == "fp32" and ("bf16" in precisions) == (info["isa"]["AMX-BF16"] or info["isa"]["AVX512_BF16"])
+    assert "--precision auto uses" in reason
+
+
+def test_ratio_of_paired_steps():
+    def steps(*seconds: float) -> list[Step]:
+        return [Step(s, 32, 100, 1e9) for s in seconds]
+
+    timed = {("a", "fp32"): [steps(2, 2), steps(4, 4)], ("b", "fp32"): [steps(1, 1), steps(1, 3)]}
+    r = ratio(timed, ("a", "fp32"), ("b", "fp32"))
+    assert r["per_repeat"] == [2.0, 2.0] and (r["median"], r["min"], r["max"]) == (2.0, 2.0, 2.0)
+    # per step: 2, 2, 4, 4/3
+    assert r["per_step_median"] == pytest.approx(2.0) and r["per_step_iqr"] == pytest.approx([11 / 6, 2.5])
