@@ -87,6 +87,17 @@ def storage_trial_id(study: optuna.Study, number: int) -> int:
     return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
 
 
+def suggest(trial: optuna.trial.Trial, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
+    """``trial.suggest_*`` for a distribution object (Optuna's public API takes its fields)."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    if isinstance(distribution, optuna.distributions.FloatDistribution):
+        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
+    raise TypeError(f"{name}: unsupported distribution {distribution!r}")
+
+
 def fail_trial(study: optuna.Study, number: int, message: str) -> None:
     """Mark a RUNNING trial FAIL with its error message as user attr."""
     study._storage.set_trial_user_attr(storage_trial_id(study, number), names.TRIAL_ERROR, message)
@@ -128,6 +139,7 @@ class RecordingOptunaSearch(OptunaSearch):
         # The budget, counted in Optuna: Ray's own count restarts from its last experiment checkpoint,
         # which may predate trials that ran (and ended) before a driver was killed.
         self._max_trials = max_trials
+        self._distributions = dict(kwargs.get("space") or {})  # to complete the params of an adopted trial
         super().__init__(*args, **kwargs)
 
     def suggest(self, trial_id: str) -> dict | str | None:
@@ -160,6 +172,11 @@ class RecordingOptunaSearch(OptunaSearch):
     def _adopt(self, trial_id: str, number: int) -> dict:
         """Hand out the RUNNING Optuna trial ``number`` again, under the Ray trial ``trial_id``."""
         ot_trial = optuna.trial.Trial(self._ot_study, storage_trial_id(self._ot_study, number))
+        # A driver killed in the middle of Optuna's ask left some params unset: sample (or take from
+        # the queued start point) the missing ones now.
+        for name, distribution in self._distributions.items():
+            if name not in ot_trial.params:
+                suggest(ot_trial, name, distribution)
         self._ot_trials[trial_id] = ot_trial
         logger.warning(
             "Optuna trial %d was left running by an interrupted driver; it continues as Ray trial %s", number, trial_id
