@@ -51,11 +51,12 @@ import numpy as np
 from data.files import DATA_DIR_ENV
 from ensemble.caruana import DEFAULT_INIT_SIZE, DEFAULT_ROUNDS
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, out_of_selection
-from ensemble.members import EnsembleError, Member, Pool, TaskOutputs, load_pool, parse_member_ref
+from ensemble.members import EnsembleError, Member, Pool, load_pool, parse_member_ref
 from ensemble.output import TaskResult, write_build
 from ensemble.selection import METHODS, Choice, Selector, Settings
 from ensemble.soup import SoupEvaluator
 from ensemble.taskpool import TaskPool, align_to, task_pools
+from model.rundir import TaskOutputs
 from search.storage import DEFAULT_STORAGE_URL
 
 DEFAULT_METHODS = ("caruana", "top-k", "uniform-soup", "greedy-soup")

@@ -16,8 +16,9 @@ import numpy as np
 from scipy.optimize import minimize
 
 from data.files import TASK_FILES
-from ensemble.members import EnsembleError, TaskOutputs
+from ensemble.members import EnsembleError
 from model.metrics import overall_score, task_metric
+from model.rundir import TaskOutputs
 
 Outputs = dict[str, TaskOutputs]  # task -> {"ids", "values", "labels"}
 EPS = 1e-7

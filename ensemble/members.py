@@ -14,7 +14,6 @@ A study name that the storage does not hold, or a study left with no member, als
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from data.files import TASK_FILES
+from model.rundir import RunDir, RunFileError, TaskOutputs
 from search.storage import TRIAL_ARTIFACT_DIR, TRIAL_BEST_VALUE, TRIAL_EARLY_STOPPED, load_study
 
 SPLITS = ("dev", "test")
@@ -48,10 +48,6 @@ class UnusableMemberError(MemberArtifactError):
 
 class MemberSkippedWarning(UserWarning):
     """A trial was passed over because its artifacts are missing or non-finite."""
-
-
-# What one task's saved outputs hold: ids (N,), values (N,) or (N, C), labels (N,) or None.
-TaskOutputs = dict[str, np.ndarray | None]
 
 
 @dataclass
@@ -78,8 +74,12 @@ class Member:
     def has_split(self, split: str, task: str) -> bool:
         return task in self.outputs.get(split, {})
 
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.artifact_dir)
+
     def outputs_file(self, task: str, split: str) -> Path:
-        return outputs_path(self.artifact_dir, task, split)
+        return self.run.outputs_file(task, split)
 
 
 @dataclass
@@ -99,58 +99,46 @@ class Pool:
         return next((m for m in self.members if m.study == study and m.trial_number == trial), None)
 
 
-def outputs_path(artifact_dir: Path, task: str, split: str) -> Path:
-    return artifact_dir / "outputs" / f"{task}-{split}.npz"
-
-
 def read_outputs(artifact_dir: Path, task: str, split: str) -> TaskOutputs:
-    """Read ``outputs/<task>-<split>.npz`` (no pickles), checking shapes and finiteness."""
-    path = outputs_path(artifact_dir, task, split)
+    """A member's saved outputs (model.rundir reads and checks the file), checked for finiteness: a
+    missing or non-finite file makes the member unusable, an unreadable one is an error."""
+    run = RunDir(artifact_dir)
+    path = run.outputs_file(task, split)
     if not path.is_file():
         raise UnusableMemberError(f"{path}: missing")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except Exception as err:  # zip, header and dtype errors all mean the same thing here
-        raise MemberArtifactError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
-    for key in ("ids", "values"):
-        if key not in arrays:
-            raise MemberArtifactError(f"{path}: no {key!r} array (it has {sorted(arrays)})")
-    ids, values, labels = arrays["ids"].astype(str), arrays["values"], arrays.get("labels")
-    if len(ids) == 0 or len(values) != len(ids) or (labels is not None and len(labels) != len(ids)):
-        raise MemberArtifactError(
-            f"{path}: {len(ids)} ids, {len(values)} values, labels {None if labels is None else len(labels)}"
-        )
+        outputs = run.read_outputs(task, split)
+    except RunFileError as err:
+        raise MemberArtifactError(str(err)) from err
+    values = outputs["values"]
     if not np.issubdtype(values.dtype, np.number):
         raise MemberArtifactError(f"{path}: values of dtype {values.dtype}, expected numbers")
     if not np.isfinite(values).all():
         raise UnusableMemberError(f"{path}: values contain NaN or inf")
-    if split == "dev" and labels is None:
+    if split == "dev" and outputs["labels"] is None:
         raise MemberArtifactError(f"{path}: dev outputs have no 'labels' array")
-    return {"ids": ids, "values": values, "labels": labels}
+    return outputs
 
 
 def read_config(artifact_dir: Path) -> dict:
     """The trainer's config.json, checked for its 'train' (with tasks) and 'bert' sections."""
-    config_file = artifact_dir / "config.json"
-    if not config_file.is_file():
-        raise UnusableMemberError(f"{config_file}: missing")
+    run = RunDir(artifact_dir)
+    if not run.config_file.is_file():
+        raise UnusableMemberError(f"{run.config_file}: missing")
     try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise MemberArtifactError(f"{config_file}: unreadable ({err})") from err
-    if not isinstance(config, dict) or not isinstance(config.get("train"), dict) or not isinstance(config.get("bert"), dict):
-        raise MemberArtifactError(f"{config_file}: expected an object with 'train' and 'bert' sections")
+        config = run.read_config()
+    except RunFileError as err:
+        raise MemberArtifactError(str(err)) from err
     tasks = config["train"].get("tasks")
     if not isinstance(tasks, list) or not tasks or any(t not in TASK_FILES for t in tasks):
-        raise MemberArtifactError(f"{config_file}: train.tasks must list tasks from {sorted(TASK_FILES)}, not {tasks!r}")
+        raise MemberArtifactError(f"{run.config_file}: train.tasks must list tasks from {sorted(TASK_FILES)}, not {tasks!r}")
     return config
 
 
 def check_checkpoint(artifact_dir: Path) -> dict:
     """Validate config.json and model.safetensors (header, size, finite weights) and return the config."""
     config = read_config(artifact_dir)
-    weights = artifact_dir / "model.safetensors"
+    weights = RunDir(artifact_dir).weights_file
     if not weights.is_file():
         raise UnusableMemberError(f"{weights}: missing")
     from safetensors import safe_open
@@ -178,7 +166,7 @@ def load_member_artifacts(artifact_dir: Path) -> tuple[dict, dict[str, dict[str,
     tasks = config["train"]["tasks"]
     outputs = {"dev": {t: read_outputs(artifact_dir, t, "dev") for t in tasks}, "test": {}}
     for task in tasks:
-        if outputs_path(artifact_dir, task, "test").is_file():
+        if RunDir(artifact_dir).has_outputs([task], "test"):
             outputs["test"][task] = read_outputs(artifact_dir, task, "test")
     return config, outputs
 

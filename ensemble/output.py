@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.estimate import Estimate
-from ensemble.members import Member, TaskOutputs
+from ensemble.members import Member
 from ensemble.report import Curve, Row, plot_score_vs_size, plot_sts_scatter, write_summary
 from ensemble.selection import Choice
 from ensemble.soup import write_soup_predictor
 from ensemble.taskpool import TaskPool, encoder_passes
 from model.metrics import atomic_write_text, write_predictions
+from model.rundir import TaskOutputs
 
 MANIFEST_FORMAT = 2
 

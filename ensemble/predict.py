@@ -32,9 +32,10 @@ from pathlib import Path
 
 from data.files import TASK_FILES, DataError, Example, load_examples, read_file
 from ensemble.logits import Outputs, align_outputs, average_outputs
-from ensemble.members import EnsembleError, TaskOutputs
+from ensemble.members import EnsembleError
 from ensemble.soup import as_numpy_outputs
 from model.metrics import task_metric, write_predictions
+from model.rundir import TaskOutputs
 
 # Words in a file name that point to a task.
 NAME_HINTS = {"sst": "sst", "cfimdb": "cfimdb", "quora": "para", "para": "para", "paraphrase": "para", "sts": "sts"}

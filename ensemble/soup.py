@@ -12,9 +12,6 @@ share evaluations.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +19,13 @@ from pathlib import Path
 import joblib
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from data.files import TASK_FILES, resolve_data_dir
 from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
 from ensemble.taskpool import task_setting
 from model.bert import default_model_path, load_strict
-from model.metrics import atomic_write_text
+from model.rundir import RunDir
 
 # Trainer settings that decide which parameters exist and what they start from.
 HEAD_KEYS = ("tasks", "pair_encoding", "pooling", "sst_head", "sts_head")
@@ -72,7 +68,7 @@ def architecture_signature(config: dict) -> dict[str, object]:
 def tensor_shapes(artifact_dir: Path) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 
-    with safe_open(str(artifact_dir / "model.safetensors"), "pt") as checkpoint:
+    with safe_open(str(RunDir(artifact_dir).weights_file), "pt") as checkpoint:
         return {key: tuple(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}
 
 
@@ -104,7 +100,7 @@ def average_checkpoints(artifact_dirs: Sequence[Path], weights: Sequence[float] 
     total: dict[str, torch.Tensor] = {}
     dtypes: dict[str, torch.dtype] = {}
     for index, artifact_dir in enumerate(artifact_dirs):
-        state = load_file(str(Path(artifact_dir) / "model.safetensors"))
+        state = RunDir(artifact_dir).load_weights()
         scale = 1.0 if weights is None else float(weights[index])
         for key, tensor in state.items():
             if not tensor.is_floating_point():
@@ -172,11 +168,11 @@ class SoupEvaluator:
         self.seen: dict[tuple, Outputs] = {}
 
     def __call__(self, members: Sequence[Member], split: str = "dev") -> Outputs:
-        checkpoints = tuple(fingerprint(m.artifact_dir / "model.safetensors") for m in members)
+        checkpoints = tuple(fingerprint(m.run.weights_file) for m in members)
         if (checkpoints, split) not in self.seen:
             tasks = members[0].tasks
             data_files = tuple(fingerprint(TASK_FILES[t].path(split, self.data_dir)) for t in tasks)
-            cache_key = (fingerprint(members[0].artifact_dir / "config.json"), data_files)
+            cache_key = (fingerprint(members[0].run.config_file), data_files)
             if self.run is None:
                 self.run = joblib.Memory(None if self.cache_dir is None else str(self.cache_dir), verbose=0).cache(run_soup)
             self.seen[checkpoints, split] = self.run(checkpoints, None, split, self.data_dir, self.device, cache_key)
@@ -209,17 +205,9 @@ def greedy_soup(ranked: Sequence[Member], score: Callable[[Sequence[Member]], fl
 def write_soup_predictor(directory: Path, members: Sequence[Member], weights: Sequence[float] | None, method: str) -> None:
     """The soup as a trainer output dir (config.json + model.safetensors, so load_trained reads it),
     plus soup.json naming its members. Each file is written to a temp file and renamed."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in average_checkpoints([m.artifact_dir for m in members], weights).items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".model.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / "model.safetensors")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    atomic_write_text(directory / "config.json", json.dumps(members[0].config, indent=2) + "\n")
+    run = RunDir(directory)
+    run.save_weights(average_checkpoints([m.artifact_dir for m in members], weights), metadata={"format": "pt"})
+    run.write_config(members[0].config["train"], members[0].config["bert"])
     described = [
         {
             "study": m.study,
@@ -229,7 +217,7 @@ def write_soup_predictor(directory: Path, members: Sequence[Member], weights: Se
         }
         for m, w in zip(members, weights or [None] * len(members), strict=True)
     ]
-    atomic_write_text(directory / "soup.json", json.dumps({"method": method, "members": described}, indent=2) + "\n")
+    run.write_json(directory / "soup.json", {"method": method, "members": described})
 
 
 def compatible_members(reference: Member, candidates: Sequence[Member]) -> tuple[list[Member], list[str]]:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ensemble.members import EnsembleError, Member, Pool, TaskOutputs
+from ensemble.members import EnsembleError, Member, Pool
 from model.metrics import task_metric
+from model.rundir import TaskOutputs
 
 PAIR_TASKS = ("para", "sts")
 

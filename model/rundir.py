@@ -22,8 +22,8 @@ import torch
 from data.atomic import atomic_write, atomic_write_text
 from model.metrics import write_predictions
 
-# One task's saved outputs: ids (N,), values (N,) or (N, C), and labels (N,) when the split has them.
-TaskOutputs = dict[str, np.ndarray]
+# One task's saved outputs: ids (N,), values (N,) or (N, C), and labels (N,), None on an unlabelled split.
+TaskOutputs = dict[str, np.ndarray | None]
 
 
 class RunFileError(ValueError):
