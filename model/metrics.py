@@ -8,12 +8,14 @@ similarity (N,) on the 0-5 scale for STS.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from data.atomic import atomic_write_text  # re-exported: callers that write a leaderboard file import both
+
+__all__ = ["atomic_write_text"]
 
 # Leaderboard header of each task's prediction column.
 PREDICTION_COLUMNS = {
@@ -94,20 +96,6 @@ def overall_score(metrics: dict[str, float], tasks: Sequence[str]) -> float:
     if missing:
         raise KeyError(f"overall_score: no metric for task(s) {missing}")
     return sum(normalized_score(t, metrics[t]) for t in tasks) / len(tasks)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file via a temp file in the same directory and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fp:
-            fp.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_predictions(path: str | Path, task: str, ids: Sequence[str], values: np.ndarray) -> None:

@@ -33,8 +33,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from data.atomic import atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
-from model.metrics import atomic_write_text
 from model.train import train
 from search import storage as names
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
