@@ -21,6 +21,9 @@ Cases (``--cases``):
   ``surgery = pcgrad``, both from the same weights on the same batches. Ratio: the PCGrad step's
   time / the plain step's time (its cost; the issue's target is at most 1.3).
 
+Levers not in the trainer yet, to measure them: --freeze-word-embeddings (both implementations)
+and --compile (torch.compile of our encoder, dynamic shapes; its compile time falls in --warmup).
+
 Timing, robust to load from other processes: all setups of a case run one step each in turn on the
 same batch (interleaved), so that load hits them alike; ``--warmup`` untimed steps first, then
 ``--repeats`` repeats of ``--steps`` steps, each repeat on the same batches. Reported: throughput
@@ -163,11 +166,22 @@ class _Recorder:
         return batch
 
 
+def apply_levers(bert: torch.nn.Module, args: argparse.Namespace, ours: bool) -> None:
+    """Speed levers the trainer does not have yet, to measure them: frozen word embeddings (no
+    gradient, no optimizer update: about half the parameters), and torch.compile of our encoder
+    with dynamic shapes (``Module.compile`` in place, so the state-dict names stay)."""
+    if args.freeze_word_embeddings:
+        bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    if args.compile and ours:
+        bert.encoder.compile(dynamic=True)
+
+
 class TrainerStep:
     """The trainer's own step (``Trainer._train_step``) over one batch of each task."""
 
-    def __init__(self, cfg: TrainConfig, output_dir: Path):
+    def __init__(self, cfg: TrainConfig, output_dir: Path, args: argparse.Namespace):
         self.trainer = Trainer(cfg, output_dir, None, fresh=True)
+        apply_levers(self.trainer.model.bert, args, ours=True)  # a frozen parameter gets no grad: AdamW skips it
         self.config = self.trainer.model.bert.config
         self.recorders = {t: _Recorder(s) for t, s in self.trainer.streams.items()}
         self.trainer.streams = self.recorders
@@ -206,6 +220,8 @@ def single_task_setups(task: str, precisions: list[str], args: argparse.Namespac
         torch.manual_seed(0)
         ours = build_model(cfg).train()
         theirs = HFModel(model_dir(cfg), copy.deepcopy(ours.heads[task])).train()
+        apply_levers(ours.bert, args, ours=True)
+        apply_levers(theirs.bert, args, ours=False)
         for name, model, optimizer_class, forward in (
             ("ours", ours, AdamW, lambda m, b: m(task, b.views)),
             ("transformers", theirs, torch.optim.AdamW, lambda m, b: m(b.views)),
@@ -230,7 +246,7 @@ def multitask_setups(precisions: list[str], args: argparse.Namespace, output_dir
                 predict_test=False,
             )
             (output_dir / f"{surgery}-{precision}").mkdir()
-            setups[(surgery, precision)] = TrainerStep(cfg, output_dir / f"{surgery}-{precision}")
+            setups[(surgery, precision)] = TrainerStep(cfg, output_dir / f"{surgery}-{precision}", args)
     return setups
 
 
@@ -334,6 +350,8 @@ def header(info: dict, args: argparse.Namespace) -> str:
             *describe(info),
             f"batch {args.batch_size}; {args.warmup} warm-up steps; {args.repeats} x {args.steps} timed steps, interleaved",
             f"precision: {', '.join(args.precisions)}. Why: {info['precision_reason']}",
+            f"levers: word embeddings {'frozen' if args.freeze_word_embeddings else 'trained'}, "
+            f"our encoder {'compiled (dynamic shapes)' if args.compile else 'eager'}",
         ]
     )
 
@@ -380,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], help="default: fp32, and bf16 where auto uses it")
     parser.add_argument("--model-path", default=None, help="HF BERT directory (default: the embedded default)")
+    parser.add_argument(
+        "--freeze-word-embeddings", action="store_true", help="no training of the word embeddings (ours and transformers)"
+    )
+    parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (dynamic shapes); needs a C++ compiler")
     parser.add_argument("--json", type=Path, default=None, help="also write the machine, settings and results here")
     parser.add_argument("--ghz", type=float, default=None, help="clock for the peak estimate (default: read from the system)")
     parser.add_argument("--flops-per-cycle", type=int, default=None, help="fp32 FLOPs per cycle per core for the peak estimate")

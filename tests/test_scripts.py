@@ -3,6 +3,7 @@ estimate's rules, and the machine description."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.bert import BertConfig, BertModel
+from model.optimizer import AdamW, param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is not an installed package
 
-from scripts.benchmark_speed import Step, ratio, train_flops  # noqa: E402
+from scripts.benchmark_speed import Step, apply_levers, ratio, train_flops  # noqa: E402
 from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, fp32_flops_per_cycle, machine  # noqa: E402
 
 
@@ -62,3 +64,17 @@ def test_ratio_of_paired_steps():
     assert r["per_repeat"] == [2.0, 2.0] and (r["median"], r["min"], r["max"]) == (2.0, 2.0, 2.0)
     # per step: 2, 2, 4, 4/3
     assert r["per_step_median"] == pytest.approx(2.0) and r["per_step_iqr"] == pytest.approx([11 / 6, 2.5])
+
+
+def test_freezing_the_word_embeddings_leaves_them_out_of_the_update():
+    config = BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model = BertModel(config).train()
+    apply_levers(model, argparse.Namespace(freeze_word_embeddings=True, compile=False), ours=True)
+    words = model.embeddings.word_embeddings.weight
+    before = words.detach().clone()
+    optimizer = AdamW(param_groups(model, 0.1), lr=0.1)
+    ids = torch.randint(0, 100, (2, 5))
+    model(ids, torch.ones_like(ids), torch.zeros_like(ids))["last_hidden_state"].sum().backward()
+    optimizer.step()
+    assert words.grad is None and torch.equal(words, before)
+    assert model.embeddings.position_embeddings.weight.grad is not None
