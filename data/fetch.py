@@ -15,13 +15,13 @@ import urllib.request
 from pathlib import Path
 
 from data.atomic import atomic_write
-from data.files import SPLITS, TASK_FILES, resolve_data_dir
+from data.files import SPLITS, TASKS, resolve_data_dir
 
 STARTER_REPO = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/main/data"
 
 
 def data_file_names() -> list[str]:
-    return [spec.path(split, ".").name for spec in TASK_FILES.values() for split in SPLITS]
+    return [spec.path(split, ".").name for spec in TASKS.values() for split in SPLITS]
 
 
 def place(dest: Path, name: str, write) -> None:

@@ -18,25 +18,37 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "datasets"
 
 
 @dataclass(frozen=True)
-class TaskFiles:
-    """What a task's files look like: the stem of their names, text columns and label column."""
+class Task:
+    """What a task is: its files (the stem of their names, text and label columns), one sentence or a
+    pair, what its labels are, how it is scored and its leaderboard column. Code that treats tasks
+    differently asks this table (``TASKS[task].label_kind``, ``.is_pair``), never a task's name."""
 
     stem: str
     text_columns: tuple[str, ...]
     label_column: str
     label_kind: str  # "class" (integers 0..num_classes-1), "binary" (0/1 floats), "score" (0..5 float)
+    prediction_column: str  # the leaderboard CSV's header
     num_classes: int = 0
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+    @property
+    def metric_name(self) -> str:
+        """Accuracy for class and binary labels, Pearson r for scores."""
+        return "Pearson r" if self.label_kind == "score" else "accuracy"
 
     def path(self, split: str, data_dir: str | Path | None = None) -> Path:
         suffix = "test-student" if split == "test" else split
         return resolve_data_dir(data_dir) / f"{self.stem}-{suffix}.csv"
 
 
-TASK_FILES = {
-    "sst": TaskFiles("ids-sst", ("sentence",), "sentiment", "class", 5),
-    "cfimdb": TaskFiles("ids-cfimdb", ("sentence",), "sentiment", "class", 2),
-    "para": TaskFiles("quora", ("sentence1", "sentence2"), "is_duplicate", "binary"),
-    "sts": TaskFiles("sts", ("sentence1", "sentence2"), "similarity", "score"),
+TASKS = {
+    "sst": Task("ids-sst", ("sentence",), "sentiment", "class", "Predicted_Sentiment", 5),
+    "para": Task("quora", ("sentence1", "sentence2"), "is_duplicate", "binary", "Predicted_Is_Paraphrase"),
+    "sts": Task("sts", ("sentence1", "sentence2"), "similarity", "score", "Predicted_Similarity"),
+    "cfimdb": Task("ids-cfimdb", ("sentence",), "sentiment", "class", "Predicted_Sentiment", 2),
 }
 SPLITS = ("train", "dev", "test")
 
@@ -59,15 +71,15 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 
 def load_examples(task: str, split: str, data_dir: str | Path | None = None) -> list[Example]:
     """Read one split of one task. ``split`` is train, dev or test (the test-student file)."""
-    if task not in TASK_FILES:
-        raise KeyError(f"unknown task {task!r}; known tasks: {sorted(TASK_FILES)}")
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
     if split not in SPLITS:
         raise KeyError(f"unknown split {split!r}; known splits: {SPLITS}")
-    spec = TASK_FILES[task]
+    spec = TASKS[task]
     return read_file(spec.path(split, data_dir), spec, labelled=split != "test")
 
 
-def read_file(path: str | Path, spec: TaskFiles, labelled: bool) -> list[Example]:
+def read_file(path: str | Path, spec: Task, labelled: bool) -> list[Example]:
     """Parse one file. Unlabelled files may still have a label column; it is then ignored."""
     path = Path(path)
     if not path.is_file():
@@ -121,7 +133,7 @@ def undecodable_position(path: Path) -> str:
     return str(path)  # only a multi-line sequence fails, which a line-by-line decode cannot place
 
 
-def parse_label(raw: str, spec: TaskFiles, where: str) -> float | int:
+def parse_label(raw: str, spec: Task, where: str) -> float | int:
     try:
         value = float(raw)
     except ValueError:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import minimize
 
-from data.files import TASK_FILES
+from data.files import TASKS
 from ensemble.members import EnsembleError
 from model.metrics import overall_score, task_metric
 from model.rundir import TaskOutputs
@@ -88,7 +88,7 @@ def objective_tasks(tasks: Sequence[str], metric: str) -> list[str]:
 
 def surrogate_loss(task: str, values: np.ndarray, labels: np.ndarray) -> float:
     """A smooth stand-in for the task metric, lower is better."""
-    kind = TASK_FILES[task].label_kind
+    kind = TASKS[task].label_kind
     if kind == "class":
         return float(-np.log(np.clip(values[np.arange(len(labels)), labels.astype(np.int64)], EPS, 1.0)).mean())
     if kind == "binary":

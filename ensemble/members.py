@@ -23,7 +23,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from data.files import TASK_FILES
+from data.files import TASKS
 from model.rundir import RunDir, RunFileError, TaskOutputs
 from search.storage import TRIAL_ARTIFACT_DIR, TRIAL_BEST_VALUE, TRIAL_EARLY_STOPPED, load_study
 
@@ -93,7 +93,7 @@ class Pool:
     def tasks(self) -> list[str]:
         """Every task some member trains, in the trainer's task order."""
         trained = {t for m in self.members for t in m.tasks}
-        return [t for t in TASK_FILES if t in trained]
+        return [t for t in TASKS if t in trained]
 
     def find(self, study: str, trial: int) -> Member | None:
         return next((m for m in self.members if m.study == study and m.trial_number == trial), None)
@@ -130,8 +130,8 @@ def read_config(artifact_dir: Path) -> dict:
     except RunFileError as err:
         raise MemberArtifactError(str(err)) from err
     tasks = config["train"].get("tasks")
-    if not isinstance(tasks, list) or not tasks or any(t not in TASK_FILES for t in tasks):
-        raise MemberArtifactError(f"{run.config_file}: train.tasks must list tasks from {sorted(TASK_FILES)}, not {tasks!r}")
+    if not isinstance(tasks, list) or not tasks or any(t not in TASKS for t in tasks):
+        raise MemberArtifactError(f"{run.config_file}: train.tasks must list tasks from {sorted(TASKS)}, not {tasks!r}")
     return config
 
 

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_write_text
+from data.files import TASKS
 from ensemble.estimate import Estimate
 from ensemble.members import Member
 from ensemble.report import Curve, Row, plot_score_vs_size, plot_sts_scatter, write_summary
 from ensemble.selection import Choice
 from ensemble.soup import write_soup_predictor
 from ensemble.taskpool import TaskPool, encoder_passes
-from model.metrics import atomic_write_text, write_predictions
+from model.metrics import write_predictions
 from model.rundir import TaskOutputs
 
 MANIFEST_FORMAT = 2
@@ -118,7 +120,7 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
         tasks[task] = entry
         for split, out in (("dev", {"ids": result.pool.ids, "values": choice.values}), ("test", result.test[method])):
             write_predictions(directory / "predictions" / f"{task}-{split}-out.csv", task, out["ids"], out["values"])
-        if task == "sts":
+        if TASKS[task].label_kind == "score":
             r = entry["dev"]
             title = f"{method}: STS dev, Pearson r = {r:.3f}"
             plot_sts_scatter(directory / "sts_dev_scatter.png", choice.values, result.pool.labels, title)
@@ -135,7 +137,7 @@ def write_build(root: Path, methods: tuple[str, ...], results: dict[str, TaskRes
             write_method(root / method, method, results, header)
     for task, result in results.items():
         best = result.pool.score(result.choices["best single"].values)
-        metric = "Pearson r" if task == "sts" else "accuracy"
+        metric = TASKS[task].metric_name
         title = f"{' + '.join(header['studies'])}: {task}"
         plot_score_vs_size(root / f"{task}_dev_vs_size.png", curves_of(result), metric, best, title)
     rows = [row for result in results.values() for row in rows_of(result)]

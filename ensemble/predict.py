@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.files import TASK_FILES, DataError, Example, load_examples, read_file
+from data.files import TASKS, DataError, Example, load_examples, read_file
 from ensemble.logits import Outputs, align_outputs, average_outputs
 from ensemble.members import EnsembleError
 from ensemble.soup import as_numpy_outputs
@@ -97,13 +97,13 @@ def read_header(path: Path) -> list[str]:
 
 def infer_task(path: Path, header: list[str], available: list[str]) -> str:
     """The task of a CS224N-format file; an error lists what remains ambiguous."""
-    candidates = [t for t, spec in TASK_FILES.items() if all(c in header for c in spec.text_columns)]
+    candidates = [t for t, spec in TASKS.items() if all(c in header for c in spec.text_columns)]
     if "sentence2" in header:  # a pair file also has no "sentence" column, but be explicit
-        candidates = [t for t in candidates if len(TASK_FILES[t].text_columns) == 2]
+        candidates = [t for t in candidates if len(TASKS[t].text_columns) == 2]
     if not candidates:
         raise DataError(f"{path}:1: no task has the columns {header}; expected 'sentence' or 'sentence1' and 'sentence2'")
-    labelled = [t for t in candidates if TASK_FILES[t].label_column in header]
-    if len({TASK_FILES[t].label_column for t in labelled}) == 1 and len(labelled) < len(candidates):
+    labelled = [t for t in candidates if TASKS[t].label_column in header]
+    if len({TASKS[t].label_column for t in labelled}) == 1 and len(labelled) < len(candidates):
         candidates = labelled
     words = set(re.split(r"[^a-z0-9]+", path.name.lower()))
     named = [t for t in candidates if any(NAME_HINTS.get(w) == t for w in words)]
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output", type=Path, help="--input: leaderboard CSV to write (default: <ENSEMBLE>/predict/<input>-<task>-out.csv)"
     )
-    parser.add_argument("--task", choices=sorted(TASK_FILES), help="--input: task of the file (default: inferred)")
+    parser.add_argument("--task", choices=sorted(TASKS), help="--input: task of the file (default: inferred)")
     parser.add_argument("--data-dir", help="--splits: CS224N data directory (default: $MINBERT_DATA, else ./datasets)")
     parser.add_argument("--output-dir", type=Path, help="--splits: where the CSVs go (default: <ENSEMBLE>/predict)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -189,7 +189,7 @@ def predict(args: argparse.Namespace) -> list[Written]:
     task = args.task or infer_task(args.input, header, list(plans))
     if task not in plans:
         raise EnsembleError(f"the ensemble in {predictor} predicts {sorted(plans)}, not {task!r} (the task of {args.input})")
-    spec = TASK_FILES[task]
+    spec = TASKS[task]
     examples = read_file(args.input, spec, labelled=spec.label_column in header)
     return [predict_examples(runner, plans[task], task, examples, args.output or default_output(args.ensemble, args.input, task))]
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for output, task, score in written:
-        metric = "Pearson r" if task == "sts" else "accuracy"
+        metric = TASKS[task].metric_name
         print(f"wrote {output}" + ("" if score is None else f" ({metric} on the file's labels: {score:.4f})"))
     return 0
 

@@ -20,7 +20,7 @@ import joblib
 import numpy as np
 import torch
 
-from data.files import TASK_FILES, resolve_data_dir
+from data.files import TASKS, resolve_data_dir
 from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
 from ensemble.taskpool import task_setting
@@ -171,7 +171,7 @@ class SoupEvaluator:
         checkpoints = tuple(fingerprint(m.run.weights_file) for m in members)
         if (checkpoints, split) not in self.seen:
             tasks = members[0].tasks
-            data_files = tuple(fingerprint(TASK_FILES[t].path(split, self.data_dir)) for t in tasks)
+            data_files = tuple(fingerprint(TASKS[t].path(split, self.data_dir)) for t in tasks)
             cache_key = (fingerprint(members[0].run.config_file), data_files)
             if self.run is None:
                 self.run = joblib.Memory(None if self.cache_dir is None else str(self.cache_dir), verbose=0).cache(run_soup)

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.files import TASKS
 from ensemble.members import EnsembleError, Member, Pool
 from model.metrics import task_metric
 from model.rundir import TaskOutputs
-
-PAIR_TASKS = ("para", "sts")
 
 
 def task_setting(train: dict, name: str, task: str) -> object:
@@ -29,7 +28,7 @@ def task_setting(train: dict, name: str, task: str) -> object:
 def encoder_passes(config: dict, task: str) -> int:
     """Encoder passes per example of one model on ``task``: 2 for a bi-encoded pair (each sentence
     alone), else 1 (a single sentence, or a cross-encoded pair)."""
-    bi = task in PAIR_TASKS and task_setting(config["train"], "pair_encoding", task) == "bi"
+    bi = TASKS[task].is_pair and task_setting(config["train"], "pair_encoding", task) == "bi"
     return 2 if bi else 1
 
 

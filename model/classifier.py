@@ -41,7 +41,7 @@ from model.schedules import set_learning_rate
 from model.splits import load_split
 from model.train import NonFiniteLossError, progress_bar
 
-TASKS = ("sst", "cfimdb")
+CLASSIFIER_TASKS = ("sst", "cfimdb")
 MODES = ("pretrain", "finetune")
 # pretrain: the handout's lr 1e-3, batch 8 and 10 epochs (a linear head on cached features is cheap).
 # finetune: lr 5e-5 (a 6-layer, 384-wide model takes a higher rate than the handout's 1e-5 for
@@ -197,7 +197,7 @@ def model_config_arg(text: str) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--task", choices=CLASSIFIER_TASKS, required=True)
     parser.add_argument("--mode", choices=MODES, required=True, help="pretrain: frozen encoder; finetune: train everything")
     parser.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default: {DEFAULT_LR})")
     parser.add_argument("--epochs", type=int, default=None, help=f"default: {DEFAULT_EPOCHS}")

@@ -12,14 +12,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
-from data.files import TASK_FILES
+from data.files import TASKS
 
 POOLINGS = ("mean", "cls", "pooler")
 PAIR_ENCODINGS = ("cross", "bi")
 SST_HEADS = ("linear", "hidden")
 STS_HEADS = ("regression", "cosine")
 STS_LOSSES = ("mse", "cosent")
-TASKS = ("sst", "para", "sts", "cfimdb")
 SURGERIES = ("none", "pcgrad", "gradvac")
 SCHEDULES = ("round_robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear")
@@ -49,7 +48,7 @@ RUNTIME_FIELDS = ("threads", "device", "predict_test", "cache_dir", "data_dir")
 
 
 def is_pair_task(task: str) -> bool:
-    return len(TASK_FILES[task].text_columns) == 2
+    return TASKS[task].is_pair
 
 
 def applies_to(name: str, task: str) -> bool:
@@ -131,7 +130,7 @@ class TrainConfig:
         self.tasks = list(self.tasks)
         unknown = [t for t in self.tasks if t not in TASKS]
         if not self.tasks or unknown or len(set(self.tasks)) != len(self.tasks):
-            raise ValueError(f"tasks must be distinct names from {TASKS}, got {self.tasks}")
+            raise ValueError(f"tasks must be distinct names from {list(TASKS)}, got {self.tasks}")
         for name in PER_TASK_FIELDS:
             value = getattr(self, name)
             if isinstance(value, dict):

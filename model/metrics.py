@@ -13,32 +13,27 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import atomic_write_text  # re-exported: callers that write a leaderboard file import both
+from data.atomic import atomic_write_text
+from data.files import TASKS, Task
 
-__all__ = ["atomic_write_text"]
 
-# Leaderboard header of each task's prediction column.
-PREDICTION_COLUMNS = {
-    "sst": "Predicted_Sentiment",
-    "cfimdb": "Predicted_Sentiment",
-    "para": "Predicted_Is_Paraphrase",
-    "sts": "Predicted_Similarity",
-}
-CLASSIFICATION_TASKS = ("sst", "cfimdb")
+def task_of(task: str) -> Task:
+    if task not in TASKS:
+        raise KeyError(f"unknown task {task!r}; known tasks: {list(TASKS)}")
+    return TASKS[task]
 
 
 def predicted_labels(task: str, values: np.ndarray) -> np.ndarray:
-    """The hard prediction: a class for sentiment, 0/1 for paraphrase, the score itself for STS."""
+    """The hard prediction: a class (argmax of the probabilities), 0/1 (P >= 0.5), or the score itself."""
     values = np.asarray(values)
-    if task in CLASSIFICATION_TASKS:
+    kind = task_of(task).label_kind
+    if kind == "class":
         if values.ndim != 2:
             raise ValueError(f"{task}: expected class probabilities of shape (N, C), got shape {values.shape}")
         return values.argmax(axis=1)
-    if task == "para":
+    if kind == "binary":
         return (values >= 0.5).astype(np.int64)
-    if task == "sts":
-        return values.astype(np.float64)
-    raise KeyError(f"unknown task {task!r}; known tasks: {sorted(PREDICTION_COLUMNS)}")
+    return values.astype(np.float64)
 
 
 class NonFiniteMetricError(ValueError):
@@ -78,14 +73,14 @@ def task_metric(task: str, values: np.ndarray, labels: np.ndarray) -> float:
         raise ValueError(f"{task}: {len(predicted)} predictions but {len(labels)} labels")
     if len(labels) == 0:
         raise ValueError(f"{task}: no examples to score")
-    if task == "sts":
+    if TASKS[task].label_kind == "score":
         return pearson(predicted, labels)
     return float((predicted == labels.astype(np.int64)).mean())
 
 
 def normalized_score(task: str, metric: float) -> float:
     """Maps every task metric to 0..1: Pearson r becomes (r + 1) / 2, accuracies stay."""
-    return (metric + 1.0) / 2.0 if task == "sts" else metric
+    return (metric + 1.0) / 2.0 if task_of(task).label_kind == "score" else metric
 
 
 def overall_score(metrics: dict[str, float], tasks: Sequence[str]) -> float:
@@ -101,13 +96,11 @@ def overall_score(metrics: dict[str, float], tasks: Sequence[str]) -> float:
 def write_predictions(path: str | Path, task: str, ids: Sequence[str], values: np.ndarray) -> None:
     """Leaderboard CSV: ``id,Predicted_Sentiment`` (class), ``id,Predicted_Is_Paraphrase`` (0/1)
     or ``id,Predicted_Similarity`` (0-5 float)."""
-    if task not in PREDICTION_COLUMNS:
-        raise KeyError(f"unknown task {task!r}; known tasks: {sorted(PREDICTION_COLUMNS)}")
     predicted = predicted_labels(task, values)
     if len(predicted) != len(ids):
         raise ValueError(f"{task}: {len(ids)} ids but {len(predicted)} predictions")
-    if task == "sts":
+    if TASKS[task].label_kind == "score":
         rows = [f"{i},{float(p):.4f}" for i, p in zip(ids, predicted, strict=True)]
     else:
         rows = [f"{i},{int(p)}" for i, p in zip(ids, predicted, strict=True)]
-    atomic_write_text(path, "\n".join([f"id,{PREDICTION_COLUMNS[task]}", *rows]) + "\n")
+    atomic_write_text(path, "\n".join([f"id,{TASKS[task].prediction_column}", *rows]) + "\n")

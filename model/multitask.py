@@ -15,12 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data.files import TASK_FILES
+from data.files import TASKS
 from model.bert import BertModel
 from model.config import PAIR_ENCODINGS, POOLINGS, SST_HEADS, STS_HEADS, STS_LOSSES
-
-PAIR_TASKS = ("para", "sts")
-SENTENCE_TASKS = ("sst", "cfimdb")
 
 View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
 
@@ -101,7 +98,10 @@ class MultitaskBert(nn.Module):
         freeze_layers: int = 0,
     ):
         super().__init__()
-        pair_tasks = [t for t in tasks if t in PAIR_TASKS]
+        unknown = [t for t in tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known tasks: {list(TASKS)}")
+        pair_tasks = [t for t in tasks if TASKS[t].is_pair]
         self.pooling = per_task(pooling, tasks, "pooling", POOLINGS)
         self.pair_encoding = per_task(pair_encoding, pair_tasks, "pair_encoding", PAIR_ENCODINGS)
         if sts_head not in STS_HEADS:
@@ -113,15 +113,13 @@ class MultitaskBert(nn.Module):
         heads = {}
         for task in tasks:
             bi = self.pair_encoding.get(task) == "bi"
-            if task in SENTENCE_TASKS:
-                heads[task] = SentenceHead(hidden, TASK_FILES[task].num_classes, dropout, sst_head)
-            elif task == "para":
+            kind = TASKS[task].label_kind
+            if kind == "class":
+                heads[task] = SentenceHead(hidden, TASKS[task].num_classes, dropout, sst_head)
+            elif kind == "binary":
                 heads[task] = PairHead(hidden, dropout, bi)
-            elif task == "sts":
-                # Start regression at the middle of the 0-5 scale rather than at 0.
+            else:  # a score: start regression at the middle of the 0-5 scale rather than at 0
                 heads[task] = CosineHead() if sts_head == "cosine" else PairHead(hidden, dropout, bi, bias=2.5)
-            else:
-                raise ValueError(f"unknown task {task!r}; known tasks: {[*SENTENCE_TASKS, *PAIR_TASKS]}")
         self.heads = nn.ModuleDict(heads)
         self.freeze(freeze_layers)
         if "pooler" not in self.pooling.values():
@@ -189,9 +187,10 @@ class MultitaskBert(nn.Module):
 def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor, sts_loss: str = "mse") -> torch.Tensor:
     """Cross-entropy (sentiment), binary cross-entropy with logits (paraphrase), MSE or CoSENT (STS)."""
     output = output.float()
-    if task in SENTENCE_TASKS:
+    kind = TASKS[task].label_kind
+    if kind == "class":
         return F.cross_entropy(output, labels)
-    if task == "para":
+    if kind == "binary":
         return F.binary_cross_entropy_with_logits(output, labels.float())
     if sts_loss == "cosent":
         return cosent_loss(output, labels.float())
@@ -216,9 +215,10 @@ def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float = 4.0) 
 def output_values(task: str, output: torch.Tensor) -> torch.Tensor:
     """What is saved and ensembled: class probabilities, P(duplicate), or the STS score."""
     output = output.float()
-    if task in SENTENCE_TASKS:
+    kind = TASKS[task].label_kind
+    if kind == "class":
         return output.softmax(-1)
-    if task == "para":
+    if kind == "binary":
         return torch.sigmoid(output)
     return output
 

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.multitask import SENTENCE_TASKS, MultitaskBert, View
+from data.files import TASKS
+from model.multitask import MultitaskBert, View
 
 NOISE_STD = 1e-5  # sigma: the initial noise
 STEP_SIZE = 1e-3  # eta: the ascent step along the normalised gradient
@@ -41,9 +42,10 @@ EPSILON = 1e-5  # radius of the infinity-norm ball that delta stays in
 def divergence(task: str, perturbed: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     """Symmetric KL (classifiers) or mean squared error (STS) between two outputs, batch mean."""
     perturbed, clean = perturbed.float(), clean.float()
-    if task in SENTENCE_TASKS:
+    kind = TASKS[task].label_kind
+    if kind == "class":
         p, q = F.log_softmax(perturbed, -1), F.log_softmax(clean, -1)
-    elif task == "para":
+    elif kind == "binary":
         # Two-class log-probabilities of the duplicate logit: [log(1 - s), log s].
         p = torch.stack([F.logsigmoid(-perturbed), F.logsigmoid(perturbed)], -1)
         q = torch.stack([F.logsigmoid(-clean), F.logsigmoid(clean)], -1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from data.files import TASK_FILES, load_examples
+from data.files import TASKS, load_examples
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode
 from model.bert import default_model_path
 from model.config import TrainConfig, is_pair_task
@@ -49,7 +49,7 @@ def load_split(
 ) -> EncodedSplit:
     """Tokenised rows of one file, from the token cache when possible (the whole file is cached,
     then the first ``limit`` rows kept, so limits never invalidate the cache)."""
-    source = TASK_FILES[task].path(split, cfg.data_dir)
+    source = TASKS[task].path(split, cfg.data_dir)
     try:
         stat = source.stat()
     except OSError:

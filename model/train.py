@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 from data.batching import Batch, BatchStream, make_batch
-from data.files import resolve_data_dir
+from data.files import TASKS, resolve_data_dir
 from model.build import build_model
-from model.config import CHOICE_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TASKS, TrainConfig, as_config
+from model.config import CHOICE_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainConfig, as_config
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
 from model.rundir import RunDir, RunFileError
@@ -124,8 +124,13 @@ class Trainer:
                 f"{self.run_dir.state_file} was written with a different config ({details}); use another output directory, "
                 "or pass fresh=True / --fresh to overwrite it"
             )
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as err:  # e.g. written by an older version of the trainer
+            raise RuntimeError(
+                f"{self.run_dir.state_file}: does not fit this trainer ({err}); pass fresh=True / --fresh to start over"
+            ) from err
         for task, stream_state in state["streams"].items():
             self.streams[task].load_state_dict(stream_state)
         version, internal, gauss = state["sampler"]
@@ -342,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, f.name)
         helptext = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {default})")
         if f.name == "tasks":
-            parser.add_argument(flag, nargs="+", choices=TASKS, default=default, help=helptext)
+            parser.add_argument(flag, nargs="+", choices=list(TASKS), default=default, help=helptext)
         elif f.name in PER_TASK_FIELDS:
             metavar = "N|TASK=N" if f.name == "batch_size" else "VALUE|TASK=VALUE"
             given = [f"{t}={v}" for t, v in default.items()] if isinstance(default, dict) else [str(default)]

@@ -54,7 +54,8 @@ from typing import Any
 import optuna
 import tomllib
 
-from model.config import PER_TASK_FIELDS, TASKS, TrainConfig, applies_to
+from data.files import TASKS
+from model.config import PER_TASK_FIELDS, TrainConfig, applies_to
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 

@@ -13,7 +13,7 @@ from tiny_model import DATA_DIR, needs_data
 
 from data import fetch as fetch_module
 from data.batching import BatchStream, batch_indices, iterate_batches, make_batch, pad
-from data.files import SPLITS, TASK_FILES, DataError, Example, load_examples
+from data.files import SPLITS, TASKS, DataError, Example, load_examples
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode
 from model.bert import default_model_path
 
@@ -352,7 +352,7 @@ def test_fetch_copies_from_a_local_folder_and_reports_missing_files(tmp_path, ca
     source, dest = tmp_path / "source", tmp_path / "dest"
     source.mkdir()
     names = fetch_module.data_file_names()
-    assert len(names) == len(TASK_FILES) * len(SPLITS)
+    assert len(names) == len(TASKS) * len(SPLITS)
     for i, name in enumerate(names[:-2]):
         (source / name).write_bytes(f"file {i}\n".encode())
     missing = fetch_module.fetch(dest, source)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_ensemble_pool import add_trial, new_study
 from tiny_model import DATA_DIR, needs_data, tiny_config
 
-from data.files import TASK_FILES
+from data.files import TASKS as TASK_TABLE
 from ensemble import build as ensemble_build
 from ensemble import predict as ensemble_predict
 from ensemble.logits import align_outputs, average_outputs, fit_weights
@@ -228,7 +228,7 @@ def test_predict_round_trip(tmp_path, study_url, runs, method):
     data.mkdir()
     for task in TASKS:
         for split in ("dev", "test"):
-            path = TASK_FILES[task].path(split, DATA_DIR)
+            path = TASK_TABLE[task].path(split, DATA_DIR)
             head_of(path, data / path.name, 12)
     argv = ["--ensemble", str(ensemble_dir), "--splits", "dev", "test", "--data-dir", str(data)]
     assert ensemble_predict.main(argv) == 0
