@@ -50,6 +50,7 @@ def wrap_encoder(bert: BertModel, cfg: TrainConfig, freeze_layers: int = 0) -> M
         sts_head=cfg.sts_head,
         dropout=cfg.dropout,
         freeze_layers=freeze_layers,
+        freeze_word_embeddings=cfg.freeze_word_embeddings,
     )
 
 

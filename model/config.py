@@ -99,6 +99,13 @@ class TrainConfig:
         **_help("sentence vector: mean (of tokens), cls, or pooler; one value, or per task as task=value", default="mean")
     )
     freeze_layers: int = field(**_help("freeze the embeddings and this many lower layers (0: train all)", default=0))
+    freeze_word_embeddings: bool = field(
+        **_help(
+            "freeze the word-embedding matrix only (half of MiniLM's weights): no dense 30522 x hidden gradient, "
+            "clipping, AdamW or surgery work on it each step",
+            default=False,
+        )
+    )
     smart_weight: float = field(**_help("weight of the SMART adversarial smoothness loss (0: off)", default=0.0))
     mnrl_weight: float = field(
         **_help("weight of the multiple-negatives ranking loss on paraphrase positives (0: off)", default=0.0)

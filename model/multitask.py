@@ -96,6 +96,7 @@ class MultitaskBert(nn.Module):
         sts_head: str = "regression",
         dropout: float = 0.1,
         freeze_layers: int = 0,
+        freeze_word_embeddings: bool = False,
     ):
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
@@ -122,6 +123,8 @@ class MultitaskBert(nn.Module):
                 heads[task] = CosineHead() if sts_head == "cosine" else PairHead(hidden, dropout, bi, bias=2.5)
         self.heads = nn.ModuleDict(heads)
         self.freeze(freeze_layers)
+        if freeze_word_embeddings:
+            self.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         if "pooler" not in self.pooling.values():
             # Unused: no gradient, and no weight decay or surgery work spent on it.
             self.bert.pooler.requires_grad_(False)

@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", default=given, metavar=metavar, help=helptext)
         elif f.name == "model_config":
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
-        elif f.name == "predict_test":
+        elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
         elif f.name in CHOICE_FIELDS:
             parser.add_argument(flag, choices=CHOICE_FIELDS[f.name], default=default, help=helptext)

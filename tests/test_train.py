@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from tiny_model import needs_data, tiny_config
 
 from data.atomic import atomic_write
@@ -267,3 +268,14 @@ def test_the_trainer_decays_weights_but_not_biases_or_layer_norms(tmp_path):
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     assert all(names[id(p)].endswith("bias") or "LayerNorm" in names[id(p)] for p in not_decayed["params"])
     assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)] for p in decayed["params"])
+
+
+def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path):
+    cfg = TrainConfig.from_dict(tiny_config(tasks=["sts"], freeze_word_embeddings=True, predict_test=False))
+    trainer = Trainer(cfg, tmp_path, None, fresh=True)
+    words = trainer.model.bert.embeddings.word_embeddings.weight
+    before = words.detach().clone()
+    trainer._train_step(["sts"])
+    assert words.grad is None and torch.equal(words, before)
+    assert all(words is not p for group in trainer.optimizer.param_groups for p in group["params"])
+    assert build_parser().parse_args(["--output-dir", "x", "--freeze-word-embeddings"]).freeze_word_embeddings
