@@ -176,6 +176,10 @@ class StudyPaths:
     def finished(self) -> Path:
         return self.root / "finished.json"
 
+    def has_run(self) -> bool:
+        """Whether a run started here (Ray's temp dir alone, left by a refused start, does not count)."""
+        return any(path.exists() for path in (self.snapshot, self.trials, self.experiment, self.finished))
+
     def ray_temp_dir(self) -> Path:
         preferred = self.root / "ray-tmp"
         if len(str(preferred)) <= MAX_RAY_TEMP_DIR_CHARS:
@@ -208,7 +212,7 @@ def run_search(options: SearchOptions) -> Outcome:
     url = masked_url(options.storage)
     # Reading never creates a SQLite file: a refused command leaves no empty database behind.
     in_storage = study_in_storage(study.name, options.storage)
-    on_disk = paths.root.exists()
+    on_disk = paths.has_run()
     holder = (
         current_holder(optuna.load_study(study_name=study.name, storage=open_storage(options.storage))) if in_storage else None
     )
