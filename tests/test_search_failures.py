@@ -18,7 +18,7 @@ from model.metrics import NonFiniteMetricError, pearson, task_metric
 from search.cluster import ClusterError, check_resources
 from search.lease import LEASE_ATTR, DriverLease, LeaseError, current_holder
 from search.storage import StorageError, masked_url, open_storage
-from search.tune import EXIT_REFUSED, SearchOptions, command_line, main_exit, run_search
+from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, command_line, main_exit, run_search
 
 
 @pytest.fixture
@@ -200,3 +200,18 @@ def test_metrics_of_non_finite_values_are_errors_never_zero():
     with pytest.raises(NonFiniteMetricError):
         pearson(np.array([1.0, 2.0]), np.array([np.nan, np.nan]))
     assert pearson(np.array([1.0, 1.0]), np.array([1.0, 2.0])) == 0.0  # constant but finite: uninformative
+
+
+@needs_data
+def test_a_trial_larger_than_the_cluster_is_refused_before_any_record(tmp_path, capsys):
+    """A real local Ray cluster of 1 CPU: --cpus-per-trial 4 would wait forever; it is refused at once."""
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    options = SearchOptions(
+        study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r", num_cpus=1, cpus_per_trial=4
+    )
+    assert main_exit(options) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "a trial asks for 4 CPUs and 0 GPUs" in err and "its nodes: 1 CPUs and 0 GPUs" in err
+    assert not (tmp_path / "o.db").exists() and not StudyPaths(tmp_path / "r" / "tiny").has_run()
+    shutil.rmtree(StudyPaths(tmp_path / "r" / "tiny").ray_temp_dir(), ignore_errors=True)
