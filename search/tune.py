@@ -327,18 +327,19 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: P
     import ray
 
     started = time.monotonic()
-    start_ray(options, paths)
-    try:
-        # Before any record is written: a trial that no node can hold would wait forever.
-        check_resources(study.budget.cpus_per_trial, study.budget.gpus_per_trial, ray.nodes())
-        paths.root.mkdir(parents=True, exist_ok=True)
-        if not paths.snapshot.is_file():
-            atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
-        prepare_optuna_study(study, options.storage, paths, options)
-        with DriverLease(study.name, open_storage(options.storage)), sigterm_stops_like_ctrl_c():
-            grid, stop = fit(study, options, paths, data_dir)
-    finally:
-        ray.shutdown()
+    with sigterm_stops_like_ctrl_c():
+        start_ray(options, paths)
+        try:
+            # Before any record is written: a trial that no node can hold would wait forever.
+            check_resources(study.budget.cpus_per_trial, study.budget.gpus_per_trial, ray.nodes())
+            paths.root.mkdir(parents=True, exist_ok=True)
+            if not paths.snapshot.is_file():
+                atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
+            prepare_optuna_study(study, options.storage, paths, options)
+            with DriverLease(study.name, open_storage(options.storage)):
+                grid, stop = fit(study, options, paths, data_dir)
+        finally:
+            ray.shutdown()
     wall_seconds = time.monotonic() - started
 
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
@@ -410,7 +411,8 @@ def ray_experiment_saved(experiment: Path) -> bool:
 
 @contextlib.contextmanager
 def sigterm_stops_like_ctrl_c() -> Any:
-    """SIGTERM (what job schedulers and `kill` send) stops the run as gracefully as Ctrl-C."""
+    """SIGTERM (what job schedulers and `kill` send) stops the run as gracefully as Ctrl-C: while Tune
+    runs, its handler saves the experiment; before, a KeyboardInterrupt still shuts Ray down."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -584,3 +586,6 @@ def main_exit(options: SearchOptions) -> int:
     except (StudyError, DataError, StorageError, ClusterError, LeaseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before Ray Tune ran (it handles them itself while it runs)
+        print(f"\nInterrupted. If the study had started, continue it with: {command_line(options, '--resume')}", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -110,8 +110,9 @@ def live_processes_marked(mark: str, group: int) -> list[str]:
     return found
 
 
-def leftovers_after_wait(mark: str, group: int, seconds: float = 15) -> list[str]:
-    """Ray's processes take a moment to exit after a shutdown or a kill; wait for them, up to a limit."""
+def leftovers_after_wait(mark: str, group: int, seconds: float = 60) -> list[str]:
+    """Ray's processes take a moment to exit after a shutdown or a kill (a worker notices that its raylet
+    died only at its next check, later on a loaded machine); wait for them, up to a limit."""
     deadline = time.monotonic() + seconds
     while (found := live_processes_marked(mark, group)) and time.monotonic() < deadline:
         time.sleep(0.2)
