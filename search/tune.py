@@ -68,6 +68,8 @@ EXPERIMENT_NAME = "ray"
 MAX_RAY_TEMP_DIR_CHARS = 40
 
 EXIT_OK, EXIT_NO_SUCCESS, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+# How long a driver joining a cluster (--address) waits for a node large enough for one trial.
+CLUSTER_WAIT_S = 60
 
 
 @dataclass
@@ -331,7 +333,7 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: P
         start_ray(options, paths)
         try:
             # Before any record is written: a trial that no node can hold would wait forever.
-            check_resources(study.budget.cpus_per_trial, study.budget.gpus_per_trial, ray.nodes())
+            wait_for_resources(study.budget, ray.nodes, CLUSTER_WAIT_S if options.address else 0)
             paths.root.mkdir(parents=True, exist_ok=True)
             if not paths.snapshot.is_file():
                 atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
@@ -393,6 +395,20 @@ def fit(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path)
     drawn = [t for t in trials if t.state != TrialState.WAITING]  # WAITING: start points not yet run
     tuner = new_tuner(study, options, paths, trainable, adopt=adopt, seed_offset=len(drawn))
     return tuner.fit(), STUDY_STOP
+
+
+def wait_for_resources(budget: Budget, nodes: Any, seconds: float) -> None:
+    """Return once a node of the cluster can hold one trial; ClusterError after ``seconds`` (nodes of
+    a cluster may still be joining, or starting on demand; a local cluster is what it is: 0)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            check_resources(budget.cpus_per_trial, budget.gpus_per_trial, nodes())
+            return
+        except ClusterError as error:
+            if time.monotonic() >= deadline:
+                raise ClusterError(f"{error}{f' (waited {seconds:.0f} s for one to join)' if seconds else ''}") from None
+        time.sleep(2)
 
 
 def ray_experiment_saved(experiment: Path) -> bool:

@@ -135,25 +135,21 @@ def wait_for_port(port: int, seconds: float) -> None:
 
 @pytest.mark.skipif(os.environ.get("MINBERT_CLUSTER_TEST") != "1", reason="set MINBERT_CLUSTER_TEST=1 (about a minute)")
 def test_a_study_on_a_ray_cluster_with_postgres(postgres_url, tmp_path):
-    """`ray start --head` with token authentication, then run_search.py --address HOST:PORT --storage postgresql://.
+    """`ray start --head` with token authentication and no CPUs, a second node that joins it as README
+    says (so the trials can only run there), then run_search.py --address HOST:PORT --storage postgresql://.
 
-    The head runs with --block in its own process group, which is killed at the end: `ray stop` would
-    also stop every other Ray cluster of this machine."""
+    Both nodes run with --block in their own process groups, which are killed at the end: `ray stop`
+    would also stop every other Ray cluster of this machine."""
     port = free_port()
     ray = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "RAY_USAGE_STATS_ENABLED": "0"}
     temp = Path(tempfile.mkdtemp(prefix="ray-"))
     subprocess.run([ray, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
-    head_command = [ray, "start", "--head", "--block", "--port", str(port), "--num-cpus", "2", "--include-dashboard=false"]
-    head = subprocess.Popen(
-        [*head_command, "--temp-dir", str(temp)],
-        env={**env, "RAY_AUTH_MODE": "token"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    head_command = [ray, "start", "--head", "--block", "--port", str(port), "--num-cpus", "0", "--include-dashboard=false"]
+    nodes = [start_node([*head_command, "--temp-dir", str(temp)], env)]
     try:
         wait_for_port(port, 120)
+        nodes.append(start_node([ray, "start", "--block", "--address", f"127.0.0.1:{port}", "--num-cpus", "2"], env))
         study_file = tmp_path / "tiny.toml"
         study_file.write_text(STUDY_TOML.replace("trials = 6", "trials = 2").replace("startup_trials = 6", "startup_trials = 2"))
         command = [sys.executable, str(PROJECT_ROOT / "run_search.py"), "--study", str(study_file), "--storage", postgres_url]
@@ -163,10 +159,22 @@ def test_a_study_on_a_ray_cluster_with_postgres(postgres_url, tmp_path):
         trials = optuna.load_study(study_name="tiny", storage=postgres_url).trials
         assert len(trials) == 2 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        for node in reversed(nodes):
+            os.killpg(node.pid, signal.SIGTERM)
+            try:
+                node.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def start_node(command: list[str], env: dict) -> subprocess.Popen:
+    """A Ray node in its own process group, with token authentication (the token: ~/.ray/auth_token)."""
+    return subprocess.Popen(
+        command,
+        env={**env, "RAY_AUTH_MODE": "token"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
