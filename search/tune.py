@@ -222,9 +222,9 @@ def run_search(options: SearchOptions) -> Outcome:
     if options.fresh and (in_storage or on_disk):
         if holder is not None:
             raise LeaseError(f"study {study.name!r} is being run by {holder.describe()}; refusing to delete it (--fresh)")
-        data_dir = check_data(study, options.data_dir)  # before deleting anything
+        check_data(study, options.data_dir)  # before deleting anything
         delete_study_run(study.name, url, paths, in_storage, options.storage)
-        return execute(study, options, paths, data_dir)
+        in_storage = on_disk = False
     if (in_storage or on_disk) and not options.resume:
         where = f"Optuna study {study.name!r} in {url}" if in_storage else f"results in {paths.root}"
         if paths.finished.is_file():

@@ -412,8 +412,8 @@ def test_fresh_deletes_study_and_results_first(no_ray, capsys):
     calls, options, paths = no_ray
     optuna.create_study(study_name="tiny", storage=options.storage).ask()
     (paths.trials / "0").mkdir(parents=True)
-    options.fresh = True
-    assert run_search(options).exit_code == 0
+    options.fresh, options.trials = True, 2
+    assert run_search(options).exit_code == 0 and calls[0]["study"].budget.trials == 2
     said = capsys.readouterr().out
     assert "--fresh: deleting Optuna study 'tiny' (1 trials)" in said and f"--fresh: deleting {paths.root}" in said
     assert calls and not calls[0]["in_storage"] and not paths.root.exists()
