@@ -443,6 +443,9 @@ def sigterm_stops_like_ctrl_c() -> Any:
 def start_ray(options: SearchOptions, paths: StudyPaths) -> None:
     """Connect to the cluster at --address, or start a local one whose files stay under the results folder."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A failed trial's traceback stays in its Ray folder (error.txt); the driver prints the one-line
+    # error that Optuna records, in the summary, instead of a screen of traceback per trial.
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
     prepare_token_auth(options.address)  # effective only when Ray was not imported yet (run_search.py sees to it)
     import ray
 

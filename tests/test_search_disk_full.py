@@ -19,7 +19,7 @@ TRIALS = 3
 
 
 @needs_data
-def test_a_full_disk_stops_the_study_cleanly_and_it_resumes(tmp_path, monkeypatch, capsys):
+def test_a_full_disk_stops_the_study_cleanly_and_it_resumes(tmp_path, monkeypatch, capfd):
     study_file = tmp_path / "tiny.toml"
     toml = STUDY_TOML.replace("trials = 6", f"trials = {TRIALS}").replace("startup_trials = 6", f"startup_trials = {TRIALS}")
     study_file.write_text(toml.replace("max_epochs = 3", "max_epochs = 1").replace("1e-3, 3e-3, 1e30", "1e-3, 3e-3"))
@@ -45,10 +45,13 @@ def test_a_full_disk_stops_the_study_cleanly_and_it_resumes(tmp_path, monkeypatc
     with monkeypatch.context() as patch:
         patch.setattr(search.tune, "run_trial", run_trial)
         outcome = run_search(options)
-    said = capsys.readouterr().out
+    out, err = capfd.readouterr()
+    said = out + err
+    print(said)  # shown when the test fails
     assert outcome.exit_code == EXIT_NO_SUCCESS, said
     assert "Stopped: trial 0 could not write its files (DiskFullError: trial 0 cannot write its files in" in said
     assert "No space left on device" in said and "Free some space, then continue with: python run_search.py" in said
+    assert "Traceback" not in said
     trials = optuna.load_study(study_name="tiny", storage=url).trials
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[names.TRIAL_ERROR].startswith("DiskFullError: ")
     assert len(trials) < TRIALS, "the budget was spent on the same error"
