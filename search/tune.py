@@ -329,9 +329,10 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: P
     import ray
 
     started = time.monotonic()
-    with sigterm_stops_like_ctrl_c():
-        start_ray(options, paths)
-        try:
+    start_ray(options, paths)
+    try:
+        # After ray.init, which installs its own SIGTERM handler (a stack dump, then exit 15).
+        with sigterm_stops_like_ctrl_c():
             # Before any record is written: a trial that no node can hold would wait forever.
             wait_for_resources(study.budget, ray.nodes, CLUSTER_WAIT_S if options.address else 0)
             paths.root.mkdir(parents=True, exist_ok=True)
@@ -340,8 +341,8 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: P
             prepare_optuna_study(study, options.storage, paths, options)
             with DriverLease(study.name, open_storage(options.storage)):
                 grid, stop = fit(study, options, paths, data_dir)
-        finally:
-            ray.shutdown()
+    finally:
+        ray.shutdown()
     wall_seconds = time.monotonic() - started
 
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
@@ -437,7 +438,7 @@ def sigterm_stops_like_ctrl_c() -> Any:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: not set from Python
 
 
 def start_ray(options: SearchOptions, paths: StudyPaths) -> None:

@@ -130,7 +130,7 @@ class DriverRun:
 def run_driver(tmp: Path, args: list[str], label: str, when: Any, sig: int, group: bool, seconds: float = 150) -> DriverRun:
     """Run run_search.py in its own process group; send ``sig`` once ``when(optuna trials, log)`` is truthy
     (to the whole group, as a crashed machine leaves it, or to the driver alone, as `kill` does)."""
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), MARK: label}
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", MARK: label}  # the log is polled
     url = args[args.index("--storage") + 1]
     with open(tmp / f"{label}.log", "w") as log:
         driver = subprocess.Popen(
