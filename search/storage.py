@@ -78,6 +78,21 @@ def describe_error(url: str, error: BaseException) -> str:
     return f"{masked_url(url)}: {type(reason).__name__}: {text}" if text else f"{masked_url(url)}: {type(reason).__name__}"
 
 
+def storage_failure(error: BaseException) -> BaseException | None:
+    """The database error behind ``error`` (Ray Tune re-raises a callback's exception as a TuneError
+    whose context is the original), or None when the storage is not the cause."""
+    seen, todo = set(), [error]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, sqlalchemy.exc.SQLAlchemyError):
+            return current
+        todo += [current.__cause__, current.__context__]
+    return None
+
+
 def open_storage(url: str = DEFAULT_STORAGE_URL, create: bool = True) -> optuna.storages.RDBStorage:
     """Open the Optuna RDB storage at a SQLAlchemy URL; ``create=False`` never creates a SQLite file.
 

@@ -56,8 +56,10 @@ from search.storage import (
     PROJECT_ROOT,
     RESULTS_DIR_ENV,
     StorageError,
+    describe_error,
     masked_url,
     open_storage,
+    storage_failure,
     study_in_storage,
 )
 from search.study import Budget, Study, StudyError, load_study_file
@@ -339,7 +341,7 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: P
             if not paths.snapshot.is_file():
                 atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
             prepare_optuna_study(study, options.storage, paths, options)
-            with DriverLease(study.name, open_storage(options.storage)):
+            with DriverLease(study.name, open_storage(options.storage)), storage_failures_in_one_line(options):
                 grid, stop = fit(study, options, paths, data_dir)
     finally:
         ray.shutdown()
@@ -424,6 +426,22 @@ def ray_experiment_saved(experiment: Path) -> bool:
     except (ValueError, FileNotFoundError):
         return False
     return True
+
+
+@contextlib.contextmanager
+def storage_failures_in_one_line(options: SearchOptions) -> Any:
+    """A database that fails mid-run (Ray Tune wraps the error in a TuneError) becomes one StorageError
+    line, password masked, with the command that resumes the study once the database is back."""
+    try:
+        yield
+    except Exception as error:
+        lost = storage_failure(error)
+        if lost is None:
+            raise
+        raise StorageError(
+            f"the Optuna storage failed during the run: {describe_error(options.storage, lost)}. "
+            f"Once it works again: {command_line(options, '--resume')}"
+        ) from None
 
 
 @contextlib.contextmanager

@@ -215,3 +215,24 @@ def test_a_trial_larger_than_the_cluster_is_refused_before_any_record(tmp_path, 
     assert "a trial asks for 4 CPUs and 0 GPUs" in err and "its nodes: 1 CPUs and 0 GPUs" in err
     assert not (tmp_path / "o.db").exists() and not StudyPaths(tmp_path / "r" / "tiny").has_run()
     shutil.rmtree(StudyPaths(tmp_path / "r" / "tiny").ray_temp_dir(), ignore_errors=True)
+
+
+def test_a_database_that_fails_mid_run_is_one_masked_line():
+    import sqlalchemy
+    from ray.tune.error import TuneError
+
+    from search.tune import storage_failures_in_one_line
+
+    options = SearchOptions(study="sts", storage="postgresql://bob:s3cret@db:5432/optuna")
+    lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection (password s3cret)"))
+    with pytest.raises(StorageError) as raised, storage_failures_in_one_line(options):
+        try:  # what Ray Tune does with an exception of a callback
+            raise lost
+        except Exception:
+            raise TuneError("Traceback (most recent call last): ...") from None
+    message = str(raised.value)
+    assert "s3cret" not in message and "\n" not in message
+    assert message.startswith("the Optuna storage failed during the run: postgresql://bob:***@db:5432/optuna: Exception:")
+    assert "Once it works again: python run_search.py --study sts --resume" in message
+    with pytest.raises(ValueError), storage_failures_in_one_line(options):
+        raise ValueError("not the storage")
