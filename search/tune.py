@@ -39,6 +39,7 @@ from model.train import train
 from search import storage as names
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
 from search.lease import DriverLease, LeaseError, current_holder, refuse_if_held
+from search.reaper import reaping
 from search.records import (
     ORPHAN_ERROR,
     STUDY_STOP,
@@ -328,23 +329,10 @@ def prepare_optuna_study(study: Study, url: str, paths: StudyPaths, options: Sea
 
 def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> Outcome:
     """Run (or restore) the Ray Tune experiment of a study to its end, an interruption or a full disk."""
-    import ray
-
     started = time.monotonic()
-    start_ray(options, paths)
-    try:
-        # After ray.init, which installs its own SIGTERM handler (a stack dump, then exit 15).
-        with sigterm_stops_like_ctrl_c():
-            # Before any record is written: a trial that no node can hold would wait forever.
-            wait_for_resources(study.budget, ray.nodes, CLUSTER_WAIT_S if options.address else 0)
-            paths.root.mkdir(parents=True, exist_ok=True)
-            if not paths.snapshot.is_file():
-                atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
-            prepare_optuna_study(study, options.storage, paths, options)
-            with DriverLease(study.name, open_storage(options.storage)), storage_failures_in_one_line(options):
-                grid, stop = fit(study, options, paths, data_dir)
-    finally:
-        ray.shutdown()
+    # A local cluster's processes are this driver's: they must not outlive it, even after a SIGKILL.
+    with contextlib.nullcontext() if options.address else reaping():
+        grid, stop = run_on_ray(study, options, paths, data_dir)
     wall_seconds = time.monotonic() - started
 
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
@@ -368,6 +356,27 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: P
     if outcome.ranked and best_number != outcome.ranked[0].number:
         print(f"Note: by Ray's results the best non-errored trial is {best_number}, not {outcome.ranked[0].number}.")
     return outcome
+
+
+def run_on_ray(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> tuple[Any, StudyStop]:
+    """Start or join Ray, check that a trial fits, record the study, hold its lease and run the trials."""
+    import ray
+
+    start_ray(options, paths)
+    try:
+        # After ray.init, which installs its own SIGTERM handler (a stack dump, then exit 15).
+        with sigterm_stops_like_ctrl_c():
+            # Before any record is written: a trial that no node can hold would wait forever.
+            wait_for_resources(study.budget, ray.nodes, CLUSTER_WAIT_S if options.address else 0)
+            paths.root.mkdir(parents=True, exist_ok=True)
+            if not paths.snapshot.is_file():
+                atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
+            prepare_optuna_study(study, options.storage, paths, options)
+            with DriverLease(study.name, open_storage(options.storage)), storage_failures_in_one_line(options):
+                grid, stop = fit(study, options, paths, data_dir)
+    finally:
+        ray.shutdown()
+    return grid, stop
 
 
 def fit(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> tuple[Any, StudyStop]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -236,3 +237,57 @@ def test_a_database_that_fails_mid_run_is_one_masked_line():
     assert "Once it works again: python run_search.py --study sts --resume" in message
     with pytest.raises(ValueError), storage_failures_in_one_line(options):
         raise ValueError("not the storage")
+
+
+# ------------------------------------------------------------------------------- Ray's processes
+
+DRIVER = """
+import subprocess, sys, time
+from search.reaper import reaping
+with reaping():
+    # Like a Ray worker: a descendant in its own session, which a kill of the driver's group misses.
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    print(child.pid, flush=True)
+    time.sleep(float(sys.argv[1]))
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def start_driver(seconds: float):
+    import subprocess
+    import sys
+
+    from search.storage import PROJECT_ROOT
+
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(seconds)], stdout=subprocess.PIPE, cwd=PROJECT_ROOT)
+    return driver, int(driver.stdout.readline())
+
+
+def test_a_killed_drivers_processes_die_with_it():
+    driver, child = start_driver(120)
+    time.sleep(1.5)  # the reaper notes the driver's descendants every half second
+    driver.kill()
+    driver.wait()
+    deadline = time.monotonic() + 10
+    while alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(child)
+
+
+def test_a_driver_that_ends_normally_leaves_its_processes_alone():
+    import os
+    import signal
+
+    driver, child = start_driver(0.5)
+    driver.wait()
+    time.sleep(1.0)
+    try:
+        assert alive(child)  # the reaper was told "done": Ray's own shutdown is trusted
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -1,0 +1,105 @@
+"""Ray's local processes die with the driver, however it dies: ``python -m search.reaper DRIVER_PID``.
+
+A driver that ends normally shuts its local Ray cluster down. One killed with SIGKILL cannot: its
+raylet and GCS go with it, but Ray's dashboard and runtime-env agents then wait up to a minute for
+the dead GCS before they exit, and workers may linger. So while Ray runs, the driver keeps this small
+process beside it (in its own session, so that a kill of the driver's process group spares it). It
+notes the driver's descendants every half second. When its stdin closes without the driver having
+written "done" first, the driver died: it kills those descendants that are still alive (the same
+processes: their start times must match, since pids are reused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+POLL_SECONDS = 0.5
+PROC = Path("/proc")
+DONE = b"done\n"
+
+
+@contextlib.contextmanager
+def reaping() -> Iterator[None]:
+    """While the block runs, this process's descendants are killed if it dies (Linux; elsewhere a no-op)."""
+    if not PROC.is_dir():
+        yield
+        return
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "search.reaper", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            reaper.stdin.write(DONE)
+            reaper.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            reaper.wait(timeout=5)
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """{pid: (parent pid, start time in clock ticks)} of every process, from /proc."""
+    table = {}
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            table[int(entry.name)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def descendants(root: int) -> dict[int, int]:
+    """{pid: start time} of the descendants of ``root``, this reaper left out."""
+    table = process_table()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in table.items():
+        children.setdefault(parent, []).append(pid)
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        if pid != os.getpid() and pid not in found:
+            found[pid] = table[pid][1]
+            todo += children.get(pid, [])
+    return found
+
+
+def reap(known: dict[int, int]) -> None:
+    """SIGKILL every process of ``known`` that is still the same process."""
+    table = process_table()
+    for pid, started in known.items():
+        if table.get(pid, (0, None))[1] == started:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def watch(driver_pid: int) -> None:
+    said: list[bytes] = []
+    ended = threading.Event()
+
+    def read_stdin() -> None:
+        said.append(sys.stdin.buffer.read())  # returns at EOF: the driver closed it, or died
+        ended.set()
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    known: dict[int, int] = {}
+    while not ended.wait(POLL_SECONDS):
+        known.update(descendants(driver_pid))
+    if DONE not in b"".join(said):
+        reap(known)
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]))
