@@ -123,6 +123,11 @@ class RecordingOptunaSearch(OptunaSearch):
     Ray trial id as user attrs at once, so that the dashboard shows where a running trial writes.
     """
 
+    # Defaults for a searcher that Ray pickled before these attributes existed (an older run resumed).
+    _adoptable: list[int] = []  # empty, so never popped: __init__ and restore assign their own lists
+    _sampler_seed, _startup_trials, _max_trials = 0, 10, None
+    _distributions: dict = {}
+
     def __init__(
         self,
         *args: Any,
