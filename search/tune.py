@@ -633,6 +633,16 @@ def main_exit(options: SearchOptions) -> int:
     except (StudyError, DataError, StorageError, ClusterError, LeaseError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
+    except OSError as error:
+        if error.errno not in DISK_FULL_ERRNOS:
+            raise
+        # The driver's own files (the study snapshot, Ray's experiment state, finished.json) share the disk.
+        where = f" writing {error.filename}" if error.filename else ""
+        print(
+            f"error: no space left on the device{where}. Free some space, then: {command_line(options, '--resume')}",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SUCCESS
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before Ray Tune ran (it handles them itself while it runs)
         print(f"\nInterrupted. If the study had started, continue it with: {command_line(options, '--resume')}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -291,3 +291,21 @@ def test_a_driver_that_ends_normally_leaves_its_processes_alone():
         assert alive(child)  # the reaper was told "done": Ray's own shutdown is trusted
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_full_disk_on_the_drivers_side_is_one_line(study_setup, monkeypatch, capsys):
+    import errno
+
+    import search.tune
+
+    options, _ = study_setup
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/results/tiny/finished.json")
+
+    monkeypatch.setattr(search.tune, "execute", no_space)
+    options.data_dir = str(DATA_DIR)
+    assert main_exit(options) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: no space left on the device writing /results/tiny/finished.json. Free some space, then:")
+    assert "--resume" in err and len(err.strip().splitlines()) == 1
