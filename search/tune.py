@@ -619,7 +619,7 @@ def summarize(study: Study, url: str, paths: StudyPaths, top: int) -> Outcome:
     for t in trials:
         if t.state == TrialState.FAIL:
             print(f"  failed: trial {t.number}: {t.user_attrs.get(names.TRIAL_ERROR, '(no message)')}")
-    print(f"Dashboard: optuna-dashboard {url}   (then open http://127.0.0.1:8080)")
+    print(f"Dashboard: optuna-dashboard {masked_url(url)}   (then open http://127.0.0.1:8080)")
     return Outcome(EXIT_OK if ranked else EXIT_NO_SUCCESS, ot_study, ranked)
 
 
