@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ from search import storage as names
 from search.records import ORPHAN_ERROR
 from search.storage import PROJECT_ROOT
 from search.study import load_study_file
-from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, best_ray_result, run_search
+from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, best_ray_result, main_exit, run_search
 
 TRIALS, MAX_EPOCHS = 6, 3
 STUDY_TOML = f"""
@@ -185,10 +186,19 @@ def scenario(tmp_path_factory):
         state.unlink()
 
     # 2. Resumed, then killed once two trials have ended and another is mid-way (a crashed machine).
+    #    Just before the kill, a second driver tries to resume the same study and must refuse.
+    second_driver = {}
+
     def mid_way(trials, log):
         ended = [t for t in trials if t.state.is_finished()]
         running = [t for t in started_trials(trials) if t.intermediate_values]
-        return running[0].number if len(ended) >= 2 and running else None
+        if not (len(ended) >= 2 and running):
+            return None
+        said = io.StringIO()
+        with contextlib.redirect_stderr(said):
+            second_driver["exit"] = main_exit(SearchOptions(study=str(study_file), storage=url, results_dir=results, resume=True))
+        second_driver["said"] = said.getvalue()
+        return running[0].number
 
     killed = run_driver(tmp, [*args, "--resume"], "killed", mid_way, signal.SIGKILL, group=True)
     assert killed.fired is not None, f"the resumed run ended before it could be killed mid-way:\n{killed.log[-3000:]}"
@@ -234,6 +244,7 @@ def scenario(tmp_path_factory):
         "leftovers_after": leftovers_after,
         "first_log": first_log,
         "terminated": terminated,
+        "second_driver": second_driver,
     }
 
 
@@ -310,6 +321,13 @@ def test_resume_loses_and_repeats_nothing(scenario):
     assert scenario["outcome"].exit_code == 0
     assert scenario["paths"].finished.is_file()
     assert not scenario["leftovers_after"], scenario["leftovers_after"]
+
+
+@needs_data
+def test_a_second_driver_refuses_while_the_first_runs(scenario):
+    second = scenario["second_driver"]
+    assert second["exit"] == EXIT_REFUSED, second
+    assert "study 'tiny' is being run by driver pid" in second["said"] and socket.gethostname() in second["said"]
 
 
 @needs_data
