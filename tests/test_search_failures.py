@@ -3,6 +3,7 @@ the check does not need it: bad data, bad storage, a cluster too small, a second
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import time
@@ -309,3 +310,29 @@ def test_a_full_disk_on_the_drivers_side_is_one_line(study_setup, monkeypatch, c
     err = capsys.readouterr().err
     assert err.startswith("error: no space left on the device writing /results/tiny/finished.json. Free some space, then:")
     assert "--resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cluster_join_errors_say_what_to_do(monkeypatch, tmp_path):
+    from ray.exceptions import AuthenticationError
+
+    from search import cluster
+    from search.cluster import join_error, prepare_token_auth
+
+    refused = join_error("10.0.0.1:6379", AuthenticationError("InvalidAuthToken"))
+    assert str(refused).startswith("cannot join the Ray cluster at 10.0.0.1:6379: it refused this driver's authentication token")
+    assert "ray get-auth-token" in str(refused) and "RAY_AUTH_MODE=token" in str(refused)
+    unreachable = join_error("10.0.0.1:6379", ConnectionError("Could not find any running Ray instance.\nPlease specify..."))
+    assert str(unreachable) == "cannot join the Ray cluster at 10.0.0.1:6379: Could not find any running Ray instance."
+    # Token mode for an explicit address when this machine has a token, and only then.
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # set, then deleted: monkeypatch restores them afterwards
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "absent"))
+    prepare_token_auth("10.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in os.environ
+    (tmp_path / "token").write_text("abc123\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    prepare_token_auth(None)  # a local cluster: Ray decides itself
+    assert "RAY_AUTH_MODE" not in os.environ
+    prepare_token_auth("10.0.0.1:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "token" and cluster.token_available()
