@@ -188,6 +188,8 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
         print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)
         results[task] = run_task(task_pool, methods, Selector(task_pool, evaluate, settings), baseline, args)
         for method, choice in results[task].choices.items():
+            # a soup's left-out members, said once per task in the notes (the table only counts them)
+            notes += [f"{task} soups: {why}" for why in choice.details.get("refused", [])]
             if method in methods:
                 results[task].test[method] = choice_test_outputs(results[task], choice, evaluate, notes)
     refused = {task: r.refused for task, r in results.items() if r.refused}

@@ -52,7 +52,11 @@ def choice_note(choice: Choice) -> str:
     """What the table should say besides the numbers: a soup's left-out members, a weight fit's verdict."""
     if "weight_fit" in choice.details:
         return choice.details["weight_fit"]["reason"]
-    return "; ".join(choice.details.get("refused", []))
+    refused = choice.details.get("refused", [])
+    if refused:
+        why = "encoding, head or initialisation differ; summary.json says which"
+        return f"{len(refused)} member(s) cannot be averaged with the best one ({why})"
+    return ""
 
 
 def rows_of(result: TaskResult) -> list[Row]:

@@ -73,7 +73,9 @@ def tensor_shapes(artifact_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def first_difference(expected: dict, found: dict) -> str | None:
-    return next((k for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)), None)
+    """The first key (in signature order: BERT config, heads, initialisation) whose values differ."""
+    keys = list(expected) + [k for k in found if k not in expected]
+    return next((k for k in keys if expected.get(k) != found.get(k)), None)
 
 
 def check_compatible(members: Sequence[Member]) -> None:
