@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from data.files import TASKS
 from model.rundir import RunDir, RunFileError, TaskOutputs
-from search.storage import TRIAL_ARTIFACT_DIR, TRIAL_BEST_VALUE, TRIAL_EARLY_STOPPED, load_study
+from search.storage import TRIAL_ARTIFACT_DIR, TRIAL_BEST_VALUE, TRIAL_EARLY_STOPPED, load_optuna_study
 
 SPLITS = ("dev", "test")
 
@@ -186,7 +186,7 @@ def trial_objective(trial: FrozenTrial) -> float | None:
 
 def open_study(name: str, storage_url: str) -> optuna.Study:
     try:
-        return load_study(name, storage_url)
+        return load_optuna_study(name, storage_url)
     except KeyError as err:
         raise EnsembleError(err.args[0] if err.args else f"no study named {name!r} in {storage_url}") from err
 

@@ -132,7 +132,7 @@ def study_in_storage(name: str, url: str) -> bool:
     return name in optuna.study.get_all_study_names(open_storage(url, create=False))
 
 
-def load_study(name: str, url: str = DEFAULT_STORAGE_URL) -> optuna.Study:
+def load_optuna_study(name: str, url: str = DEFAULT_STORAGE_URL) -> optuna.Study:
     """Load an existing study by name; KeyError naming the study and storage when it does not exist."""
     if not storage_exists(url):
         raise KeyError(f"no study named {name!r} in {masked_url(url)} (the database file does not exist)")

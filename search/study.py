@@ -1,4 +1,4 @@
-"""Study files: one TOML file per study in studies/, parsed and checked before anything starts.
+"""Study files: one TOML file per study in studies/, parsed into a StudySpec and checked before anything starts.
 
 A study file names the tasks, the objective, the search space, the budget and fixed trainer settings::
 
@@ -117,7 +117,7 @@ class Param:
 
 
 @dataclass
-class Study:
+class StudySpec:
     name: str
     path: Path
     tasks: list[str]
@@ -162,7 +162,7 @@ class Study:
             config["seed"] = self.budget.seed + trial_number
         return config
 
-    def with_budget(self, **overrides: Any) -> Study:
+    def with_budget(self, **overrides: Any) -> StudySpec:
         """A copy with budget fields replaced (command-line overrides); None values are ignored."""
         given = {k: v for k, v in overrides.items() if v is not None}
         if not given:
@@ -191,7 +191,7 @@ def study_path(name_or_path: str | Path, studies_dir: Path = STUDIES_DIR) -> Pat
     return path
 
 
-def load_study_file(name_or_path: str | Path, studies_dir: Path = STUDIES_DIR) -> Study:
+def load_spec(name_or_path: str | Path, studies_dir: Path = STUDIES_DIR) -> StudySpec:
     """Parse and check a study file; StudyError names the file and the key of any problem."""
     path = study_path(name_or_path, studies_dir)
     try:
@@ -201,10 +201,10 @@ def load_study_file(name_or_path: str | Path, studies_dir: Path = STUDIES_DIR) -
         raise StudyError(f"{path}: no such study file; studies available: {available_studies(studies_dir)}") from None
     except tomllib.TOMLDecodeError as error:
         raise StudyError(f"{path}: not valid TOML: {error}") from None
-    return parse_study(raw, path)
+    return parse_spec(raw, path)
 
 
-def parse_study(raw: dict[str, Any], path: Path) -> Study:
+def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
     where = str(path)
     _check_keys(raw, TOP_KEYS, where, "")
     for key in ("tasks", "objective", "budget", "search"):
@@ -246,7 +246,7 @@ def parse_study(raw: dict[str, Any], path: Path) -> Study:
     if budget.trial_seeds and ("seed" in fixed or "seed" in space):
         place = "fixed" if "seed" in fixed else "search"
         raise StudyError(f"{where}: budget.trial_seeds: gives each trial its own seed; remove {place}.seed, or the option")
-    study = Study(
+    study = StudySpec(
         name=path.stem,
         path=path,
         tasks=list(tasks),
@@ -446,7 +446,7 @@ def _check_set_fields(table: dict, space: dict[str, Param], place: str, where: s
             raise StudyError(f"{where}: {place}.{name}: also under [search]; a field is either {setter} or searched")
 
 
-def _check_combinations(study: Study, where: str) -> None:
+def _check_combinations(study: StudySpec, where: str) -> None:
     """The fixed settings, every variant's choices and every end of every searched range must make
     valid trainer configs. Each variant choice and each searched value is tried against the first
     value of everything else, and every variant choice against every searched value, so that a
@@ -496,7 +496,7 @@ def _flatten_point(point: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _parse_start_points(points: Any, study: Study, where: str) -> list[dict[str, Any]]:
+def _parse_start_points(points: Any, study: StudySpec, where: str) -> list[dict[str, Any]]:
     points = _typed(points, list, where, "start_points")
     space = study.distributions()
     parsed = []

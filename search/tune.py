@@ -63,7 +63,7 @@ from search.storage import (
     storage_failure,
     study_in_storage,
 )
-from search.study import Budget, Study, StudyError, load_study_file
+from search.study import Budget, StudyError, StudySpec, load_spec
 
 DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
 EXPERIMENT_NAME = "ray"
@@ -98,7 +98,7 @@ class SearchOptions:
 class TrialJob:
     """What every trial needs besides its sampled params (sent to the Ray workers)."""
 
-    study: Study
+    study: StudySpec
     artifacts_root: str
     data_dir: str | None = None
     # Optuna trials that had already ended when this driver started: Ray may restart some of them
@@ -208,7 +208,7 @@ def run_search(options: SearchOptions) -> Outcome:
     """Start, resume or refuse a study run; see run_search.py for the command line."""
     if options.resume and options.fresh:
         raise StudyError("--resume and --fresh exclude each other")
-    study = load_study_file(options.study)
+    study = load_spec(options.study)
     if options.name:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", options.name):
             raise StudyError(f"--name {options.name!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
@@ -256,7 +256,7 @@ def run_search(options: SearchOptions) -> Outcome:
         # Trials resume from checkpoints of the original settings; the copy taken at the start is the truth.
         if paths.snapshot.read_bytes() != study.path.read_bytes():
             print(f"Note: {study.path} changed since the run started; resuming with the copy in {paths.snapshot}.")
-        study = dataclasses.replace(load_study_file(paths.snapshot), name=study.name, path=study.path)
+        study = dataclasses.replace(load_spec(paths.snapshot), name=study.name, path=study.path)
     if options.resume and in_storage:
         # The budget the run started with, command-line overrides included (Ray keeps its own copy of it).
         started = optuna.load_study(study_name=study.name, storage=open_storage(options.storage)).user_attrs.get("budget")
@@ -304,7 +304,7 @@ def delete_study_run(name: str, url: str, paths: StudyPaths, in_storage: bool, s
         shutil.rmtree(paths.root)
 
 
-def prepare_optuna_study(study: Study, url: str, paths: StudyPaths, options: SearchOptions) -> optuna.Study:
+def prepare_optuna_study(study: StudySpec, url: str, paths: StudyPaths, options: SearchOptions) -> optuna.Study:
     """Create (or load) the Optuna study with its attributes; queue the start points of a new one."""
     storage = open_storage(url)
     existing = study.name in optuna.study.get_all_study_names(storage)
@@ -327,7 +327,7 @@ def prepare_optuna_study(study: Study, url: str, paths: StudyPaths, options: Sea
     return ot_study
 
 
-def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> Outcome:
+def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> Outcome:
     """Run (or restore) the Ray Tune experiment of a study to its end, an interruption or a full disk."""
     started = time.monotonic()
     # A local cluster's processes are this driver's: they must not outlive it, even after a SIGKILL.
@@ -358,7 +358,7 @@ def execute(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: P
     return outcome
 
 
-def run_on_ray(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> tuple[Any, StudyStop]:
+def run_on_ray(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> tuple[Any, StudyStop]:
     """Start or join Ray, check that a trial fits, record the study, hold its lease and run the trials."""
     import ray
 
@@ -379,7 +379,7 @@ def run_on_ray(study: Study, options: SearchOptions, paths: StudyPaths, data_dir
     return grid, stop
 
 
-def fit(study: Study, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> tuple[Any, StudyStop]:
+def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> tuple[Any, StudyStop]:
     """Restore Ray's experiment when it saved one, else start a new Tuner; run it to its end."""
     from ray import tune
 
@@ -492,7 +492,9 @@ def start_ray(options: SearchOptions, paths: StudyPaths) -> None:
     ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir))
 
 
-def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable: Any, adopt: list[int], seed_offset: int) -> Any:
+def new_tuner(
+    study: StudySpec, options: SearchOptions, paths: StudyPaths, trainable: Any, adopt: list[int], seed_offset: int
+) -> Any:
     """A Tuner: TPE sampling recorded in Optuna, ASHA (or no early stopping), at most max_concurrent trials.
 
     ``adopt``: Optuna trials left RUNNING by a driver killed before Ray saved anything; they run first,
@@ -549,7 +551,7 @@ def new_tuner(study: Study, options: SearchOptions, paths: StudyPaths, trainable
     )
 
 
-def check_data(study: Study, data_dir: str | None) -> Path:
+def check_data(study: StudySpec, data_dir: str | None) -> Path:
     """The resolved data directory, once every file the trials read parses (else every trial would fail,
     one after the other, and the budget be spent on the same error). DataError names the file and line."""
     resolved = resolve_data_dir(data_dir).resolve()
@@ -595,7 +597,7 @@ def ranked_trials(ot_study: optuna.Study) -> list[FrozenTrial]:
     return sorted(usable, key=lambda t: (sign * t.user_attrs[names.TRIAL_BEST_VALUE], t.number))
 
 
-def summarize(study: Study, url: str, paths: StudyPaths, top: int) -> Outcome:
+def summarize(study: StudySpec, url: str, paths: StudyPaths, top: int) -> Outcome:
     """Print the top trials and the counts by state; exit code 1 when no trial succeeded."""
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(url))
     trials = ot_study.get_trials(deepcopy=False)

@@ -35,7 +35,7 @@ from tiny_model import DATA_DIR, TINY_BERT, needs_data
 from search import storage as names
 from search.records import ORPHAN_ERROR
 from search.storage import PROJECT_ROOT
-from search.study import load_study_file
+from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, best_ray_result, main_exit, run_search
 
 TRIALS, MAX_EPOCHS = 6, 3
@@ -213,7 +213,7 @@ def scenario(tmp_path_factory):
     # so the resumed searcher must hand it out again instead of losing it or drawing its params anew.
     study = optuna.load_study(study_name="tiny", storage=url)
     study.enqueue_trial(ORPHAN_PARAMS)
-    orphan = study.ask(fixed_distributions=load_study_file(study_file).distributions()).number
+    orphan = study.ask(fixed_distributions=load_spec(study_file).distributions()).number
 
     # 3. Resumed again, and stopped with SIGTERM (what job schedulers send) once Ray Tune runs a trial.
     def tune_runs_a_trial(trials, log):

@@ -7,7 +7,7 @@ import re
 import optuna
 import pytest
 
-from search.study import STUDIES_DIR, StudyError, load_study_file
+from search.study import STUDIES_DIR, StudyError, load_spec
 
 GOOD = """
 tasks = ["sts"]
@@ -49,7 +49,7 @@ def write(tmp_path, text: str, name: str = "study.toml"):
 
 @pytest.mark.parametrize("name", ["sts", "sts-diverse", "sst", "para", "multitask", "multitask-gpu"])
 def test_shipped_studies_load(name):
-    study = load_study_file(name)
+    study = load_spec(name)
     assert study.name == name and study.path == STUDIES_DIR / f"{name}.toml"
     assert {"lr", "dropout", "weight_decay"} <= set(study.space)
     assert study.space["lr"].log
@@ -62,7 +62,7 @@ def test_shipped_studies_load(name):
 
 
 def test_good_file_parses_into_distributions(tmp_path):
-    study = load_study_file(write(tmp_path, GOOD))
+    study = load_spec(write(tmp_path, GOOD))
     dists = study.distributions()
     assert dists["lr"] == optuna.distributions.FloatDistribution(1e-5, 1e-3, log=True)
     assert dists["freeze_layers"] == optuna.distributions.IntDistribution(0, 3)
@@ -74,7 +74,7 @@ def test_good_file_parses_into_distributions(tmp_path):
 
 def test_unknown_study_name_lists_the_available_ones():
     with pytest.raises(StudyError, match=r"no-such-study\.toml: no such study file; studies available: .*'sts'"):
-        load_study_file("no-such-study")
+        load_spec("no-such-study")
 
 
 BAD_CASES = [
@@ -137,17 +137,17 @@ def test_bad_file_names_file_and_key(tmp_path, old, new, key, words):
     assert old in GOOD
     path = write(tmp_path, GOOD.replace(old, new, 1))
     with pytest.raises(StudyError) as caught:
-        load_study_file(path)
+        load_spec(path)
     message = str(caught.value)
     assert message.startswith(f"{path}: {key}"), message
     assert words in message, message
 
 
 def test_trial_seeds_give_each_trial_its_own_seed(tmp_path):
-    plain = load_study_file(write(tmp_path, GOOD.replace("max_length = 64", "max_length = 64\nseed = 3")))
+    plain = load_spec(write(tmp_path, GOOD.replace("max_length = 64", "max_length = 64\nseed = 3")))
     assert [plain.train_config({}, n)["seed"] for n in (0, 5)] == [3, 3]
     seeded = GOOD.replace("grace_period = 1", "grace_period = 1\nseed = 7\ntrial_seeds = true")
-    study = load_study_file(write(tmp_path, seeded, "seeded.toml"))
+    study = load_spec(write(tmp_path, seeded, "seeded.toml"))
     assert [study.train_config({"lr": 1e-4}, n)["seed"] for n in (0, 1, 5)] == [7, 8, 12]
     # A seed set elsewhere would be silently overridden: refuse it, naming both keys.
     searched = "batch_size = { choices = [16, 32] }\nseed = { low = 0, high = 9 }"
@@ -157,30 +157,30 @@ def test_trial_seeds_give_each_trial_its_own_seed(tmp_path):
     ):
         bad = write(tmp_path, seeded.replace(old, new), f"bad-{where}.toml")
         with pytest.raises(StudyError, match=re.escape(f"{bad}: budget.trial_seeds: ") + f".*remove {where}.seed"):
-            load_study_file(bad)
+            load_spec(bad)
 
 
 def test_multitask_rules(tmp_path):
-    study = load_study_file(write(tmp_path, MULTI))
+    study = load_spec(write(tmp_path, MULTI))
     assert study.space["surgery"].choices == ("none", "pcgrad", "gradvac")
     bad = write(tmp_path, MULTI.replace('metric = "overall"', 'metric = "sst"'), "bad.toml")
     with pytest.raises(StudyError, match=re.escape(f"{bad}: objective.metric: a study of several tasks optimises 'overall'")):
-        load_study_file(bad)
+        load_spec(bad)
     bad = write(tmp_path, MULTI.replace('"gradvac"]', '"gradvac", "mgda"]'), "bad2.toml")
     with pytest.raises(StudyError, match=re.escape(f"{bad}: search.surgery: value 'mgda'")):
-        load_study_file(bad)
+        load_spec(bad)
 
 
 def test_missing_sections_and_bad_toml(tmp_path):
     path = write(tmp_path, GOOD.replace("[search]", "[searchspace]"))
     with pytest.raises(StudyError, match=re.escape(f"{path}: searchspace: unknown key")):
-        load_study_file(path)
+        load_spec(path)
     path = write(tmp_path, "tasks = [", "broken.toml")
     with pytest.raises(StudyError, match=re.escape(f"{path}: not valid TOML")):
-        load_study_file(path)
+        load_spec(path)
     path = write(tmp_path, GOOD.split("[search]")[0], "nosearch.toml")
     with pytest.raises(StudyError, match=re.escape(f"{path}: search: missing")):
-        load_study_file(path)
+        load_spec(path)
 
 
 def test_fixed_setting_may_rely_on_a_searched_field(tmp_path):
@@ -188,11 +188,11 @@ def test_fixed_setting_may_rely_on_a_searched_field(tmp_path):
     text = GOOD.replace('pair_encoding = "bi"', 'sts_head = "cosine"').replace(
         "[fixed]", 'pair_encoding = { choices = ["bi"] }\n[fixed]'
     )
-    assert load_study_file(write(tmp_path, text)).fixed == {"max_length": 64, "sts_head": "cosine"}
+    assert load_spec(write(tmp_path, text)).fixed == {"max_length": 64, "sts_head": "cosine"}
     # ... and an error naming the searched value that can never work with it.
     path = write(tmp_path, text.replace('choices = ["bi"]', 'choices = ["bi", "cross"]'), "bad.toml")
     with pytest.raises(StudyError, match=re.escape(f"{path}: search.pair_encoding: value 'cross' is not a valid setting")):
-        load_study_file(path)
+        load_spec(path)
 
 
 VARIANTS = (
@@ -211,7 +211,7 @@ encoder = "mixed"
 
 
 def test_variants_set_several_fields_at_once(tmp_path):
-    study = load_study_file(write(tmp_path, VARIANTS))
+    study = load_spec(write(tmp_path, VARIANTS))
     assert study.distributions()["encoder"].choices == ("bi_cosine", "mixed", "cross")
     assert study.start_points == [{"lr": 5e-5, "encoder": "mixed"}]
     config = study.train_config({"lr": 1e-4, "encoder": "mixed"})
@@ -220,14 +220,14 @@ def test_variants_set_several_fields_at_once(tmp_path):
     # A variant's field is neither fixed nor searched elsewhere: one owner per field.
     path = write(tmp_path, VARIANTS + "\n[fixed]\nmax_length = 64\n", "owned.toml")
     with pytest.raises(StudyError, match=re.escape(f"{path}: variants.encoder.mixed.max_length: also set by [fixed]")):
-        load_study_file(path)
+        load_spec(path)
     # A choice the trainer refuses fails before anything runs, naming the variant and choice.
     path = write(tmp_path, VARIANTS.replace('sts_head = "regression"', 'sts_head = "cosine"'), "bad.toml")
     with pytest.raises(StudyError, match=re.escape(f"{path}: variants.encoder.cross: value 'cross' is not a valid setting")):
-        load_study_file(path)
+        load_spec(path)
     path = write(tmp_path, VARIANTS.replace('encoder = "mixed"', 'encoder = "tri"'), "start.toml")
     with pytest.raises(StudyError, match=re.escape(f"{path}: start_points[0].encoder: 'tri' lies outside")):
-        load_study_file(path)
+        load_spec(path)
 
 
 PER_TASK = (
@@ -240,7 +240,7 @@ PER_TASK = (
 
 
 def test_a_per_task_field_is_searched_for_one_task(tmp_path):
-    study = load_study_file(write(tmp_path, PER_TASK + '\n[[start_points]]\npair_encoding.sts = "bi"\n'))
+    study = load_spec(write(tmp_path, PER_TASK + '\n[[start_points]]\npair_encoding.sts = "bi"\n'))
     assert set(study.space) == {"pair_encoding.sts", "pooling.sst"}
     assert study.start_points == [{"pair_encoding.sts": "bi"}]
     config = study.train_config({"pair_encoding.sts": "bi", "pooling.sst": "cls"})
@@ -250,4 +250,4 @@ def test_a_per_task_field_is_searched_for_one_task(tmp_path):
     for bad_key, old in (("pair_encoding.sst", "pair_encoding.sts"), ("pooling.cfimdb", "pooling.sst")):
         path = write(tmp_path, PER_TASK.replace(old, bad_key), f"{bad_key}.toml")
         with pytest.raises(StudyError, match=re.escape(f"{path}: search.{bad_key}: not a task this study trains")):
-            load_study_file(path)
+            load_spec(path)
