@@ -52,6 +52,7 @@ from search.records import (
     artifact_dir_for,
     fail_running_trials,
 )
+from search.spec import Budget, StudyError, StudySpec
 from search.storage import (
     DEFAULT_STORAGE_URL,
     PROJECT_ROOT,
@@ -63,7 +64,7 @@ from search.storage import (
     storage_failure,
     study_in_storage,
 )
-from search.study import Budget, StudyError, StudySpec, load_spec
+from search.study import load_spec
 
 DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
 EXPERIMENT_NAME = "ray"
