@@ -72,6 +72,19 @@ class Param:
             return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log, step=int(self.step or 1))
         return optuna.distributions.FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
 
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is one this parameter can take (a start point's value, say)."""
+        if self.kind == "categorical":
+            return any(type(value) is type(choice) and value == choice for choice in self.choices)
+        if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else (int, float)):
+            return False
+        if not self.low <= value <= self.high:
+            return False
+        if self.step is None:
+            return True
+        steps = (value - self.low) / self.step
+        return abs(steps - round(steps)) < 1e-9
+
     def corner_values(self) -> list:
         """Values to check against TrainConfig: the choices, or both ends of the range."""
         return list(self.choices) if self.kind == "categorical" else [self.low, self.high]

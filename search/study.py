@@ -378,7 +378,8 @@ def _flatten_point(point: dict[str, Any]) -> dict[str, Any]:
 
 def _parse_start_points(points: Any, study: StudySpec, where: str) -> list[dict[str, Any]]:
     points = _typed(points, list, where, "start_points")
-    space = study.distributions()
+    variants = {name: Param(name, "categorical", choices=tuple(choices)) for name, choices in study.variants.items()}
+    space = {**study.space, **variants}
     parsed = []
     for i, point in enumerate(points):
         key = f"start_points[{i}]"
@@ -386,14 +387,7 @@ def _parse_start_points(points: Any, study: StudySpec, where: str) -> list[dict[
         for name, value in point.items():
             if name not in space:
                 raise StudyError(f"{where}: {key}.{name}: not a searched field or variant; searched: {sorted(space)}")
-            distribution = space[name]
-            try:
-                inside = distribution._contains(distribution.to_internal_repr(value))
-            except (ValueError, TypeError):
-                inside = False
-            if isinstance(value, bool) and name in study.space and study.space[name].kind != "categorical":
-                inside = False
-            if not inside:
+            if not space[name].contains(value):
                 raise StudyError(f"{where}: {key}.{name}: {value!r} lies outside search.{name}")
         parsed.append(dict(point))
     return parsed

@@ -251,3 +251,14 @@ def test_a_per_task_field_is_searched_for_one_task(tmp_path):
         path = write(tmp_path, PER_TASK.replace(old, bad_key), f"{bad_key}.toml")
         with pytest.raises(StudyError, match=re.escape(f"{path}: search.{bad_key}: not a task this study trains")):
             load_spec(path)
+
+
+def test_param_contains_checks_type_range_and_step():
+    from search.spec import Param
+
+    batch = Param("batch_size", "categorical", choices=(16, 32))
+    assert batch.contains(16) and not batch.contains(16.0) and not batch.contains(True)
+    lr = Param("lr", "float", low=1e-5, high=1e-3, log=True)
+    assert lr.contains(1e-4) and lr.contains(1e-5) and not lr.contains(2e-3) and not lr.contains("1e-4")
+    layers = Param("freeze_layers", "int", low=0, high=4, step=2)
+    assert layers.contains(2) and not layers.contains(3) and not layers.contains(2.0) and not layers.contains(False)
