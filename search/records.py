@@ -13,12 +13,8 @@ else, because callbacks see every result (the stopping one too), every completio
 - a trial that raised (NaN loss included) is FAIL with user attr ``error`` holding the message;
 - user attrs ``artifact_dir``, ``epochs_run``, ``best_epoch``, ``best_value``, ``ray_trial_id``.
 
-Resuming: Ray checkpoints the searcher together with its own trial list, so on restore the
-searcher knows exactly which Optuna trials Ray will continue. Any other trial still RUNNING in the
-storage was started after that checkpoint; Ray will never continue it. Such orphans are adopted:
-the searcher's next suggestions hand them out again (same number, params and folder, so the trainer
-resumes from its checkpoint) before it asks Optuna for new trials, and the sampler is reseeded, since
-its restored random state would draw the orphans' params again. No trial is lost or duplicated.
+The searcher and the scheduler that go with it, and everything that touches Ray's or Optuna's
+internals, are in search/adapters.py.
 
 A trial that cannot write its files (a full disk) fails with DiskFullError; the recorder then stops
 the whole study through STUDY_STOP, since every later trial would fail the same way.
@@ -38,19 +34,12 @@ import optuna
 import ray.cloudpickle as cloudpickle
 from optuna.trial import TrialState
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import Searcher
-from ray.tune.search.optuna import OptunaSearch
 
 from search import storage as names
+from search.adapters import TRIAL_NUMBER_KEY, fail_trial, optuna_storage, storage_trial_id
 from search.storage import open_storage
 
 logger = logging.getLogger(__name__)
-
-# Config key through which the searcher tells the trainable its Optuna trial number.
-TRIAL_NUMBER_KEY = "optuna_trial_number"
-ORPHAN_ERROR = "interrupted: the driver stopped before Ray's experiment checkpoint recorded this trial, so Ray does not resume it"
-
 
 class DiskFullError(RuntimeError):
     """A trial could not write its files: the device is full (or the quota spent)."""
@@ -78,134 +67,6 @@ class StudyStop(threading.Event):
 STUDY_STOP = StudyStop()
 
 
-def artifact_dir_for(artifacts_root: str | Path, number: int) -> Path:
-    return Path(artifacts_root) / str(number)
-
-
-def storage_trial_id(study: optuna.Study, number: int) -> int:
-    """The storage's id of trial ``number`` (Optuna has no public lookup)."""
-    return study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-
-
-def suggest(trial: optuna.trial.Trial, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
-    """``trial.suggest_*`` for a distribution object (Optuna's public API takes its fields)."""
-    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
-        return trial.suggest_categorical(name, distribution.choices)
-    if isinstance(distribution, optuna.distributions.IntDistribution):
-        return trial.suggest_int(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
-    if isinstance(distribution, optuna.distributions.FloatDistribution):
-        return trial.suggest_float(name, distribution.low, distribution.high, step=distribution.step, log=distribution.log)
-    raise TypeError(f"{name}: unsupported distribution {distribution!r}")
-
-
-def fail_trial(study: optuna.Study, number: int, message: str) -> None:
-    """Mark a RUNNING trial FAIL with its error message as user attr."""
-    study._storage.set_trial_user_attr(storage_trial_id(study, number), names.TRIAL_ERROR, message)
-    study.tell(number, state=TrialState.FAIL)
-
-
-def fail_running_trials(study: optuna.Study, keep: set[int] = frozenset(), message: str = ORPHAN_ERROR) -> list[int]:
-    """Mark FAIL every RUNNING trial whose number is not in ``keep``; returns their numbers."""
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.number not in keep:
-            fail_trial(study, trial.number, message)
-            failed.append(trial.number)
-    if failed:
-        logger.warning("marked FAIL the Optuna trials %s left RUNNING by an interrupted run", failed)
-    return failed
-
-
-class RecordingOptunaSearch(OptunaSearch):
-    """OptunaSearch that only samples; ``OptunaRecorder`` records results, stops and errors.
-
-    ``suggest`` adds the Optuna trial number to the config and writes the artifact location and
-    Ray trial id as user attrs at once, so that the dashboard shows where a running trial writes.
-    """
-
-    # Defaults for a searcher that Ray pickled before these attributes existed (an older run resumed).
-    _adoptable: list[int] = []  # empty, so never popped: __init__ and restore assign their own lists
-    _sampler_seed, _startup_trials, _max_trials = 0, 10, None
-    _distributions: dict = {}
-
-    def __init__(
-        self,
-        *args: Any,
-        artifacts_root: str | Path,
-        adopt: list[int] = (),
-        sampler_seed: int = 0,
-        startup_trials: int = 10,
-        max_trials: int | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self._artifacts_root = str(artifacts_root)
-        self._adoptable = list(adopt)  # Optuna numbers of RUNNING trials to hand out before asking new ones
-        self._sampler_seed, self._startup_trials = sampler_seed, startup_trials  # to reseed after a restore
-        # The budget, counted in Optuna: Ray's own count restarts from its last experiment checkpoint,
-        # which may predate trials that ran (and ended) before a driver was killed.
-        self._max_trials = max_trials
-        self._distributions = dict(kwargs.get("space") or {})  # to complete the params of an adopted trial
-        super().__init__(*args, **kwargs)
-
-    def suggest(self, trial_id: str) -> dict | str | None:
-        if self._adoptable:
-            params = self._adopt(trial_id, self._adoptable.pop(0))
-        elif trial_id not in self._ot_trials and self._budget_spent():
-            return Searcher.FINISHED
-        else:
-            params = super().suggest(trial_id)
-        if params is None:
-            return None
-        ot_trial = self._ot_trials[trial_id]
-        ot_trial.set_user_attr(names.TRIAL_ARTIFACT_DIR, str(artifact_dir_for(self._artifacts_root, ot_trial.number)))
-        ot_trial.set_user_attr(names.TRIAL_RAY_ID, trial_id)
-        return {**params, TRIAL_NUMBER_KEY: ot_trial.number}
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        pass  # OptunaRecorder.on_trial_result reports every epoch, the stopping one included
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        self._completed_trials.add(trial_id)  # OptunaRecorder tells Optuna the outcome
-
-    def _budget_spent(self) -> bool:
-        if self._max_trials is None:
-            return False
-        trials = self._ot_study.get_trials(deepcopy=False)
-        counted = [t for t in trials if t.state != TrialState.WAITING and t.user_attrs.get(names.TRIAL_ERROR) != ORPHAN_ERROR]
-        return len(counted) >= self._max_trials
-
-    def _adopt(self, trial_id: str, number: int) -> dict:
-        """Hand out the RUNNING Optuna trial ``number`` again, under the Ray trial ``trial_id``."""
-        ot_trial = optuna.trial.Trial(self._ot_study, storage_trial_id(self._ot_study, number))
-        # A driver killed in the middle of Optuna's ask left some params unset: sample (or take from
-        # the queued start point) the missing ones now.
-        for name, distribution in self._distributions.items():
-            if name not in ot_trial.params:
-                suggest(ot_trial, name, distribution)
-        self._ot_trials[trial_id] = ot_trial
-        logger.warning(
-            "Optuna trial %d was left running by an interrupted driver; it continues as Ray trial %s", number, trial_id
-        )
-        return dict(ot_trial.params)
-
-    def restore(self, checkpoint_path: str) -> None:
-        super().restore(checkpoint_path)
-        resumed = {t.number for trial_id, t in self._ot_trials.items() if trial_id not in self._completed_trials}
-        known = {t.number for t in self._ot_trials.values()}
-        orphans = [
-            t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in resumed
-        ]
-        self._adoptable = [n for n in orphans if n not in known]
-        # Still RUNNING although Ray's list says they ended (the driver died in between): not resumable.
-        fail_running_trials(self._ot_study, keep=resumed | set(self._adoptable))
-        if self._adoptable:
-            # The restored random state is the one before the orphans were drawn: it would draw them again.
-            drawn = len([t for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
-            self._ot_study.sampler = optuna.samplers.TPESampler(
-                seed=self._sampler_seed + drawn, n_startup_trials=self._startup_trials
-            )
-
-
 class OptunaRecorder(tune.Callback):
     """Writes per-epoch values, final states and errors of Ray trials into the Optuna study."""
 
@@ -228,8 +89,8 @@ class OptunaRecorder(tune.Callback):
         number = trial.config.get(TRIAL_NUMBER_KEY)
         if number is None:
             return None
-        storage = self.study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number)
+        storage = optuna_storage(self.study)
+        trial_id = storage_trial_id(self.study, number)
         if storage.get_trial(trial_id).state != TrialState.RUNNING:
             # A trial that finished after Ray's last experiment checkpoint and was re-run on resume.
             logger.warning("Optuna trial %d is already finished; not recording Ray trial %s again", number, trial.trial_id)
@@ -241,7 +102,7 @@ class OptunaRecorder(tune.Callback):
         if ids is None or "epoch" not in result or self.metric not in result:
             return
         _, trial_id = ids
-        storage = self.study._storage
+        storage = optuna_storage(self.study)
         storage.set_trial_intermediate_value(trial_id, int(result["epoch"]), float(result[self.metric]))
         storage.set_trial_user_attr(trial_id, names.TRIAL_EPOCHS_RUN, int(result["epoch"]))
         storage.set_trial_user_attr(trial_id, names.TRIAL_RAY_ID, trial.trial_id)
@@ -251,7 +112,7 @@ class OptunaRecorder(tune.Callback):
         if ids is None:
             return
         number, trial_id = ids
-        storage = self.study._storage
+        storage = optuna_storage(self.study)
         reported = storage.get_trial(trial_id).intermediate_values
         finite = {epoch: value for epoch, value in reported.items() if math.isfinite(value)}
         epochs_run = max(reported, default=0)
@@ -276,7 +137,7 @@ class OptunaRecorder(tune.Callback):
         if ids is None:
             return
         number, trial_id = ids
-        self.study._storage.set_trial_user_attr(trial_id, names.TRIAL_EARLY_STOPPED, False)
+        optuna_storage(self.study).set_trial_user_attr(trial_id, names.TRIAL_EARLY_STOPPED, False)
         message = error_message(trial)
         fail_trial(self.study, number, message)
         if message.startswith(f"{DiskFullError.__name__}:"):
@@ -301,32 +162,3 @@ def error_message(trial: Any) -> str:
     return text.splitlines()[-1] if text else "the trial failed without an error message"
 
 
-class ResumableASHA(ASHAScheduler):
-    """ASHA whose rung records survive an interrupted driver.
-
-    Ray checkpoints the searcher but not the scheduler, so after Tuner.restore a plain ASHA has
-    forgotten every value it ranked trials by. This one, before its first trial is added, refills
-    its rungs from the Optuna study: a trial's value at a rung is the metric at the first epoch at
-    or past the rung's milestone, exactly what ASHA itself records, keyed by the Ray trial id.
-    """
-
-    def __init__(self, *, storage_url: str, study_name: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._storage_url, self._study_name, self._seeded = storage_url, study_name, False
-
-    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
-        if not self._seeded:
-            self._seeded = True
-            self.seed_rungs(optuna.load_study(study_name=self._study_name, storage=open_storage(self._storage_url)))
-        super().on_trial_add(tune_controller, trial)
-
-    def seed_rungs(self, study: optuna.Study) -> None:
-        for trial in study.get_trials(deepcopy=False):
-            ray_id, values = trial.user_attrs.get(names.TRIAL_RAY_ID), trial.intermediate_values
-            if ray_id is None or not values:
-                continue
-            for bracket in self._brackets:
-                for milestone, recorded in bracket._rungs:
-                    reached = [epoch for epoch in values if epoch >= milestone]
-                    if reached and math.isfinite(values[min(reached)]):
-                        recorded[ray_id] = self._metric_op * values[min(reached)]

@@ -37,21 +37,18 @@ from data.atomic import atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
 from model.train import train
 from search import storage as names
-from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
-from search.lease import DriverLease, LeaseError, current_holder, refuse_if_held
-from search.reaper import reaping
-from search.records import (
+from search.adapters import (
     ORPHAN_ERROR,
-    STUDY_STOP,
     TRIAL_NUMBER_KEY,
-    DiskFullError,
-    OptunaRecorder,
     RecordingOptunaSearch,
     ResumableASHA,
-    StudyStop,
     artifact_dir_for,
     fail_running_trials,
 )
+from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
+from search.lease import DriverLease, LeaseError, current_holder, refuse_if_held
+from search.reaper import reaping
+from search.records import STUDY_STOP, DiskFullError, OptunaRecorder, StudyStop
 from search.spec import Budget, StudyError, StudySpec
 from search.storage import (
     DEFAULT_STORAGE_URL,

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from tiny_model import DATA_DIR, TINY_BERT, needs_data
 
 from search import storage as names
-from search.records import ORPHAN_ERROR
+from search.adapters import ORPHAN_ERROR
 from search.storage import PROJECT_ROOT
 from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, best_ray_result, main_exit, run_search
@@ -467,7 +467,7 @@ def test_bad_study_file_exits_2_naming_it(tmp_path, capsys):
 
 
 def test_asha_rungs_are_refilled_from_optuna(tmp_path):
-    from search.records import ResumableASHA, fail_running_trials
+    from search.adapters import ResumableASHA, fail_running_trials
 
     url = f"sqlite:///{tmp_path / 'o.db'}"
     study = optuna.create_study(study_name="s", storage=url, direction="maximize")

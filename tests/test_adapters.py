@@ -1,0 +1,41 @@
+"""The library internals that search/adapters.py relies on still exist: an upgrade of Ray or Optuna
+that removes or renames one fails here, by name, instead of corrupting a study's records."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from search.adapters import optuna_storage, storage_trial_id
+
+
+def test_optuna_study_keeps_its_storage_and_id():
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    trial = study.ask()
+    study.tell(trial, 1.0)
+    assert isinstance(optuna_storage(study), optuna.storages.BaseStorage), "optuna.Study._storage is gone"
+    assert isinstance(study._study_id, int), "optuna.Study._study_id is gone"
+    assert storage_trial_id(study, 0) == trial._trial_id
+
+
+def test_ray_optuna_search_keeps_its_trial_table():
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    searcher = OptunaSearch(space=space, metric="m", mode="max")
+    config = searcher.suggest("ray-trial-1")
+    assert set(config) == {"x"}
+    for name, kind in (("_ot_study", optuna.Study), ("_ot_trials", dict), ("_completed_trials", set)):
+        assert isinstance(getattr(searcher, name, None), kind), f"ray OptunaSearch.{name} is gone or changed"
+    assert searcher._ot_trials["ray-trial-1"].number == 0
+
+
+@pytest.mark.parametrize("mode,sign", [("max", 1.0), ("min", -1.0)])
+def test_ray_asha_keeps_its_rungs(mode, sign):
+    asha = ASHAScheduler(metric="m", mode=mode, max_t=9, grace_period=1, reduction_factor=3)
+    assert asha._metric_op == sign, "ray ASHAScheduler._metric_op is gone or changed"
+    brackets = asha._brackets
+    assert brackets, "ray ASHAScheduler._brackets is gone"
+    milestones = [milestone for milestone, recorded in brackets[0]._rungs]
+    assert sorted(milestones) == [1, 3, 9], "ray ASHA bracket._rungs changed shape"
+    assert all(isinstance(recorded, dict) for _, recorded in brackets[0]._rungs)
