@@ -1,54 +1,43 @@
 """Run a study: Ray Tune schedules the trainer, Optuna (TPE) samples, ASHA stops the weak early.
 
-Layout under the results folder (``results/<study>/``):
-  ray/            Ray Tune's experiment (``storage_path`` = results/<study>, name "ray"); Tuner.restore reads it
-  trials/<n>/     output_dir of the trainer for Optuna trial n (config.json, model.safetensors, last.pt, ...)
-  ray-tmp/        Ray's temp/session dir for a local cluster (a short /tmp path when this one is too long)
-  study.toml      the study file as the run started; a resumed run uses this copy
-  finished.json   written when every trial of the budget ended; a rerun without --resume/--fresh then stops
-The Optuna study (named after the study) lives in the storage (default: SQLite studies/optuna.db).
+Where a study's files live: search/paths.py. One trial: search/trial.py. The end-of-run report: search/summary.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import hashlib
 import json
-import math
 import os
 import re
 import shlex
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from data.atomic import atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
-from model.train import train
 from search import storage as names
 from search.adapters import (
     ORPHAN_ERROR,
     TRIAL_NUMBER_KEY,
     RecordingOptunaSearch,
     ResumableASHA,
-    artifact_dir_for,
     fail_running_trials,
 )
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
 from search.lease import DriverLease, LeaseError, current_holder, refuse_if_held
+from search.paths import DEFAULT_RESULTS_DIR, EXPERIMENT_NAME, StudyPaths
 from search.reaper import reaping
-from search.records import STUDY_STOP, DiskFullError, OptunaRecorder, StudyStop
+from search.records import STUDY_STOP, OptunaRecorder, StudyStop
 from search.spec import Budget, StudyError, StudySpec
 from search.storage import (
     DEFAULT_STORAGE_URL,
@@ -62,13 +51,9 @@ from search.storage import (
     study_in_storage,
 )
 from search.study import load_spec
+from search.summary import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_REFUSED, Outcome, best_ray_result, summarize
+from search.trial import DISK_FULL_ERRNOS, TrialJob, run_trial, trial_dirname
 
-DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
-EXPERIMENT_NAME = "ray"
-# AF_UNIX socket paths hold 107 bytes; Ray puts "session_<date>_<time>_<pid>/sockets/plasma_store" (~64) under its temp dir.
-MAX_RAY_TEMP_DIR_CHARS = 40
-
-EXIT_OK, EXIT_NO_SUCCESS, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
 # How long a driver joining a cluster (--address) waits for a node large enough for one trial.
 CLUSTER_WAIT_S = 60
 
@@ -90,112 +75,6 @@ class SearchOptions:
     name: str | None = None  # Optuna study and results folder name; default: the study file's name
     early_stopping: bool = True  # False: no ASHA, every trial runs max_epochs (to measure what ASHA saves)
     top: int = 5
-
-
-@dataclass(frozen=True)
-class TrialJob:
-    """What every trial needs besides its sampled params (sent to the Ray workers)."""
-
-    study: StudySpec
-    artifacts_root: str
-    data_dir: str | None = None
-    # Optuna trials that had already ended when this driver started: Ray may restart some of them
-    # (they ended after its last experiment checkpoint), and they must not train again.
-    ended_trials: frozenset[int] = frozenset()
-
-
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-
-
-def run_trial(config: dict[str, Any], job: TrialJob) -> None:
-    """Ray Tune function trainable: train one sampled config, reporting each epoch's dev metrics."""
-    from ray import tune
-
-    number = config[TRIAL_NUMBER_KEY]
-    output_dir = artifact_dir_for(job.artifacts_root, number)
-    history = read_history(output_dir / "metrics.json")
-    if number in job.ended_trials:
-        # Its record in Optuna is final (e.g. PRUNED after 1 epoch): training on would contradict it.
-        # One last report, because Ray refuses a trial that ends without the metric it ranks by.
-        tune.report(dict(history[-1]) if history else {"epoch": 0, job.study.metric: float("nan")})
-        return
-    params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
-    train_config = job.study.train_config(params, number)
-    # One torch thread per reserved CPU, so that concurrent trials do not fight over the cores.
-    train_config.setdefault("threads", max(1, int(job.study.budget.cpus_per_trial)))
-    reported: set[int] = set()
-
-    def report(metrics: dict) -> None:
-        reported.add(int(metrics["epoch"]))
-        tune.report(dict(metrics))
-
-    # A trial resumed after an interrupted driver first reports again the epochs its checkpoint holds:
-    # an epoch checkpointed but not yet reported when the driver died is not lost (repeats are harmless).
-    # The final epoch waits until train() has written the test outputs: a scheduler stops a trial as
-    # soon as it sees its final epoch, which would leave a COMPLETE trial without them.
-    final = [record for record in history if int(record["epoch"]) >= job.study.budget.max_epochs]
-    for record in history:
-        if record not in final:
-            report(record)
-    try:
-        train(train_config, output_dir, report=report, data_dir=job.data_dir)
-    except OSError as error:
-        if error.errno in DISK_FULL_ERRNOS:
-            raise DiskFullError(f"trial {number} cannot write its files in {output_dir}: {os.strerror(error.errno)}") from None
-        raise
-    for record in final:
-        if int(record["epoch"]) not in reported:
-            report(record)
-
-
-def read_history(metrics_file: Path) -> list[dict]:
-    """The per-epoch records of a trial's metrics.json ([] when there is none yet)."""
-    if not metrics_file.is_file():
-        return []
-    return list(json.loads(metrics_file.read_text(encoding="utf-8")).get("history", []))
-
-
-def trial_dirname(trial: Any) -> str:
-    return f"trial_{trial.config.get(TRIAL_NUMBER_KEY, trial.trial_id)}"
-
-
-@dataclass
-class StudyPaths:
-    root: Path
-
-    @property
-    def experiment(self) -> Path:
-        return self.root / EXPERIMENT_NAME
-
-    @property
-    def trials(self) -> Path:
-        return self.root / "trials"
-
-    @property
-    def snapshot(self) -> Path:
-        return self.root / "study.toml"
-
-    @property
-    def finished(self) -> Path:
-        return self.root / "finished.json"
-
-    def has_run(self) -> bool:
-        """Whether a run started here (Ray's temp dir alone, left by a refused start, does not count)."""
-        return any(path.exists() for path in (self.snapshot, self.trials, self.experiment, self.finished))
-
-    def ray_temp_dir(self) -> Path:
-        preferred = self.root / "ray-tmp"
-        if len(str(preferred)) <= MAX_RAY_TEMP_DIR_CHARS:
-            return preferred
-        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:8]
-        return Path(tempfile.gettempdir()) / f"ray-{digest}"
-
-
-@dataclass
-class Outcome:
-    exit_code: int
-    study: optuna.Study | None = None
-    ranked: list[FrozenTrial] = field(default_factory=list)
 
 
 def results_root(options: SearchOptions) -> Path:
@@ -567,64 +446,6 @@ def run_interrupted(ot_study: optuna.Study, budget_trials: int) -> bool:
         return True
     ended = [t for t in trials if t.state.is_finished() and t.user_attrs.get(names.TRIAL_ERROR) != ORPHAN_ERROR]
     return len(ended) < budget_trials
-
-
-def best_ray_result(grid: Any, metric: str, mode: str) -> Any:
-    """The best Ray result by its best epoch, errored trials left out (Ray's get_best_result can pick them)."""
-    best, best_value = None, None
-    for result in grid:
-        if result.error is not None or result.metrics_dataframe is None or metric not in result.metrics_dataframe:
-            continue
-        values = [v for v in result.metrics_dataframe[metric].tolist() if isinstance(v, (int, float)) and math.isfinite(v)]
-        if not values:
-            continue
-        value = max(values) if mode == "max" else min(values)
-        if best_value is None or (value > best_value if mode == "max" else value < best_value):
-            best, best_value = result, value
-    return best
-
-
-def ranked_trials(ot_study: optuna.Study) -> list[FrozenTrial]:
-    """Trials that trained (COMPLETE, and PRUNED = stopped early), best first by the dev score of their saved epoch."""
-    usable = [
-        t
-        for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-        if t.user_attrs.get(names.TRIAL_BEST_VALUE) is not None
-    ]
-    sign = -1.0 if ot_study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return sorted(usable, key=lambda t: (sign * t.user_attrs[names.TRIAL_BEST_VALUE], t.number))
-
-
-def summarize(study: StudySpec, url: str, paths: StudyPaths, top: int) -> Outcome:
-    """Print the top trials and the counts by state; exit code 1 when no trial succeeded."""
-    ot_study = optuna.load_study(study_name=study.name, storage=open_storage(url))
-    trials = ot_study.get_trials(deepcopy=False)
-    ranked = ranked_trials(ot_study)
-    counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}
-    print(
-        f"\nStudy {study.name!r}: {len(trials)} trials: {counts['COMPLETE']} complete, "
-        f"{counts['PRUNED']} stopped early by ASHA (PRUNED), {counts['FAIL']} failed, {counts['RUNNING']} running"
-    )
-    if ranked:
-        print(f"Top {min(top, len(ranked))} by dev {study.metric} of the saved (best) epoch:")
-        for rank, t in enumerate(ranked[:top], 1):
-            attrs = t.user_attrs
-            params = ", ".join(f"{k}={format_value(v)}" for k, v in sorted(t.params.items()))
-            print(
-                f"  {rank}. trial {t.number}  {study.metric}={attrs[names.TRIAL_BEST_VALUE]:.4f}"
-                f" (epoch {attrs.get(names.TRIAL_BEST_EPOCH)})"
-                f"  epochs run {attrs.get(names.TRIAL_EPOCHS_RUN)}  {t.state.name}\n"
-                f"     {params}\n     artifacts: {attrs.get(names.TRIAL_ARTIFACT_DIR)}"
-            )
-    for t in trials:
-        if t.state == TrialState.FAIL:
-            print(f"  failed: trial {t.number}: {t.user_attrs.get(names.TRIAL_ERROR, '(no message)')}")
-    print(f"Dashboard: optuna-dashboard {masked_url(url)}   (then open http://127.0.0.1:8080)")
-    return Outcome(EXIT_OK if ranked else EXIT_NO_SUCCESS, ot_study, ranked)
-
-
-def format_value(value: Any) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def main_exit(options: SearchOptions) -> int:

@@ -1,0 +1,55 @@
+"""Layout under the results folder (``results/<study>/``):
+  ray/            Ray Tune's experiment (``storage_path`` = results/<study>, name "ray"); Tuner.restore reads it
+  trials/<n>/     output_dir of the trainer for Optuna trial n (config.json, model.safetensors, last.pt, ...)
+  ray-tmp/        Ray's temp/session dir for a local cluster (a short /tmp path when this one is too long)
+  study.toml      the study file as the run started; a resumed run uses this copy
+  finished.json   written when every trial of the budget ended; a rerun without --resume/--fresh then stops
+The Optuna study (named after the study) lives in the storage (default: SQLite studies/optuna.db).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from search.storage import PROJECT_ROOT
+
+DEFAULT_RESULTS_DIR = PROJECT_ROOT / "results"
+EXPERIMENT_NAME = "ray"
+# AF_UNIX socket paths hold 107 bytes; Ray puts "session_<date>_<time>_<pid>/sockets/plasma_store" (~64) under its temp dir.
+MAX_RAY_TEMP_DIR_CHARS = 40
+
+
+
+@dataclass
+class StudyPaths:
+    root: Path
+
+    @property
+    def experiment(self) -> Path:
+        return self.root / EXPERIMENT_NAME
+
+    @property
+    def trials(self) -> Path:
+        return self.root / "trials"
+
+    @property
+    def snapshot(self) -> Path:
+        return self.root / "study.toml"
+
+    @property
+    def finished(self) -> Path:
+        return self.root / "finished.json"
+
+    def has_run(self) -> bool:
+        """Whether a run started here (Ray's temp dir alone, left by a refused start, does not count)."""
+        return any(path.exists() for path in (self.snapshot, self.trials, self.experiment, self.finished))
+
+    def ray_temp_dir(self) -> Path:
+        preferred = self.root / "ray-tmp"
+        if len(str(preferred)) <= MAX_RAY_TEMP_DIR_CHARS:
+            return preferred
+        digest = hashlib.sha1(str(self.root).encode()).hexdigest()[:8]
+        return Path(tempfile.gettempdir()) / f"ray-{digest}"

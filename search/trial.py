@@ -1,0 +1,83 @@
+"""One trial, as Ray Tune runs it: the function trainable that trains one sampled config with
+model.train and reports each epoch's dev metrics."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.train import train
+from search.adapters import TRIAL_NUMBER_KEY, artifact_dir_for
+from search.records import DiskFullError
+from search.spec import StudySpec
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What every trial needs besides its sampled params (sent to the Ray workers)."""
+
+    study: StudySpec
+    artifacts_root: str
+    data_dir: str | None = None
+    # Optuna trials that had already ended when this driver started: Ray may restart some of them
+    # (they ended after its last experiment checkpoint), and they must not train again.
+    ended_trials: frozenset[int] = frozenset()
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def run_trial(config: dict[str, Any], job: TrialJob) -> None:
+    """Ray Tune function trainable: train one sampled config, reporting each epoch's dev metrics."""
+    from ray import tune
+
+    number = config[TRIAL_NUMBER_KEY]
+    output_dir = artifact_dir_for(job.artifacts_root, number)
+    history = read_history(output_dir / "metrics.json")
+    if number in job.ended_trials:
+        # Its record in Optuna is final (e.g. PRUNED after 1 epoch): training on would contradict it.
+        # One last report, because Ray refuses a trial that ends without the metric it ranks by.
+        tune.report(dict(history[-1]) if history else {"epoch": 0, job.study.metric: float("nan")})
+        return
+    params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
+    train_config = job.study.train_config(params, number)
+    # One torch thread per reserved CPU, so that concurrent trials do not fight over the cores.
+    train_config.setdefault("threads", max(1, int(job.study.budget.cpus_per_trial)))
+    reported: set[int] = set()
+
+    def report(metrics: dict) -> None:
+        reported.add(int(metrics["epoch"]))
+        tune.report(dict(metrics))
+
+    # A trial resumed after an interrupted driver first reports again the epochs its checkpoint holds:
+    # an epoch checkpointed but not yet reported when the driver died is not lost (repeats are harmless).
+    # The final epoch waits until train() has written the test outputs: a scheduler stops a trial as
+    # soon as it sees its final epoch, which would leave a COMPLETE trial without them.
+    final = [record for record in history if int(record["epoch"]) >= job.study.budget.max_epochs]
+    for record in history:
+        if record not in final:
+            report(record)
+    try:
+        train(train_config, output_dir, report=report, data_dir=job.data_dir)
+    except OSError as error:
+        if error.errno in DISK_FULL_ERRNOS:
+            raise DiskFullError(f"trial {number} cannot write its files in {output_dir}: {os.strerror(error.errno)}") from None
+        raise
+    for record in final:
+        if int(record["epoch"]) not in reported:
+            report(record)
+
+
+def read_history(metrics_file: Path) -> list[dict]:
+    """The per-epoch records of a trial's metrics.json ([] when there is none yet)."""
+    if not metrics_file.is_file():
+        return []
+    return list(json.loads(metrics_file.read_text(encoding="utf-8")).get("history", []))
+
+
+def trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.config.get(TRIAL_NUMBER_KEY, trial.trial_id)}"
