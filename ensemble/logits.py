@@ -24,11 +24,6 @@ Outputs = dict[str, TaskOutputs]  # task -> {"ids", "values", "labels"}
 EPS = 1e-7
 
 
-def better(a: float, b: float, direction: str) -> bool:
-    """``a`` is strictly better than ``b``."""
-    return a > b if direction == "maximize" else a < b
-
-
 def align_outputs(names: Sequence[str], outputs: Sequence[Outputs], split: str) -> list[Outputs]:
     """Put every member's rows in the first member's id order. Refuses (EnsembleError naming the
     members) when their id sets differ, ids repeat, or the same id carries different gold labels."""
@@ -146,7 +141,7 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
 
 
 def fit_weights(
-    outputs: Sequence[Outputs], tasks: Sequence[str], metric: str, direction: str, folds: int = 5, seed: int = 0
+    outputs: Sequence[Outputs], tasks: Sequence[str], metric: str, folds: int = 5, seed: int = 0
 ) -> WeightFit:
     """Fit member weights on dev, guarded by k-fold cross-validation within dev."""
     count = len(outputs)
@@ -174,7 +169,7 @@ def fit_weights(
 
     fitted = fit_simplex_weights(stacked, labels)
     _, fitted_dev = score_outputs(average_outputs(outputs, fitted), tasks, metric)
-    kept = better(cv_dev, uniform_dev, direction)
+    kept = cv_dev > uniform_dev  # every metric is higher-is-better
     reason = f"{folds}-fold cross-validated dev {metric} {cv_dev:.4f} vs uniform {uniform_dev:.4f}: " + (
         "fitted weights kept" if kept else "uniform weights kept (fitting did not beat them out of fold)"
     )

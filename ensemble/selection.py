@@ -101,7 +101,7 @@ class Selector:
         top = self.pool.ranking(rows)[: self.settings.top_k]
         task, ids, labels = self.pool.task, self.pool.ids[rows], self.pool.labels[rows]
         outputs = [{task: {"ids": ids, "values": self.pool.values[i][rows], "labels": labels}} for i in top]
-        fit = fit_weights(outputs, [task], task, "maximize", folds=self.settings.folds)
+        fit = fit_weights(outputs, [task], task, folds=self.settings.folds)
         return self.logits("fitted", top, list(fit.weights), weight_fit=fit.to_dict())
 
     def caruana(self, rows: np.ndarray) -> Choice:

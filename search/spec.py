@@ -13,6 +13,8 @@ import optuna
 
 from model.config import TrainConfig, applies_to
 
+# Every dev metric (accuracy, Pearson r, overall) is higher-is-better: studies only maximise.
+OPTUNA_DIRECTION, RAY_MODE = "maximize", "max"
 # Every TrainConfig field's default (a per-task field's default may be a {task: value} table).
 TRAIN_DEFAULTS = TrainConfig().to_dict()
 
@@ -96,18 +98,12 @@ class StudySpec:
     path: Path
     tasks: list[str]
     metric: str
-    direction: str
     budget: Budget
     space: dict[str, Param]
     fixed: dict[str, Any] = field(default_factory=dict)
     start_points: list[dict[str, Any]] = field(default_factory=list)
     description: str = ""
     variants: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # name -> choice -> settings
-
-    @property
-    def mode(self) -> str:
-        """Ray Tune's name for the direction."""
-        return "max" if self.direction == "maximize" else "min"
 
     def distributions(self) -> dict[str, optuna.distributions.BaseDistribution]:
         variants = {name: optuna.distributions.CategoricalDistribution(list(v)) for name, v in self.variants.items()}

@@ -26,7 +26,6 @@ CONNECT_TIMEOUT_S = 10
 
 # Study-level user attributes.
 STUDY_METRIC = "metric"  # trainer metric key of the objective, e.g. "sts" or "overall"
-STUDY_DIRECTION = "direction"  # "maximize" or "minimize"
 STUDY_TASKS = "tasks"  # list of task names that train
 STUDY_FILE = "study_file"  # absolute path of the studies/*.toml file
 

@@ -7,7 +7,7 @@ A study file names the tasks, the objective, the search space, the budget and fi
 
     [objective]
     metric = "sts"            # a trained task's dev metric, or "overall"
-    direction = "maximize"
+    direction = "maximize"    # optional; every dev metric is higher-is-better, so studies only maximise
 
     [budget]
     trials = 8                # Optuna/Ray trials
@@ -120,11 +120,10 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
 
     objective = _typed(raw["objective"], dict, where, "objective")
     _check_keys(objective, OBJECTIVE_KEYS, where, "objective.")
-    for key in OBJECTIVE_KEYS:
-        if key not in objective:
-            raise StudyError(f"{where}: objective.{key}: missing")
+    if "metric" not in objective:
+        raise StudyError(f"{where}: objective.metric: missing")
     metric = _typed(objective["metric"], str, where, "objective.metric")
-    direction = _typed(objective["direction"], str, where, "objective.direction")
+    direction = _typed(objective.get("direction", "maximize"), str, where, "objective.direction")  # optional: always maximize
     if metric not in [*tasks, "overall"]:
         known = [*tasks, "overall"]
         raise StudyError(f"{where}: objective.metric: {metric!r} is not a trained task's metric; use one of {known}")
@@ -150,7 +149,6 @@ def parse_spec(raw: dict[str, Any], path: Path) -> StudySpec:
         path=path,
         tasks=list(tasks),
         metric=metric,
-        direction=direction,
         budget=budget,
         space=space,
         fixed=fixed,

@@ -47,8 +47,7 @@ def ranked_trials(ot_study: optuna.Study) -> list[FrozenTrial]:
         for t in ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
         if t.user_attrs.get(names.TRIAL_BEST_VALUE) is not None
     ]
-    sign = -1.0 if ot_study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return sorted(usable, key=lambda t: (sign * t.user_attrs[names.TRIAL_BEST_VALUE], t.number))
+    return sorted(usable, key=lambda t: (-t.user_attrs[names.TRIAL_BEST_VALUE], t.number))
 
 
 def summarize(study: StudySpec, url: str, paths: StudyPaths, top: int) -> Outcome:

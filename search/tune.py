@@ -38,7 +38,7 @@ from search.lease import DriverLease, LeaseError, current_holder, refuse_if_held
 from search.paths import DEFAULT_RESULTS_DIR, EXPERIMENT_NAME, StudyPaths
 from search.reaper import reaping
 from search.records import STUDY_STOP, OptunaRecorder, StudyStop
-from search.spec import Budget, StudyError, StudySpec
+from search.spec import OPTUNA_DIRECTION, RAY_MODE, Budget, StudyError, StudySpec
 from search.storage import (
     DEFAULT_STORAGE_URL,
     PROJECT_ROOT,
@@ -185,10 +185,9 @@ def prepare_optuna_study(study: StudySpec, url: str, paths: StudyPaths, options:
     """Create (or load) the Optuna study with its attributes; queue the start points of a new one."""
     storage = open_storage(url)
     existing = study.name in optuna.study.get_all_study_names(storage)
-    ot_study = optuna.create_study(study_name=study.name, storage=storage, direction=study.direction, load_if_exists=True)
+    ot_study = optuna.create_study(study_name=study.name, storage=storage, direction=OPTUNA_DIRECTION, load_if_exists=True)
     attrs = {
         names.STUDY_METRIC: study.metric,
-        names.STUDY_DIRECTION: study.direction,
         names.STUDY_TASKS: list(study.tasks),
         names.STUDY_FILE: str(study.path),
         "results_dir": str(paths.root),
@@ -228,7 +227,7 @@ def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_di
     outcome = summarize(study, options.storage, paths, options.top)
     print(f"Wall time of this session: {wall_seconds / 60:.1f} min (Ray's start included)")
     # Cross-check with Ray's own records, errored trials left out (Ray's get_best_result can pick them).
-    best = best_ray_result(grid, study.metric, study.mode)
+    best = best_ray_result(grid, study.metric, RAY_MODE)
     best_number = None if best is None else best.config.get(TRIAL_NUMBER_KEY)
     if outcome.ranked and best_number != outcome.ranked[0].number:
         print(f"Note: by Ray's results the best non-errored trial is {best_number}, not {outcome.ranked[0].number}.")
@@ -384,7 +383,7 @@ def new_tuner(
     searcher = RecordingOptunaSearch(
         space=study.distributions(),
         metric=study.metric,
-        mode=study.mode,
+        mode=RAY_MODE,
         sampler=optuna.samplers.TPESampler(seed=study.budget.seed + seed_offset, n_startup_trials=study.budget.startup_trials),
         study_name=study.name,
         storage=open_storage(options.storage),
@@ -400,7 +399,7 @@ def new_tuner(
             study_name=study.name,
             time_attr="epoch",
             metric=study.metric,
-            mode=study.mode,
+            mode=RAY_MODE,
             max_t=study.budget.max_epochs,
             grace_period=study.budget.grace_period,
             reduction_factor=study.budget.reduction_factor,

@@ -304,10 +304,10 @@ def test_weight_fitting_is_kept_only_when_it_wins_cross_validation():
         return {"sts": {"ids": ids, "values": values, "labels": gold}}
 
     good, noise = member(gold + rng.normal(0, 0.5, 200)), member(rng.uniform(0, 5, 200))
-    fit = fit_weights([good, noise], ["sts"], "sts", "maximize")
+    fit = fit_weights([good, noise], ["sts"], "sts")
     assert fit.kept and fit.weights[0] > 0.9 and abs(sum(fit.weights) - 1) < 1e-9 and min(fit.weights) >= 0
     assert fit.cv_dev > fit.uniform_dev
-    same = fit_weights([good, good], ["sts"], "sts", "maximize")
+    same = fit_weights([good, good], ["sts"], "sts")
     assert not same.kept and same.weights == [0.5, 0.5]
     averaged = average_outputs([good, noise], [0.25, 0.75])["sts"]["values"]
     np.testing.assert_allclose(averaged, 0.25 * good["sts"]["values"] + 0.75 * noise["sts"]["values"])

@@ -252,7 +252,7 @@ def scenario(tmp_path_factory):
 def test_optuna_records_tell_the_truth(scenario):
     study = optuna.load_study(study_name="tiny", storage=scenario["url"])
     assert study.user_attrs[names.STUDY_METRIC] == "sts"
-    assert study.user_attrs[names.STUDY_DIRECTION] == "maximize"
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
     assert study.user_attrs[names.STUDY_TASKS] == ["sts"]
     assert study.user_attrs[names.STUDY_FILE].endswith("tiny.toml")
     trials = study.trials

@@ -68,7 +68,6 @@ def test_good_file_parses_into_distributions(tmp_path):
     assert dists["freeze_layers"] == optuna.distributions.IntDistribution(0, 3)
     assert dists["batch_size"] == optuna.distributions.CategoricalDistribution([16, 32])
     assert study.budget.reduction_factor == 2 and study.budget.max_concurrent == 1  # defaults
-    assert study.mode == "max"
     assert study.with_budget(trials=9, max_concurrent=None).budget.trials == 9
 
 
