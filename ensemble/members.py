@@ -27,6 +27,7 @@ from data.files import TASKS
 from model.rundir import RunDir, RunFileError, TaskOutputs
 from search.storage import TRIAL_ARTIFACT_DIR, TRIAL_BEST_VALUE, TRIAL_EARLY_STOPPED, load_optuna_study
 
+
 class EnsembleError(RuntimeError):
     """Base of the errors that stop an ensemble build with a message for the user."""
 
