@@ -59,6 +59,13 @@ def choice_note(choice: Choice) -> str:
     return ""
 
 
+def short_reason(why: str) -> str:
+    """A refusal for the table: its first clause and how many members it lists (summary.json has all)."""
+    head, _, details = why.partition(": ")
+    count = details.count("cannot average")
+    return f"{head} ({count} member(s) differ; summary.json says how)" if count else why
+
+
 def rows_of(result: TaskResult) -> list[Row]:
     """The task's table: the baseline, the dev-selected predictors, refusals, then every member."""
     pool, rows = result.pool, []
@@ -75,7 +82,7 @@ def rows_of(result: TaskResult) -> list[Row]:
             Row(pool.task, name, "selected", result.names(choice), choice.cost(pool), dev, estimate, choice.weights,
                 note, {"details": choice.details})
         )  # fmt: skip
-    rows += [Row(pool.task, name, "refused", [], 0, float("nan"), note=why) for name, why in result.refused.items()]
+    rows += [Row(pool.task, name, "refused", [], 0, float("nan"), note=short_reason(why)) for name, why in result.refused.items()]
     for index in pool.ranking():
         note = "early-stopped" if pool.members[index].early_stopped else ""
         rows.append(member_row(pool, index, pool.members[index].name, "member", note=note))
