@@ -23,8 +23,8 @@ import torch
 from data.files import TASKS, resolve_data_dir
 from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
-from ensemble.taskpool import task_setting
 from model.bert import default_model_path, load_strict
+from model.config import value_for_task
 from model.rundir import RunDir
 
 # Trainer settings that decide which parameters exist and what they start from.
@@ -41,7 +41,7 @@ class IncompatibleMembersError(EnsembleError):
 def has_seeded_head(train: dict) -> bool:
     """Whether any trained task's head has parameters, which the trainer initialises from the seed.
     Only the STS cosine head (5 * cos(u, v)) has none."""
-    return any(not (task == "sts" and task_setting(train, "sts_head", task) == "cosine") for task in train.get("tasks", []))
+    return any(not (task == "sts" and value_for_task(train.get("sts_head"), task) == "cosine") for task in train.get("tasks", []))
 
 
 def init_signature(train: dict) -> dict:

@@ -14,21 +14,15 @@ import numpy as np
 
 from data.files import TASKS
 from ensemble.members import EnsembleError, Member, Pool
+from model.config import value_for_task
 from model.metrics import task_metric
 from model.rundir import TaskOutputs
-
-
-def task_setting(train: dict, name: str, task: str) -> object:
-    """A trainer setting for one task: ``train[name]`` is one value for all tasks or {task: value}
-    (the shape of model.train.TrainConfig.task_value, read here from a config.json dict)."""
-    value = train.get(name)
-    return value.get(task) if isinstance(value, dict) else value
 
 
 def encoder_passes(config: dict, task: str) -> int:
     """Encoder passes per example of one model on ``task``: 2 for a bi-encoded pair (each sentence
     alone), else 1 (a single sentence, or a cross-encoded pair)."""
-    bi = TASKS[task].is_pair and task_setting(config["train"], "pair_encoding", task) == "bi"
+    bi = TASKS[task].is_pair and value_for_task(config["train"].get("pair_encoding"), task) == "bi"
     return 2 if bi else 1
 
 

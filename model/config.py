@@ -47,13 +47,15 @@ PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling")
 RUNTIME_FIELDS = ("threads", "device", "predict_test", "cache_dir", "data_dir")
 
 
-def is_pair_task(task: str) -> bool:
-    return TASKS[task].is_pair
-
-
 def applies_to(name: str, task: str) -> bool:
     """Whether a per-task field means anything for ``task`` (pair encoding: pair tasks only)."""
-    return name != "pair_encoding" or is_pair_task(task)
+    return name != "pair_encoding" or TASKS[task].is_pair
+
+
+def value_for_task(value: object, task: str) -> object:
+    """A per-task setting's value for ``task``: the one value, or the {task: value} table's entry
+    (None where the table has none). Reads a TrainConfig field or a saved config.json alike."""
+    return value.get(task) if isinstance(value, dict) else value
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -201,11 +203,9 @@ class TrainConfig:
     def task_value(self, name: str, task: str):
         """The value of a per-task field (batch_size, pair_encoding, pooling) for one task."""
         value = getattr(self, name)
-        if not isinstance(value, dict):
-            return value
-        if task not in value:
+        if isinstance(value, dict) and task not in value:
             raise KeyError(f"{name} gives no value for task {task!r} (it has {sorted(value)})")
-        return value[task]
+        return value_for_task(value, task)
 
     def task_batch_size(self, task: str) -> int:
         return self.task_value("batch_size", task)

@@ -9,7 +9,7 @@ from pathlib import Path
 from data.files import TASKS, load_examples
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode
 from model.bert import default_model_path
-from model.config import TrainConfig, is_pair_task
+from model.config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CACHE_DIR = REPO_ROOT / "cache" / "tokens"
@@ -30,7 +30,7 @@ def get_tokenizer(cfg: TrainConfig) -> Tokenizer:
 
 def encoding_for(task: str, cfg: TrainConfig) -> str:
     # Single sentences encode the same either way; one cache entry serves both.
-    return cfg.task_value("pair_encoding", task) if is_pair_task(task) else "cross"
+    return cfg.task_value("pair_encoding", task) if TASKS[task].is_pair else "cross"
 
 
 def cache_dir_for(cfg: TrainConfig) -> Path:
