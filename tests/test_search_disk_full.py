@@ -12,6 +12,7 @@ from test_search import STUDY_TOML
 from tiny_model import DATA_DIR, needs_data
 
 import search.tune
+import search.tuner
 from search import storage as names
 from search.tune import EXIT_NO_SUCCESS, SearchOptions, StudyPaths, run_search
 
@@ -34,7 +35,7 @@ def test_a_full_disk_stops_the_study_cleanly_and_it_resumes(tmp_path, monkeypatc
 
         import data.atomic
         import model.rundir
-        from search.tune import run_trial as real_run_trial
+        from search.trial import run_trial as real_run_trial
 
         def no_space(path, write):
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -43,7 +44,7 @@ def test_a_full_disk_stops_the_study_cleanly_and_it_resumes(tmp_path, monkeypatc
         return real_run_trial(config, job)
 
     with monkeypatch.context() as patch:
-        patch.setattr(search.tune, "run_trial", run_trial)
+        patch.setattr(search.tuner, "run_trial", run_trial)
         outcome = run_search(options)
     out, err = capfd.readouterr()
     said = out + err

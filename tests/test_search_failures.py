@@ -223,7 +223,7 @@ def test_a_database_that_fails_mid_run_is_one_masked_line():
     import sqlalchemy
     from ray.tune.error import TuneError
 
-    from search.tune import storage_failures_in_one_line
+    from search.tuner import storage_failures_in_one_line
 
     options = SearchOptions(study="sts", storage="postgresql://bob:s3cret@db:5432/optuna")
     lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection (password s3cret)"))
