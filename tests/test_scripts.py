@@ -16,8 +16,9 @@ from model.optimizer import AdamW, param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is not an installed package
 
-from scripts.benchmark_speed import Step, apply_levers, ratio, train_flops  # noqa: E402
+from scripts.benchmark_speed import apply_levers, train_flops  # noqa: E402
 from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, fp32_flops_per_cycle, machine  # noqa: E402
+from scripts.speed_timing import Step, ratio  # noqa: E402
 
 
 @pytest.mark.parametrize("shapes", [[(3, 16)], [(2, 9), (4, 5)]])
