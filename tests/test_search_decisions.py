@@ -1,0 +1,160 @@
+"""run_search's decisions without Ray: start, refuse, rename, resume, delete; what it reports at the
+end; and the ASHA rung refill, on a study file and storage of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from test_search import STUDY_TOML
+
+from search import storage as names
+from search.adapters import ORPHAN_ERROR
+from search.paths import StudyPaths
+from search.summary import EXIT_REFUSED, best_ray_result
+from search.tune import SearchOptions, run_search
+
+
+class FakeResult:
+    def __init__(self, values, error=None):
+        import pandas as pd
+
+        self.metrics_dataframe = pd.DataFrame({"sts": values})
+        self.error = error
+        self.config = {}
+
+
+def test_best_ray_result_never_picks_an_errored_trial():
+    errored = FakeResult([0.9, 0.95], error=RuntimeError("diverged"))
+    good, better = FakeResult([0.2, 0.5]), FakeResult([0.7, 0.6])
+    assert best_ray_result([errored, good, better], "sts", "max") is better
+    assert best_ray_result([errored, FakeResult([float("nan")])], "sts", "max") is None
+
+
+@pytest.fixture
+def no_ray(tmp_path, monkeypatch):
+    """run_search with execute() replaced by a recorder, a study file and locations in tmp_path."""
+    import search.tune
+
+    calls = []
+
+    def fake_execute(study, options, paths, data_dir):
+        calls.append({"study": study, "in_storage": "tiny" in optuna.study.get_all_study_names(options.storage)})
+        return search.tune.Outcome(0)
+
+    monkeypatch.setattr(search.tune, "execute", fake_execute)
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    options = SearchOptions(study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "results")
+    return calls, options, StudyPaths(tmp_path / "results" / "tiny")
+
+
+def test_new_study_runs_with_command_line_overrides(no_ray):
+    calls, options, _ = no_ray
+    options.trials, options.cpus_per_trial = 2, 0.5
+    assert run_search(options).exit_code == 0
+    assert calls[0]["study"].budget.trials == 2 and calls[0]["study"].budget.cpus_per_trial == 0.5
+
+
+def test_name_renames_study_and_results_folder(no_ray, capsys):
+    from search.tune import main_exit
+
+    calls, options, _ = no_ray
+    options.name = "tiny-no-asha"
+    assert run_search(options).exit_code == 0 and calls[0]["study"].name == "tiny-no-asha"
+    options.name = "../elsewhere"
+    assert main_exit(options) == EXIT_REFUSED and "--name '../elsewhere'" in capsys.readouterr().err
+
+
+def test_unfinished_study_is_not_appended_to(no_ray, capsys):
+    calls, options, paths = no_ray
+    optuna.create_study(study_name="tiny", storage=options.storage)
+    assert run_search(options).exit_code == EXIT_REFUSED and not calls
+    said = capsys.readouterr().out
+    assert "already has an unfinished run" in said
+    assert f"--resume --storage {options.storage} --results-dir {options.results_dir}" in said
+
+
+def test_finished_study_says_so(no_ray, capsys):
+    calls, options, paths = no_ray
+    optuna.create_study(study_name="tiny", storage=options.storage)
+    paths.root.mkdir(parents=True)
+    paths.finished.write_text("{}")
+    outcome = run_search(options)
+    assert not calls and "has already finished" in capsys.readouterr().out
+    assert outcome.exit_code == 1  # and no trial of it succeeded
+
+
+def test_fresh_deletes_study_and_results_first(no_ray, capsys):
+    calls, options, paths = no_ray
+    optuna.create_study(study_name="tiny", storage=options.storage).ask()
+    (paths.trials / "0").mkdir(parents=True)
+    options.fresh, options.trials = True, 2
+    assert run_search(options).exit_code == 0 and calls[0]["study"].budget.trials == 2
+    said = capsys.readouterr().out
+    assert "--fresh: deleting Optuna study 'tiny' (1 trials)" in said and f"--fresh: deleting {paths.root}" in said
+    assert calls and not calls[0]["in_storage"] and not paths.root.exists()
+
+
+def test_resume_needs_something_and_uses_the_saved_study_file(no_ray, capsys):
+    calls, options, paths = no_ray
+    options.resume = True
+    assert run_search(options).exit_code == EXIT_REFUSED and "Nothing to resume" in capsys.readouterr().out
+    started = optuna.create_study(study_name="tiny", storage=options.storage)
+    paths.root.mkdir(parents=True)
+    paths.snapshot.write_text(STUDY_TOML)
+    Path(options.study).write_text(STUDY_TOML.replace("max_epochs = 3", "max_epochs = 2"))
+    options.trials = 50
+    assert run_search(options).exit_code == 0
+    said = capsys.readouterr().out
+    assert "changed since the run started" in said and "--trials and --max-concurrent do not change a resumed run" in said
+    assert calls[0]["study"].budget.max_epochs == 3 and calls[0]["study"].path == Path(options.study)
+    # The budget the run started with (e.g. `--trials 2`) is the one a resumed run finishes.
+    started.set_user_attr("budget", {**calls[0]["study"].budget.__dict__, "trials": 2})
+    options.cpus_per_trial = 0.5
+    assert run_search(options).exit_code == 0
+    assert calls[1]["study"].budget.trials == 2 and calls[1]["study"].budget.cpus_per_trial == 0.5
+
+
+def test_bad_study_file_exits_2_naming_it(tmp_path, capsys):
+    from search.tune import main_exit
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(STUDY_TOML.replace("grace_period = 1", "grace_period = 9"))
+    assert main_exit(SearchOptions(study=str(bad), storage=f"sqlite:///{tmp_path / 'o.db'}")) == EXIT_REFUSED
+    assert f"error: {bad}: budget.grace_period: must be between 1 and max_epochs" in capsys.readouterr().err
+
+
+def test_asha_rungs_are_refilled_from_optuna(tmp_path):
+    from search.adapters import ResumableASHA, fail_running_trials
+
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=url, direction="maximize")
+    for ray_id, values in (("a", [0.1, 0.4, 0.5]), ("b", [0.3]), ("c", [])):
+        trial = study.ask()
+        trial.set_user_attr(names.TRIAL_RAY_ID, ray_id)
+        for epoch, value in enumerate(values, 1):
+            trial.report(value, epoch)
+    asha = ResumableASHA(
+        storage_url=url, study_name="s", time_attr="epoch", metric="sts", mode="max", max_t=4, grace_period=1, reduction_factor=2
+    )
+    asha.seed_rungs(study)
+    rungs = dict(asha._brackets[0]._rungs)
+    assert rungs == {4: {}, 2: {"a": 0.4}, 1: {"a": 0.1, "b": 0.3}}
+    assert fail_running_trials(study, keep={0}) == [1, 2]
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL]
+    assert study.trials[1].user_attrs[names.TRIAL_ERROR] == ORPHAN_ERROR
+
+
+def test_missing_data_fails_before_anything_starts(tmp_path, capsys):
+    from search.tune import main_exit
+
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    options = SearchOptions(study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r")
+    options.data_dir = str(tmp_path / "no-data")
+    assert main_exit(options) == EXIT_REFUSED
+    assert f"{tmp_path / 'no-data' / 'sts-train.csv'}: file not found" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
