@@ -10,7 +10,8 @@ tests/test_adapters.py fails loudly when an upgrade removes or renames any of th
 RecordingOptunaSearch only samples; search.records.OptunaRecorder records results, stops and
 errors. Resuming: Ray checkpoints the searcher together with its own trial list, so on restore the
 searcher knows exactly which Optuna trials Ray will continue. Any other trial still RUNNING in the
-storage was started after that checkpoint; Ray will never continue it. Such orphans are adopted:
+storage was started after that checkpoint, or ended after it without Optuna hearing how; Ray will
+never continue it. Such orphans are adopted:
 the searcher's next suggestions hand them out again (same number, params and folder, so the trainer
 resumes from its checkpoint) before it asks Optuna for new trials, and the sampler is reseeded, since
 its restored random state would draw the orphans' params again. No trial is lost or duplicated.
@@ -159,13 +160,14 @@ class RecordingOptunaSearch(OptunaSearch):
         super().restore(checkpoint_path)
         resumed = {t.number for trial_id, t in self._ot_trials.items() if trial_id not in self._completed_trials}
         known = {t.number for t in self._ot_trials.values()}
-        orphans = [
+        # Every RUNNING trial that Ray will not continue is adopted: those asked after Ray's checkpoint,
+        # and those that Ray's list says ended although Optuna never heard how (the driver died between
+        # the two). Their folders hold their checkpoints, so the trainer resumes them (a trial whose
+        # epochs were all done only writes what is missing) and the recorder then tells Optuna the truth.
+        self._adoptable = [
             t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in resumed
         ]
-        self._adoptable = [n for n in orphans if n not in known]
-        # Still RUNNING although Ray's list says they ended (the driver died in between): not resumable.
-        fail_running_trials(self._ot_study, keep=resumed | set(self._adoptable))
-        if self._adoptable:
+        if any(number not in known for number in self._adoptable):
             # The restored random state is the one before the orphans were drawn: it would draw them again.
             drawn = len([t for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
             self._ot_study.sampler = optuna.samplers.TPESampler(

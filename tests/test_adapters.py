@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.adapters import optuna_storage, storage_trial_id
+from search.adapters import TRIAL_NUMBER_KEY, RecordingOptunaSearch, optuna_storage, storage_trial_id
+from search.storage import open_storage
 
 
 def test_optuna_study_keeps_its_storage_and_id():
@@ -39,3 +42,37 @@ def test_ray_asha_keeps_its_rungs(mode, sign):
     milestones = [milestone for milestone, recorded in brackets[0]._rungs]
     assert sorted(milestones) == [1, 3, 9], "ray ASHA bracket._rungs changed shape"
     assert all(isinstance(recorded, dict) for _, recorded in brackets[0]._rungs)
+
+
+def test_restore_adopts_a_trial_that_ray_saw_end_and_optuna_never_heard_of(tmp_path):
+    """The driver died after Ray's checkpoint noted a trial's end but before Optuna was told: the trial
+    is handed out again under its own number and params (its folder resumes), not failed and replaced."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+    def searcher() -> RecordingOptunaSearch:
+        return RecordingOptunaSearch(
+            space=space,
+            metric="m",
+            mode="max",
+            study_name="s",
+            storage=open_storage(url),
+            sampler=optuna.samplers.TPESampler(seed=0),
+            artifacts_root=tmp_path,
+            max_trials=3,
+        )
+
+    first = searcher()
+    ended, running = first.suggest("ray-a"), first.suggest("ray-b")
+    first.on_trial_complete("ray-a", {"m": 0.5})  # in Ray's list as ended; Optuna still says RUNNING
+    first.save(str(tmp_path / "searcher.pkl"))
+
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    study = optuna.load_study(study_name="s", storage=url)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.RUNNING]  # nothing failed
+    assert resumed.suggest("ray-c") == ended  # the same Optuna trial: number and params
+    new = resumed.suggest("ray-d")
+    assert new[TRIAL_NUMBER_KEY] == 2 and new != running
+    assert resumed.suggest("ray-e") == Searcher.FINISHED  # the budget counts the adopted trial once
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
