@@ -21,8 +21,10 @@ Cases (``--cases``):
   ``surgery = pcgrad``, both from the same weights on the same batches. Ratio: the PCGrad step's
   time / the plain step's time (its cost; the issue's target is at most 1.3).
 
-Levers not in the trainer yet, to measure them: --freeze-word-embeddings (both implementations)
-and --compile (torch.compile of our encoder, dynamic shapes; its compile time falls in --warmup).
+Levers, to measure them: --freeze-word-embeddings (both implementations; the trainer's
+--freeze-word-embeddings), --beside-frozen-word-embeddings (ours with and without, side by side in
+one run: the speed-up the trainer's option gives) and --compile (torch.compile of our encoder,
+dynamic shapes; its compile time falls in --warmup).
 
 Timing, robust to load from other processes: all setups of a case run one step each in turn on the
 same batch (interleaved), so that load hits them alike; ``--warmup`` untimed steps first, then
@@ -73,7 +75,15 @@ from model.runtime import autocast  # noqa: E402
 from model.splits import load_split, model_dir  # noqa: E402
 from model.train import Trainer  # noqa: E402
 from scripts.machine import default_precisions, describe, machine  # noqa: E402
-from scripts.speed_timing import CASE_TITLES, Step, case_ratios, measure, summarise, tables  # noqa: E402
+from scripts.speed_timing import (  # noqa: E402
+    CASE_TITLES,
+    FROZEN_WORD_EMBEDDINGS,
+    Step,
+    case_ratios,
+    measure,
+    summarise,
+    tables,
+)
 
 CASES = ("sst", "sts", "multitask")
 MULTITASK = ("sst", "para", "sts")
@@ -159,7 +169,7 @@ class _Recorder:
 
 
 def apply_levers(bert: torch.nn.Module, args: argparse.Namespace, ours: bool) -> None:
-    """Speed levers the trainer does not have yet, to measure them: frozen word embeddings (no
+    """Speed levers, to measure them: frozen word embeddings (no
     gradient, no optimizer update: about half the parameters), and torch.compile of our encoder
     with dynamic shapes (``Module.compile`` in place, so the state-dict names stay)."""
     if args.freeze_word_embeddings:
@@ -212,12 +222,14 @@ def single_task_setups(task: str, precisions: list[str], args: argparse.Namespac
         torch.manual_seed(0)
         ours = build_model(cfg).train()
         theirs = HFModel(model_dir(cfg), copy.deepcopy(ours.heads[task])).train()
-        apply_levers(ours.bert, args, ours=True)
-        apply_levers(theirs.bert, args, ours=False)
-        for name, model, optimizer_class, forward in (
-            ("ours", ours, AdamW, lambda m, b: m(task, b.views)),
-            ("transformers", theirs, torch.optim.AdamW, lambda m, b: m(b.views)),
-        ):
+        candidates = [("ours", ours, AdamW), ("transformers", theirs, torch.optim.AdamW)]
+        if args.beside_frozen_word_embeddings:  # the same model, word embeddings frozen, timed in the same run
+            frozen = copy.deepcopy(ours)
+            frozen.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+            candidates.append((FROZEN_WORD_EMBEDDINGS, frozen, AdamW))
+        for name, model, optimizer_class in candidates:
+            apply_levers(model.bert, args, ours=name != "transformers")
+            forward = (lambda m, b: m(b.views)) if name == "transformers" else (lambda m, b: m(task, b.views))
             optimizer = optimizer_class(param_groups(model, 0.01), lr=1e-5)
             setups[(name, precision)] = SingleTask(model, optimizer, forward, task, batches, precision == "bf16", config)
     return setups
@@ -272,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-path", default=None, help="HF BERT directory (default: the embedded default)")
     parser.add_argument(
         "--freeze-word-embeddings", action="store_true", help="no training of the word embeddings (ours and transformers)"
+    )
+    parser.add_argument(
+        "--beside-frozen-word-embeddings",
+        action="store_true",
+        help="single-task cases: also time ours with frozen word embeddings, interleaved with the others",
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (dynamic shapes); needs a C++ compiler")
     parser.add_argument("--json", type=Path, default=None, help="also write the machine, settings and results here")

@@ -21,6 +21,9 @@ class Setup(Protocol):
     def rewind(self) -> None: ...
 
 
+# The setup name of ours with the word embeddings frozen (--beside-frozen-word-embeddings).
+FROZEN_WORD_EMBEDDINGS = "ours, frozen word emb."
+
 # ------------------------------------------------------------------------------------------ timing
 
 
@@ -106,6 +109,11 @@ def case_ratios(case: str, timed: dict, precisions: list[str]) -> list[dict]:
             label = "ours' speed / transformers' speed (> 1: ours faster)"
             rows.append(
                 {"precision": precision, "ratio": label, **ratio(timed, ("transformers", precision), ("ours", precision))}
+            )
+        if (FROZEN_WORD_EMBEDDINGS, precision) in timed:
+            label = "ours with frozen word embeddings / ours (speed-up)"
+            rows.append(
+                {"precision": precision, "ratio": label, **ratio(timed, ("ours", precision), (FROZEN_WORD_EMBEDDINGS, precision))}
             )
     if case != "multitask" and "fp32" in precisions and "bf16" in precisions:
         label = "ours bf16 speed / transformers fp32 speed"

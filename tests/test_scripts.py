@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is n
 
 from scripts.benchmark_speed import apply_levers, train_flops  # noqa: E402
 from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, fp32_flops_per_cycle, machine  # noqa: E402
-from scripts.speed_timing import Step, ratio  # noqa: E402
+from scripts.speed_timing import FROZEN_WORD_EMBEDDINGS, Step, case_ratios, ratio  # noqa: E402
 
 
 @pytest.mark.parametrize("shapes", [[(3, 16)], [(2, 9), (4, 5)]])
@@ -65,6 +65,20 @@ def test_ratio_of_paired_steps():
     assert r["per_repeat"] == [2.0, 2.0] and (r["median"], r["min"], r["max"]) == (2.0, 2.0, 2.0)
     # per step: 2, 2, 4, 4/3
     assert r["per_step_median"] == pytest.approx(2.0) and r["per_step_iqr"] == pytest.approx([11 / 6, 2.5])
+
+
+def test_case_ratios_name_each_comparison():
+    def repeat(seconds: float) -> list[list[Step]]:
+        return [[Step(seconds, 32, 100, 1e9)]]
+
+    timed = {("ours", "fp32"): repeat(1.0), ("transformers", "fp32"): repeat(1.5), (FROZEN_WORD_EMBEDDINGS, "fp32"): repeat(0.8)}
+    rows = {row["ratio"]: row["median"] for row in case_ratios("sst", timed, ["fp32"])}
+    assert rows == {
+        "ours' speed / transformers' speed (> 1: ours faster)": pytest.approx(1.5),
+        "ours with frozen word embeddings / ours (speed-up)": pytest.approx(1.25),
+    }
+    del timed[(FROZEN_WORD_EMBEDDINGS, "fp32")]
+    assert len(case_ratios("sst", timed, ["fp32"])) == 1
 
 
 def test_freezing_the_word_embeddings_leaves_them_out_of_the_update():
