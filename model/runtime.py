@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import gc
+import sys
 
 import torch
 
@@ -38,3 +42,17 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
     """bf16 autocast (weights, optimizer state and losses stay fp32), or nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def release_free_memory() -> None:
+    """Give the memory that the allocator holds but nothing uses back to the system (glibc only).
+
+    glibc keeps freed heap memory in per-thread arenas: after a trial of varying batch shapes a
+    process held 1.2 GB more than it used, and a Ray actor reused for trial after trial, each in a
+    new thread, grew from 2.4 to 7.4 GB during one study (README, "Memory"). ``malloc_trim`` returns
+    it; the cost is a few milliseconds, so it runs once an epoch and after each trial."""
+    gc.collect()  # cycles that still hold tensors
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)

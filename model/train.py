@@ -33,7 +33,7 @@ from model.config import CHOICE_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainCo
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
 from model.rundir import RunDir, RunFileError
-from model.runtime import autocast, resolve_device, use_bf16
+from model.runtime import autocast, release_free_memory, resolve_device, use_bf16
 from model.schedules import default_steps_per_epoch, set_learning_rate, step_tasks, task_probabilities
 from model.smart import smart_loss
 from model.splits import load_split
@@ -266,6 +266,7 @@ class Trainer:
             # (a resumed run then redoes that epoch, with the same result on CPU).
             self._write_metrics()
             self.run_dir.save_state(self._state())
+            release_free_memory()
             if self.epoch == cfg.epochs and cfg.predict_test:
                 # Before the last report: a scheduler (ASHA at max_t) stops a trial as soon as it
                 # sees its final epoch, which would cut the test predictions short.
