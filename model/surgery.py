@@ -52,17 +52,22 @@ def sum_gradients(grads: torch.Tensor) -> torch.Tensor:
 
 
 def pcgrad(grads: torch.Tensor, orders: list[list[int]] | None = None) -> torch.Tensor:
-    """PCGrad; ``orders[i]`` is the order in which task i meets the other tasks (default: index order)."""
+    """PCGrad; ``orders[i]`` is the order in which task i meets the other tasks (default: index order).
+
+    Every projected gradient stays a combination of the original ones, projected_i = sum_k
+    coef[i, k] g_k, so each dot product it needs is a sum over the Gram matrix G = grads grads^T:
+    projected_i . g_j = coef[i] . G[:, j]. The gradients (tens of millions of numbers per task) are
+    read twice, once for G and once for the final sum, however many projections there are."""
     orders = _check(grads, orders)
     grads = grads.float()
-    squared_norms = (grads * grads).sum(1)
-    projected = grads.clone()
+    gram = (grads @ grads.T).double()  # (tasks, tasks); the few coefficients are worked out in float64
+    coef = torch.eye(grads.shape[0], dtype=torch.float64)
     for i, order in enumerate(orders):
         for j in order:
-            dot = projected[i] @ grads[j]
-            if dot < 0 and squared_norms[j] > EPS:
-                projected[i] -= (dot / squared_norms[j]) * grads[j]
-    return projected.sum(0)
+            dot = coef[i] @ gram[:, j]
+            if dot < 0 and gram[j, j] > EPS:
+                coef[i, j] -= dot / gram[j, j]
+    return coef.sum(0).float() @ grads
 
 
 def gradvac(
@@ -79,19 +84,19 @@ def gradvac(
         raise ValueError(f"targets must have shape ({num_tasks}, {num_tasks}), got {tuple(targets.shape)}")
     grads = grads.float()
     targets = targets.to(grads.device, torch.float32, copy=True)
-    norms = grads.norm(dim=1)
-    vaccinated = grads.clone()
+    # As in pcgrad: vaccinated_i = sum_k coef[i, k] g_k, its norms and dot products from the Gram matrix.
+    gram = (grads @ grads.T).double()
+    norms = gram.diagonal().sqrt()
+    coef = torch.eye(num_tasks, dtype=torch.float64)
     for i, order in enumerate(orders):
         for j in order:
-            norm_i = vaccinated[i].norm()
+            norm_i = (coef[i] @ gram @ coef[i]).clamp(min=0).sqrt()
             if norm_i <= EPS or norms[j] <= EPS:
                 continue  # a zero gradient has no direction to align
-            phi = (vaccinated[i] @ grads[j]) / (norm_i * norms[j])
-            phi = phi.clamp(-1.0, 1.0)
-            target = targets[i, j]
+            phi = ((coef[i] @ gram[:, j]) / (norm_i * norms[j])).clamp(-1.0, 1.0)
+            target = targets[i, j].double()
             if phi < target:
                 weight = norm_i * (target * (1 - phi**2).sqrt() - phi * (1 - target**2).sqrt())
-                weight = weight / (norms[j] * (1 - target**2).sqrt().clamp(min=EPS))
-                vaccinated[i] += weight * grads[j]
-            targets[i, j] = (1 - beta) * target + beta * phi
-    return vaccinated.sum(0), targets
+                coef[i, j] += weight / (norms[j] * (1 - target**2).sqrt().clamp(min=EPS))
+            targets[i, j] = ((1 - beta) * target + beta * phi).float()
+    return coef.sum(0).float() @ grads, targets

@@ -134,3 +134,45 @@ def test_trainer_applies_surgery_to_the_encoder_and_gives_heads_their_own_gradie
             torch.testing.assert_close(p.grad, g)
     if surgery == "gradvac":
         assert (trainer.gradvac_targets != 0).sum() == 6  # every ordered pair's EMA moved
+
+
+def direct_pcgrad(grads: torch.Tensor, orders: list[list[int]]) -> torch.Tensor:
+    """The paper's loop, on the vectors themselves (what the Gram-matrix version must equal)."""
+    projected = grads.double().clone()
+    for i, order in enumerate(orders):
+        for j in order:
+            g_j = grads[j].double()
+            dot = projected[i] @ g_j
+            if dot < 0:
+                projected[i] -= dot / (g_j @ g_j) * g_j
+    return projected.sum(0)
+
+
+def direct_gradvac(grads: torch.Tensor, targets: torch.Tensor, beta: float, orders: list[list[int]]) -> tuple:
+    vaccinated, targets = grads.double().clone(), targets.double().clone()
+    for i, order in enumerate(orders):
+        for j in order:
+            g_j = grads[j].double()
+            phi = vaccinated[i] @ g_j / (vaccinated[i].norm() * g_j.norm())
+            target = targets[i, j]
+            if phi < target:
+                weight = vaccinated[i].norm() * (target * (1 - phi**2).sqrt() - phi * (1 - target**2).sqrt())
+                vaccinated[i] += weight / (g_j.norm() * (1 - target**2).sqrt()) * g_j
+            targets[i, j] = (1 - beta) * target + beta * phi
+    return vaccinated.sum(0), targets
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_gram_matrix_surgery_equals_the_direct_loops(seed):
+    generator = torch.Generator().manual_seed(seed)
+    shared = torch.randn(5000, generator=generator)
+    # Four tasks that partly agree and partly conflict: a common direction, signs flipped at random.
+    signs = torch.tensor([1.0, -1.0, 1.0, -1.0])[torch.randperm(4, generator=generator)]
+    grads = signs[:, None] * shared + 0.8 * torch.randn(4, 5000, generator=generator)
+    orders = random_orders(4, random.Random(seed))
+    torch.testing.assert_close(pcgrad(grads, orders).double(), direct_pcgrad(grads, orders), atol=1e-4, rtol=1e-5)
+    targets = torch.rand(4, 4, generator=generator) * 0.4 - 0.1
+    combined, new_targets = gradvac(grads, targets, 0.05, orders)
+    expected, expected_targets = direct_gradvac(grads, targets, 0.05, orders)
+    torch.testing.assert_close(combined.double(), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(new_targets.double(), expected_targets, atol=1e-6, rtol=1e-5)
