@@ -33,27 +33,14 @@ class RunFileError(ValueError):
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        # --- the layout
+        self.config_file = self.path / "config.json"
+        self.weights_file = self.path / "model.safetensors"
+        self.state_file = self.path / "last.pt"
+        self.metrics_file = self.path / "metrics.json"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    # --- the layout
-
-    @property
-    def config_file(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def weights_file(self) -> Path:
-        return self.path / "model.safetensors"
-
-    @property
-    def state_file(self) -> Path:
-        return self.path / "last.pt"
-
-    @property
-    def metrics_file(self) -> Path:
-        return self.path / "metrics.json"
 
     def outputs_file(self, task: str, split: str) -> Path:
         return self.path / "outputs" / f"{task}-{split}.npz"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from search.storage import PROJECT_ROOT
@@ -26,22 +26,17 @@ MAX_RAY_TEMP_DIR_CHARS = 40
 @dataclass
 class StudyPaths:
     root: Path
+    experiment: Path = field(init=False)  # the layout above, derived from root
+    trials: Path = field(init=False)
+    snapshot: Path = field(init=False)
+    finished: Path = field(init=False)
 
-    @property
-    def experiment(self) -> Path:
-        return self.root / EXPERIMENT_NAME
-
-    @property
-    def trials(self) -> Path:
-        return self.root / "trials"
-
-    @property
-    def snapshot(self) -> Path:
-        return self.root / "study.toml"
-
-    @property
-    def finished(self) -> Path:
-        return self.root / "finished.json"
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        self.experiment = self.root / EXPERIMENT_NAME
+        self.trials = self.root / "trials"
+        self.snapshot = self.root / "study.toml"
+        self.finished = self.root / "finished.json"
 
     def has_run(self) -> bool:
         """Whether a run started here (Ray's temp dir alone, left by a refused start, does not count)."""
