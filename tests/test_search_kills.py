@@ -24,7 +24,7 @@ from tiny_model import DATA_DIR, needs_data
 from search import storage as names
 from search.tune import SearchOptions, StudyPaths, run_search
 
-pytestmark = pytest.mark.skipif(os.environ.get("MINBERT_KILL_TEST") != "1", reason="set MINBERT_KILL_TEST=1 (about 4 minutes)")
+pytestmark = pytest.mark.skipif(os.environ.get("MINBERT_KILL_TEST") != "1", reason="set MINBERT_KILL_TEST=1 (about 2 minutes)")
 
 
 def running(trials):
