@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import gc
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -44,15 +46,23 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, looked up once (find_library runs a subprocess); None off glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return getattr(libc, "malloc_trim", None)
+
+
 def release_free_memory() -> None:
     """Give the memory that the allocator holds but nothing uses back to the system (glibc only).
 
-    glibc keeps freed heap memory in per-thread arenas: after a trial of varying batch shapes a
-    process held 1.2 GB more than it used, and a Ray actor reused for trial after trial, each in a
-    new thread, grew from 2.4 to 7.4 GB during one study (README, "Memory"). ``malloc_trim`` returns
-    it; the cost is a few milliseconds, so it runs once an epoch and after each trial."""
+    glibc keeps freed heap memory in per-thread arenas: a Ray actor reused for trial after trial,
+    each in a new thread, grew to 7.2 GiB during one study although a trial needs about 2 GiB
+    (README, "Memory"). ``malloc_trim`` returns it; it costs milliseconds, so it runs once an epoch
+    and after each trial."""
     gc.collect()  # cycles that still hold tensors
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        if hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -223,9 +224,9 @@ def single_task_setups(task: str, precisions: list[str], args: argparse.Namespac
         ours = build_model(cfg).train()
         theirs = HFModel(model_dir(cfg), copy.deepcopy(ours.heads[task])).train()
         candidates = [("ours", ours, AdamW), ("transformers", theirs, torch.optim.AdamW)]
-        if args.beside_frozen_word_embeddings:  # the same model, word embeddings frozen, timed in the same run
-            frozen = copy.deepcopy(ours)
-            frozen.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        if args.beside_frozen_word_embeddings:  # the trainer's option, from the same weights, timed in the same run
+            torch.manual_seed(0)
+            frozen = build_model(dataclasses.replace(cfg, freeze_word_embeddings=True)).train()
             candidates.append((FROZEN_WORD_EMBEDDINGS, frozen, AdamW))
         for name, model, optimizer_class in candidates:
             apply_levers(model.bert, args, ours=name != "transformers")

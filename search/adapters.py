@@ -66,6 +66,16 @@ def suggest(trial: optuna.trial.Trial, name: str, distribution: optuna.distribut
     raise TypeError(f"{name}: unsupported distribution {distribution!r}")
 
 
+def ended_trials(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """The trials that ended and count toward the budget: not those failed only because an interrupted
+    driver left them RUNNING (ORPHAN_ERROR)."""
+    return [t for t in trials if t.state.is_finished() and not is_orphan_failure(t)]
+
+
+def is_orphan_failure(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.user_attrs.get(names.TRIAL_ERROR) == ORPHAN_ERROR
+
+
 def fail_trial(study: optuna.Study, number: int, message: str) -> None:
     """Mark a RUNNING trial FAIL with its error message as user attr."""
     optuna_storage(study).set_trial_user_attr(storage_trial_id(study, number), names.TRIAL_ERROR, message)
@@ -139,7 +149,7 @@ class RecordingOptunaSearch(OptunaSearch):
         if self._max_trials is None:
             return False
         trials = self._ot_study.get_trials(deepcopy=False)
-        counted = [t for t in trials if t.state != TrialState.WAITING and t.user_attrs.get(names.TRIAL_ERROR) != ORPHAN_ERROR]
+        counted = [t for t in trials if t.state != TrialState.WAITING and not is_orphan_failure(t)]  # RUNNING too
         return len(counted) >= self._max_trials
 
     def _adopt(self, trial_id: str, number: int) -> dict:

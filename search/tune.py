@@ -21,8 +21,7 @@ from optuna.trial import TrialState
 
 from data.atomic import atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
-from search import storage as names
-from search.adapters import ORPHAN_ERROR, TRIAL_NUMBER_KEY, fail_running_trials
+from search.adapters import TRIAL_NUMBER_KEY, ended_trials, fail_running_trials
 from search.cluster import ClusterError
 from search.lease import LeaseError, current_holder, refuse_if_held
 from search.options import SearchOptions, command_line, results_root
@@ -166,8 +165,7 @@ def run_interrupted(ot_study: optuna.Study, budget_trials: int) -> bool:
     trials = ot_study.get_trials(deepcopy=False)
     if any(t.state == TrialState.RUNNING for t in trials):
         return True
-    ended = [t for t in trials if t.state.is_finished() and t.user_attrs.get(names.TRIAL_ERROR) != ORPHAN_ERROR]
-    return len(ended) < budget_trials
+    return len(ended_trials(trials)) < budget_trials
 
 
 def main_exit(options: SearchOptions) -> int:

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from data.atomic import atomic_write_text
 from search import storage as names
-from search.adapters import ORPHAN_ERROR, RecordingOptunaSearch, ResumableASHA, fail_running_trials
+from search.adapters import RecordingOptunaSearch, ResumableASHA, ended_trials, fail_running_trials
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
 from search.lease import DriverLease
 from search.options import SearchOptions, command_line
@@ -97,8 +97,7 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     if paths.experiment.exists():
         shutil.rmtree(paths.experiment)
     adopt = [t.number for t in trials if t.state == TrialState.RUNNING]
-    counted = [t for t in trials if t.state.is_finished() and t.user_attrs.get(names.TRIAL_ERROR) != ORPHAN_ERROR]
-    remaining = study.budget.trials - len(counted)
+    remaining = study.budget.trials - len(ended_trials(trials))
     if remaining <= 0:
         fail_running_trials(ot_study)
         return [], STUDY_STOP
