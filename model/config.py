@@ -19,6 +19,10 @@ PAIR_ENCODINGS = ("cross", "bi")
 SST_HEADS = ("linear", "hidden")
 STS_HEADS = ("regression", "cosine")
 STS_LOSSES = ("mse", "cosent")
+# ce: cross-entropy; smoothed: label smoothing 0.1; emd: cross-entropy plus the squared earth mover's
+# distance between predicted and gold class CDFs, which charges far-off classes more (SST's five
+# classes are ordered: "very negative" is further from "positive" than from "negative").
+SST_LOSSES = ("ce", "smoothed", "emd")
 SURGERIES = ("none", "pcgrad", "gradvac")
 SCHEDULES = ("round_robin", "proportional", "annealed")
 LR_SCHEDULES = ("constant", "linear")
@@ -32,6 +36,7 @@ CHOICE_FIELDS = {
     "sts_head": STS_HEADS,
     "sts_loss": STS_LOSSES,
     "sst_head": SST_HEADS,
+    "sst_loss": SST_LOSSES,
     "pooling": POOLINGS,
     "lr_schedule": LR_SCHEDULES,
     "precision": PRECISIONS,
@@ -97,6 +102,13 @@ class TrainConfig:
     sts_head: str = field(**_help("sts: regression (linear) or cosine (5 * cos(u, v); bi only)", default="cosine"))
     sts_loss: str = field(**_help("sts: mse (on the 0-5 score) or cosent (ranking of the pairs within a batch)", default="mse"))
     sst_head: str = field(**_help("sentiment head: linear or hidden (one hidden layer)", default="linear"))
+    sst_loss: str = field(
+        **_help(
+            "sentiment loss: ce (cross-entropy), smoothed (label smoothing 0.1), or emd (cross-entropy plus the squared "
+            "earth mover's distance between class CDFs, for ordered classes)",
+            default="ce",
+        )
+    )
     pooling: str | dict[str, str] = field(
         **_help("sentence vector: mean (of tokens), cls, or pooler; one value, or per task as task=value", default="mean")
     )

@@ -17,7 +17,7 @@ from torch import nn
 
 from data.files import TASKS
 from model.bert import BertModel
-from model.config import PAIR_ENCODINGS, POOLINGS, SST_HEADS, STS_HEADS, STS_LOSSES
+from model.config import PAIR_ENCODINGS, POOLINGS, SST_HEADS, SST_LOSSES, STS_HEADS, STS_LOSSES
 
 View = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, token_type_ids
 
@@ -187,12 +187,16 @@ class MultitaskBert(nn.Module):
         return [self.embed(view, emb, task) for view, emb in zip(views, inputs_embeds, strict=True)]
 
 
-def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor, sts_loss: str = "mse") -> torch.Tensor:
-    """Cross-entropy (sentiment), binary cross-entropy with logits (paraphrase), MSE or CoSENT (STS)."""
+def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor, sts_loss: str = "mse", sst_loss: str = "ce") -> torch.Tensor:
+    """Sentiment: cross-entropy, label-smoothed, or with a squared-EMD term (``sst_loss``); paraphrase:
+    binary cross-entropy with logits; STS: MSE or CoSENT (``sts_loss``)."""
     output = output.float()
     kind = TASKS[task].label_kind
     if kind == "class":
-        return F.cross_entropy(output, labels)
+        if sst_loss not in SST_LOSSES:
+            raise ValueError(f"sst_loss must be one of {SST_LOSSES}, not {sst_loss!r}")
+        loss = F.cross_entropy(output, labels, label_smoothing=0.1 if sst_loss == "smoothed" else 0.0)
+        return loss + squared_emd(output, labels) if sst_loss == "emd" else loss
     if kind == "binary":
         return F.binary_cross_entropy_with_logits(output, labels.float())
     if sts_loss == "cosent":
@@ -200,6 +204,15 @@ def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor, sts_loss: s
     if sts_loss != "mse":
         raise ValueError(f"sts_loss must be one of {STS_LOSSES}, not {sts_loss!r}")
     return F.mse_loss(output, labels.float())
+
+
+def squared_emd(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hou, Yu and Samaras 2016: the squared earth mover's distance between the predicted and the gold
+    class distributions, sum_k (CDF_pred(k) - CDF_gold(k))^2, batch mean. For ordered classes: putting
+    mass two classes away from the gold one costs more than one class away, unlike cross-entropy."""
+    predicted = logits.softmax(-1).cumsum(-1)
+    gold = F.one_hot(labels, logits.shape[-1]).to(predicted.dtype).cumsum(-1)
+    return (predicted - gold).pow(2).sum(-1).mean()
 
 
 def cosent_loss(scores: torch.Tensor, labels: torch.Tensor, scale: float = 4.0) -> torch.Tensor:

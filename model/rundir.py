@@ -5,6 +5,8 @@
   last.pt                              the resume state (weights, optimizer, data streams, RNGs)
   metrics.json                         {"best_epoch", "best", "history"}
   outputs/<task>-<split>.npz           ids, values[, labels]: the raw outputs that ensembles average
+  outputs/epochs/<task>-dev-<e>.npz    the same for the dev set after every epoch e (1, 2, ...), so that
+                                       an ensemble can choose the epoch on part of dev only
   predictions/<task>-<split>-out.csv   the same outputs in the leaderboard format
 
 The trainer writes these, and the ensembles and the predictor read them, only through ``RunDir``.
@@ -45,6 +47,9 @@ class RunDir:
     def outputs_file(self, task: str, split: str) -> Path:
         return self.path / "outputs" / f"{task}-{split}.npz"
 
+    def epoch_outputs_file(self, task: str, epoch: int) -> Path:
+        return self.path / "outputs" / "epochs" / f"{task}-dev-{epoch}.npz"
+
     def predictions_file(self, task: str, split: str) -> Path:
         return self.path / "predictions" / f"{task}-{split}-out.csv"
 
@@ -74,9 +79,13 @@ class RunDir:
     def write_outputs(self, split: str, outputs: dict[str, TaskOutputs]) -> None:
         """outputs/<task>-<split>.npz and predictions/<task>-<split>-out.csv for each task."""
         for task, out in outputs.items():
-            arrays = {k: np.asarray(v) for k, v in out.items() if v is not None}
-            atomic_write(self.outputs_file(task, split), lambda tmp, arrays=arrays: save_npz(tmp, arrays))
+            write_npz_outputs(self.outputs_file(task, split), out)
             write_predictions(self.predictions_file(task, split), task, out["ids"], out["values"])
+
+    def write_epoch_outputs(self, epoch: int, outputs: dict[str, TaskOutputs]) -> None:
+        """outputs/epochs/<task>-dev-<epoch>.npz for each task: the dev outputs after that epoch."""
+        for task, out in outputs.items():
+            write_npz_outputs(self.epoch_outputs_file(task, epoch), out)
 
     # --- reading
 
@@ -117,21 +126,39 @@ class RunDir:
 
     def read_outputs(self, task: str, split: str) -> TaskOutputs:
         """outputs/<task>-<split>.npz (no pickles), with its shapes checked; labels None when absent."""
-        path = self.outputs_file(task, split)
-        if not path.is_file():
-            raise RunFileError(f"{path}: missing")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except Exception as err:  # zip, header and dtype errors all mean the same thing here
-            raise RunFileError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
-        for key in ("ids", "values"):
-            if key not in arrays:
-                raise RunFileError(f"{path}: no {key!r} array (it has {sorted(arrays)})")
-        ids, values, labels = arrays["ids"].astype(str), arrays["values"], arrays.get("labels")
-        if len(ids) == 0 or len(values) != len(ids) or (labels is not None and len(labels) != len(ids)):
-            raise RunFileError(f"{path}: {len(ids)} ids, {len(values)} values, labels {None if labels is None else len(labels)}")
-        return {"ids": ids, "values": values, "labels": labels}
+        return read_npz_outputs(self.outputs_file(task, split))
+
+    def output_epochs(self, task: str) -> list[int]:
+        """The epochs whose dev outputs of ``task`` were kept (outputs/epochs/), in order; [] for a run
+        written before they were."""
+        found = self.path.glob(f"outputs/epochs/{task}-dev-*.npz")
+        return sorted(int(e) for e in (p.name.removesuffix(".npz").rpartition("-")[2] for p in found) if e.isdigit())
+
+    def read_epoch_outputs(self, task: str, epoch: int) -> TaskOutputs:
+        return read_npz_outputs(self.epoch_outputs_file(task, epoch))
+
+
+def write_npz_outputs(path: Path, outputs: TaskOutputs) -> None:
+    arrays = {k: np.asarray(v) for k, v in outputs.items() if v is not None}
+    atomic_write(path, lambda tmp: save_npz(tmp, arrays))
+
+
+def read_npz_outputs(path: Path) -> TaskOutputs:
+    """One outputs .npz (no pickles), with its shapes checked; labels None when absent."""
+    if not path.is_file():
+        raise RunFileError(f"{path}: missing")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except Exception as err:  # zip, header and dtype errors all mean the same thing here
+        raise RunFileError(f"{path}: unreadable ({type(err).__name__}: {err})") from err
+    for key in ("ids", "values"):
+        if key not in arrays:
+            raise RunFileError(f"{path}: no {key!r} array (it has {sorted(arrays)})")
+    ids, values, labels = arrays["ids"].astype(str), arrays["values"], arrays.get("labels")
+    if len(ids) == 0 or len(values) != len(ids) or (labels is not None and len(labels) != len(ids)):
+        raise RunFileError(f"{path}: {len(ids)} ids, {len(values)} values, labels {None if labels is None else len(labels)}")
+    return {"ids": ids, "values": values, "labels": labels}
 
 
 def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:

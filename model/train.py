@@ -153,7 +153,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         with autocast(self.device, self.bf16):
             out = model(task, batch.views)
-            loss = task_loss(task, out, batch.labels, cfg.sts_loss)
+            loss = task_loss(task, out, batch.labels, cfg.sts_loss, cfg.sst_loss)
             if cfg.smart_weight > 0:
                 loss = loss + cfg.smart_weight * smart_loss(model, task, batch.views, out)
             if cfg.mnrl_weight > 0 and task == "para":
@@ -260,6 +260,7 @@ class Trainer:
             record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
             record["train_seconds"] = round(train_seconds, 2)
             self.history.append(record)
+            self.run_dir.write_epoch_outputs(self.epoch, dev_outputs)
             if self.best is None or record["overall"] > self.best["overall"]:
                 self._new_best(record, dev_outputs)
             # metrics.json first: it may run one epoch ahead of last.pt after a crash, never behind

@@ -194,9 +194,21 @@ class ResumableASHA(ASHAScheduler):
     or past the rung's milestone, exactly what ASHA itself records, keyed by the Ray trial id.
     """
 
-    def __init__(self, *, storage_url: str, study_name: str, **kwargs: Any) -> None:
+    def __init__(self, *, storage_url: str, study_name: str, protected_trials: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._storage_url, self._study_name, self._seeded = storage_url, study_name, False
+        # Trials 0 .. protected_trials - 1 (the study's start points: the usual recipe, the baseline of
+        # every ensemble) always train to the end; their values still rank the others at each rung.
+        self._protected_trials = protected_trials
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        number = trial.config.get(TRIAL_NUMBER_KEY)
+        unfinished = result.get(self._time_attr, 0) < self._max_t
+        if action == self.STOP and unfinished and number is not None and number < self._protected_trials:
+            self._num_stopped -= 1
+            return self.CONTINUE
+        return action
 
     def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
         if not self._seeded:

@@ -34,8 +34,8 @@ A study file names the tasks, the objective, the search space, the budget and fi
     [fixed]                   # any other TrainConfig field
     steps_per_epoch = 40
 
-    [[start_points]]          # optional: trials to run first, with these values (others sampled)
-    lr = 5e-5
+    [[start_points]]          # optional: trials to run first, with these values (others sampled); ASHA never
+    lr = 5e-5                 # stops them early: by convention the first is the usual recipe, every ensemble's baseline
     encoder = "bi_cosine"     # a variant by its choice's name
 
 Every problem (unknown key, wrong type, bad range, unknown task, surgery or other choice, a

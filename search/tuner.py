@@ -218,6 +218,7 @@ def new_tuner(
         ResumableASHA(
             storage_url=options.storage,
             study_name=study.name,
+            protected_trials=len(study.start_points),
             time_attr="epoch",
             metric=study.metric,
             mode=RAY_MODE,
