@@ -23,11 +23,15 @@ checkpoint is run). Soups are run on dev once per member set and cached (``--no-
 
 Honest estimates (ensemble.estimate): every dev-selected predictor (the best single trial and each
 method) is reported with its in-sample dev score and an out-of-selection estimate: the same procedure
-run on half A of ``--splits`` seeded random halves of dev, scored on half B (mean ± sd). The baseline,
-the usual recipe (``--baseline STUDY/N``; default trial 0 of the first study), needs no correction;
-each row shows its paired gain over the baseline on the same halves. Each row also gives its inference
-cost: encoder passes per example (1 per single-sentence or cross-encoded member, 2 per bi-encoded pair
-member, summed over the distinct members of a logit ensemble; a soup costs one model's).
+run on half A of ``--splits`` seeded random halves of dev, scored on half B (mean ± sd over the
+halves). Every dev-dependent choice is inside the procedure: each member's epoch, and for STS each
+member's map to the 0-5 scale (ensemble.taskpool). The baseline of each task is its usual single-task
+recipe (ensemble.baselines; ``--baseline [TASK=]STUDY/N`` names another); it and the uniform average
+of its seed runs ("usual recipe x k seeds") are not selected, and every row shows its paired gain over
+the baseline on the same halves. Each row also gives its inference cost: encoder passes per example
+(1 per single-sentence or cross-encoded member, 2 per bi-encoded pair member, summed over the distinct
+members of a logit ensemble; a soup costs one model's), and the training it took: trial-epochs and
+minutes of training steps (a dev-selected row needed the whole pool).
 
 Outputs, under ``--output-dir`` (default ``<results-dir>/<study>[+<study>...]/ensemble/``):
   summary.md, summary.json        per task: baseline, best single, each method, each member
@@ -49,13 +53,14 @@ from pathlib import Path
 import numpy as np
 
 from data.files import DATA_DIR_ENV
+from ensemble.baselines import seed_runs, task_baselines
 from ensemble.caruana import DEFAULT_INIT_SIZE, DEFAULT_ROUNDS
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, out_of_selection
-from ensemble.members import EnsembleError, Member, Pool, load_pool, parse_member_ref
-from ensemble.output import TaskResult, write_build
+from ensemble.members import EnsembleError, Member, Pool, load_pool
+from ensemble.output import SEED_AVERAGE, TaskResult, write_build
 from ensemble.selection import METHODS, Choice, Selector, Settings
 from ensemble.soup import SoupEvaluator
-from ensemble.taskpool import TaskPool, align_to, task_pools
+from ensemble.taskpool import TaskPool, align_to, apply_scale, task_pools
 from model.rundir import TaskOutputs
 from search.storage import DEFAULT_STORAGE_URL
 
@@ -73,22 +78,11 @@ def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(m for m in METHODS if m in methods)
 
 
-def baseline_member(pool: Pool, ref: str | None) -> tuple[Member | None, str]:
-    """The usual recipe: ``ref`` (STUDY/N), else trial 0 of the first study; and a note."""
-    study, trial = parse_member_ref(ref) if ref else (pool.studies[0], 0)
-    member = pool.find(study, trial)
-    if member is None:
-        message = f"baseline {study}/trial {trial} is not a usable member of {pool.studies}"
-        if ref:
-            raise EnsembleError(message + " (--baseline)")
-        return None, f"no baseline: {message}; pass --baseline STUDY/N"
-    return member, f"baseline (the usual recipe, not selected): {member.name}"
-
-
 def run_task(
-    pool: TaskPool, methods: tuple[str, ...], selector: Selector, baseline: Member | None, args: argparse.Namespace
+    pool: TaskPool, methods: tuple[str, ...], selector: Selector, seeds: list[Member], args: argparse.Namespace
 ) -> TaskResult:
-    """Every procedure on all of dev (the predictors) and on the halves (their estimates)."""
+    """Every procedure on all of dev (the predictors) and on the halves (their estimates). ``seeds``:
+    the baseline first, then its recipe's other seed runs ([] without a baseline)."""
     full = np.arange(len(pool.labels))
     procedures = selector.procedures(methods)
     choices: dict[str, Choice] = {}
@@ -100,10 +94,14 @@ def run_task(
             refused[name] = f"no member can be averaged with {pool.members[choice.members[0]].name}: {reasons}"
             continue
         choices[name] = choice
-    index = None if baseline is None or baseline not in pool.members else pool.index(baseline)
     kept = {name: procedures[name] for name in choices}
-    estimates = out_of_selection(pool, kept, None if index is None else selector.fixed(index), splits=args.splits, seed=args.seed)
-    return TaskResult(pool, choices, refused, estimates, index)
+    # Not selected on dev: the baseline, and the uniform average of its seed runs.
+    indexes = [pool.index(m) for m in seeds]
+    fixed = {SEED_AVERAGE: selector.fixed(indexes, SEED_AVERAGE)} if len(indexes) > 1 else {}
+    baseline = selector.fixed(indexes[:1], "baseline") if indexes else None
+    estimates = out_of_selection(pool, kept | fixed, baseline, splits=args.splits, seed=args.seed)
+    fixed_choices = {name: procedure(full) for name, procedure in fixed.items()}
+    return TaskResult(pool, choices, refused, estimates, indexes[0] if indexes else None, fixed=fixed_choices)
 
 
 def member_test_outputs(member: Member, task: str, evaluate: SoupEvaluator, notes: list[str]) -> TaskOutputs:
@@ -119,7 +117,8 @@ def choice_test_outputs(result: TaskResult, choice: Choice, evaluate: SoupEvalua
     pool, task = result.pool, result.pool.task
     members = [pool.members[i] for i in choice.members]
     if choice.kind == "soup":
-        out = evaluate(members, "test")[task]
+        out = dict(evaluate(members, "test")[task])
+        out["values"] = apply_scale(out["values"], choice.scales[0] if choice.scales else None)
     else:
         first = member_test_outputs(members[0], task, evaluate, notes)
         where = [f"{m.name} ({m.outputs_file(task, 'test')})" for m in members]
@@ -127,7 +126,8 @@ def choice_test_outputs(result: TaskResult, choice: Choice, evaluate: SoupEvalua
             align_to(first, member_test_outputs(m, task, evaluate, notes), w, where[0])
             for m, w in zip(members, where, strict=True)
         ]
-        stacked = np.stack([np.asarray(o["values"], dtype=np.float64) for o in outs])
+        scales = choice.scales or [None] * len(outs)
+        stacked = np.stack([apply_scale(o["values"], scale) for o, scale in zip(outs, scales, strict=True)])
         values = np.tensordot(np.asarray(choice.weights), stacked, axes=1)
         out = {"ids": first["ids"], "values": values, "labels": None}
     if not np.isfinite(out["values"]).all():
@@ -175,8 +175,7 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
         if getattr(args, name) < 1:
             raise EnsembleError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     pool = load_pool(args.study, args.storage, include_early_stopped=not args.exclude_early_stopped)
-    baseline, note = baseline_member(pool, args.baseline)
-    notes = [note]
+    baselines, notes = task_baselines(pool, args.baseline)
     results_dir = Path(args.results_dir or os.environ.get(RESULTS_DIR_ENV) or DEFAULT_RESULTS_DIR)
     root = args.output_dir or results_dir / "+".join(pool.studies) / "ensemble"
     # Where the members were trained is the best guess when neither --data-dir nor $MINBERT_DATA says.
@@ -186,7 +185,9 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     results: dict[str, TaskResult] = {}
     for task, task_pool in task_pools(pool).items():
         print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)
-        results[task] = run_task(task_pool, methods, Selector(task_pool, evaluate, settings), baseline, args)
+        baseline = baselines[task]
+        seeds = [] if baseline is None else seed_runs(pool, baseline)
+        results[task] = run_task(task_pool, methods, Selector(task_pool, evaluate, settings), seeds, args)
         for method, choice in results[task].choices.items():
             # a soup's left-out members, said once per task in the notes (the table only counts them)
             notes += [f"{task} soups: {why}" for why in choice.details.get("refused", [])]
@@ -232,7 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fitted weights (default 5)")
     parser.add_argument("--exclude-early-stopped", action="store_true", help="leave out trials that ASHA stopped early")
-    parser.add_argument("--baseline", help="the usual recipe, STUDY/N (default: trial 0 of the first study)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        metavar="[TASK=]STUDY/N",
+        help="the usual recipe of TASK (without TASK: of every task the member trains); repeat per task "
+        "(default per task: trial 0 of the first study that trains that task alone, else of the first that trains it)",
+    )
     parser.add_argument(
         "--splits", type=int, default=DEFAULT_SPLITS, help=f"random halves of dev for the estimates (default {DEFAULT_SPLITS})"
     )

@@ -9,8 +9,12 @@ then scored on the same dev looks better than it is. The out-of-selection estima
 
 and reports mean_s score_s and their standard deviation. The baseline (the usual recipe, a fixed
 trial, no selection) is scored on the same B halves, so each procedure's gain over it is paired:
-gain_s = score_s - metric(baseline, B_s), reported as mean and sd. Each B half is half of dev, so
-the spread is that of a half-size dev set: wider than the full dev set's own noise.
+gain_s = score_s - metric(baseline, B_s), reported as mean and sd.
+
+What the ± is: the standard deviation over the ``splits`` halves. The halves overlap (each is half
+of one dev set), so it is close to the standard error of a score on the full dev set, not the wider
+spread of a score on an independent half-size set. The paired gain's ± is the same spread of the
+paired differences, so a gain of about twice its ± stands out of the dev set's noise.
 """
 
 from __future__ import annotations

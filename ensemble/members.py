@@ -60,6 +60,15 @@ class Member:
     params: dict
     config: dict  # the trainer's config.json: {"train": ..., "bert": ...}
     outputs: dict[str, dict[str, TaskOutputs]] = field(default_factory=dict)  # split -> task -> outputs
+    # task -> epoch -> dev outputs after that epoch ({} for a run that kept none: model.rundir)
+    epoch_outputs: dict[str, dict[int, TaskOutputs]] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # metrics.json's per-epoch records
+    best_epoch: int | None = None  # the epoch whose weights and outputs were saved
+
+    @property
+    def train_seconds(self) -> float:
+        """Seconds spent in training steps over every epoch run (evaluation not included)."""
+        return float(sum(record.get("train_seconds", 0.0) for record in self.history))
 
     @property
     def name(self) -> str:
@@ -155,18 +164,51 @@ def check_checkpoint(artifact_dir: Path) -> dict:
     return config
 
 
-def load_member_artifacts(artifact_dir: Path) -> tuple[dict, dict[str, dict[str, TaskOutputs]]]:
-    """Config and saved outputs of one trial, for every task it trains. Dev outputs are required;
-    test outputs are kept where present (the build runs the checkpoint on test where they are not)."""
+def read_epoch_outputs(artifact_dir: Path, task: str) -> dict[int, TaskOutputs]:
+    """A member's dev outputs after each epoch, where the trainer kept them. An unreadable file is an
+    error; an epoch with non-finite outputs is left out (its weights were never a candidate either:
+    the trainer stops on a non-finite loss)."""
+    run, kept = RunDir(artifact_dir), {}
+    for epoch in run.output_epochs(task):
+        try:
+            outputs = run.read_epoch_outputs(task, epoch)
+        except RunFileError as err:
+            raise MemberArtifactError(str(err)) from err
+        if outputs["labels"] is None:
+            raise MemberArtifactError(f"{run.epoch_outputs_file(task, epoch)}: dev outputs have no 'labels' array")
+        if np.issubdtype(outputs["values"].dtype, np.number) and np.isfinite(outputs["values"]).all():
+            kept[epoch] = outputs
+    return kept
+
+
+def load_member(study: str, trial: FrozenTrial, artifact_dir: Path) -> Member:
+    """One trial as a member: config, saved outputs and history. Dev outputs are required; test outputs
+    are kept where present (the build runs the checkpoint on test where they are not)."""
     if not artifact_dir.is_dir():
         raise UnusableMemberError(f"{artifact_dir}: artifact directory missing")
-    config = check_checkpoint(artifact_dir)
+    config, run = check_checkpoint(artifact_dir), RunDir(artifact_dir)
     tasks = config["train"]["tasks"]
     outputs = {"dev": {t: read_outputs(artifact_dir, t, "dev") for t in tasks}, "test": {}}
     for task in tasks:
-        if RunDir(artifact_dir).has_outputs([task], "test"):
+        if run.has_outputs([task], "test"):
             outputs["test"][task] = read_outputs(artifact_dir, task, "test")
-    return config, outputs
+    try:
+        metrics = run.read_metrics() if run.metrics_file.is_file() else {}
+    except RunFileError as err:
+        raise MemberArtifactError(str(err)) from err
+    return Member(
+        study,
+        trial.number,
+        trial_objective(trial),
+        artifact_dir,
+        is_early_stopped(trial),
+        dict(trial.params),
+        config,
+        outputs,
+        epoch_outputs={t: read_epoch_outputs(artifact_dir, t) for t in tasks},
+        history=list(metrics.get("history", [])),
+        best_epoch=metrics.get("best_epoch"),
+    )
 
 
 def is_early_stopped(trial: FrozenTrial) -> bool:
@@ -208,26 +250,13 @@ def study_members(study: optuna.Study, include_early_stopped: bool) -> tuple[lis
         else:
             artifact_dir = Path(trial.user_attrs[TRIAL_ARTIFACT_DIR])
             try:
-                config, outputs = load_member_artifacts(artifact_dir)
+                members.append(load_member(name, trial, artifact_dir))
             except UnusableMemberError as err:
                 reason = f"{name}/trial {trial.number} ({artifact_dir}): {err}"
                 skipped.append(reason)
                 warnings.warn(f"skipping {reason}", MemberSkippedWarning, stacklevel=3)
-                continue
             except MemberArtifactError as err:
                 raise MemberArtifactError(f"study {name!r}, trial {trial.number}: {err}") from err
-            members.append(
-                Member(
-                    name,
-                    trial.number,
-                    trial_objective(trial),
-                    artifact_dir,
-                    is_early_stopped(trial),
-                    dict(trial.params),
-                    config,
-                    outputs,
-                )
-            )
     left_out = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
     notes = [f"study {name!r}: left out of {len(trials)} trials: {left_out}"] if left_out else []
     if not members:

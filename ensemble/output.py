@@ -22,6 +22,8 @@ from model.metrics import write_predictions
 from model.rundir import TaskOutputs
 
 MANIFEST_FORMAT = 2
+BASELINE = "baseline (usual recipe)"
+SEED_AVERAGE = "usual recipe x seeds"  # the uniform average of the baseline's seed runs
 
 
 @dataclass
@@ -34,6 +36,7 @@ class TaskResult:
     estimates: dict[str, Estimate]  # out-of-selection, per procedure ("baseline" included when there is one)
     baseline: int | None  # pool index of the baseline member
     test: dict[str, TaskOutputs] = field(default_factory=dict)  # method -> the predictor's test outputs
+    fixed: dict[str, Choice] = field(default_factory=dict)  # not selected on dev: SEED_AVERAGE
 
     def names(self, choice: Choice) -> list[str]:
         return [self.pool.members[i].name for i in choice.members]
@@ -42,10 +45,16 @@ class TaskResult:
         return [self.pool.members[i] for i in choice.members]
 
 
+def training(members: list[Member]) -> dict:
+    """The training these members took: epochs run and seconds of training steps, summed."""
+    return {"trial_epochs": sum(len(m.history) for m in members), "train_seconds": sum(m.train_seconds for m in members)}
+
+
 def member_row(pool: TaskPool, index: int, name: str, kind: str, **fields) -> Row:
     member = pool.members[index]
     score = pool.score(pool.values[index], who=member.name)
-    return Row(pool.task, name, kind, [member.name], encoder_passes(member.config, pool.task), score, **fields)
+    passes = encoder_passes(member.config, pool.task)
+    return Row(pool.task, name, kind, [member.name], passes, score, training=training([member]), **fields)
 
 
 def choice_note(choice: Choice) -> str:
@@ -71,16 +80,23 @@ def rows_of(result: TaskResult) -> list[Row]:
     pool, rows = result.pool, []
     if result.baseline is not None:
         estimate = result.estimates["baseline"].to_dict() | {"gain_mean": None, "gain_sd": None}
+        rows.append(member_row(pool, result.baseline, BASELINE, "baseline", estimate=estimate, note="not selected"))
+    for name, choice in result.fixed.items():
+        dev = pool.score(choice.values, who=f"{pool.task} {name}")
+        members = result.members(choice)
+        note = f"{len(members)} seeds averaged uniformly; not selected"
         rows.append(
-            member_row(pool, result.baseline, "baseline (usual recipe)", "baseline", estimate=estimate, note="not selected")
-        )
+            Row(pool.task, name, "baseline", result.names(choice), choice.cost(pool), dev, result.estimates[name].to_dict(),
+                choice.weights, note, training=training(members))
+        )  # fmt: skip
+    everything = training(pool.members)  # a dev-selected predictor needed the whole pool trained
     for name, choice in result.choices.items():
         dev = pool.score(choice.values, who=f"{pool.task} {name}")
         estimate = result.estimates[name].to_dict()
         note = choice_note(choice)
         rows.append(
             Row(pool.task, name, "selected", result.names(choice), choice.cost(pool), dev, estimate, choice.weights,
-                note, {"details": choice.details})
+                note, {"details": choice.details}, training=everything)
         )  # fmt: skip
     rows += [Row(pool.task, name, "refused", [], 0, float("nan"), note=short_reason(why)) for name, why in result.refused.items()]
     for index in pool.ranking():
@@ -106,9 +122,12 @@ def curves_of(result: TaskResult) -> dict[str, Curve]:
 
 
 def described(result: TaskResult, choice: Choice) -> list[dict]:
+    """The manifest's members: where each is and its weight, and for STS its map to the 0-5 scale."""
+    scales = choice.scales or [None] * len(choice.members)
     return [
         {"name": m.name, "study": m.study, "trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": float(w)}
-        for m, w in zip(result.members(choice), choice.weights, strict=True)
+        | ({} if scale is None else {"scale": list(scale)})
+        for m, w, scale in zip(result.members(choice), choice.weights, scales, strict=True)
         if w > 0  # a fitted weight of 0 would only cost a model run
     ]
 
@@ -137,7 +156,7 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
             plot_sts_scatter(directory / "sts_dev_scatter.png", choice.values, result.pool.labels, title)
     manifest = {"format": MANIFEST_FORMAT, "method": method, "studies": header["studies"], "tasks": tasks}
     atomic_write_text(directory / "predictor" / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-    rows = [r for result in results.values() for r in rows_of(result) if r.name in (method, "baseline (usual recipe)")]
+    rows = [r for result in results.values() for r in rows_of(result) if r.name in (method, BASELINE, SEED_AVERAGE)]
     write_summary(directory, f"Ensemble {method} of {' + '.join(header['studies'])}", header, rows)
 
 
@@ -153,8 +172,11 @@ def write_build(root: Path, methods: tuple[str, ...], results: dict[str, TaskRes
         plot_score_vs_size(root / f"{task}_dev_vs_size.png", curves_of(result), metric, best, title)
     rows = [row for result in results.values() for row in rows_of(result)]
     preamble = (
-        "In-sample: chosen and scored on all of dev (optimistic). Out-of-selection: the same procedure run on "
-        f"one half of dev, scored on the other, over {header['settings']['splits']} random halves (mean ± sd). "
-        "Gain: paired with the baseline on the same halves. Passes: encoder passes per example.\n\n"
+        "In-sample: chosen and scored on all of dev (optimistic). Out-of-selection: the same procedure (members' "
+        "epochs and STS scales included) run on one half of dev and scored on the other, over "
+        f"{header['settings']['splits']} random halves: mean ± the standard deviation over those overlapping halves, "
+        "which is close to the full dev set's standard error (not a half-size set's). Gain: paired with the baseline "
+        "on the same halves, its ± the same spread of the paired differences. Passes: encoder passes per example. "
+        "Training: trial-epochs and minutes of training steps (a dev-selected row needed the whole pool).\n\n"
     )
     return write_summary(root, f"Ensembles of {' + '.join(header['studies'])}", header, rows, preamble)

@@ -34,6 +34,7 @@ from data.files import TASKS, DataError, Example, load_examples, read_file
 from ensemble.logits import Outputs, align_outputs, average_outputs
 from ensemble.members import EnsembleError
 from ensemble.soup import as_numpy_outputs
+from ensemble.taskpool import Scale, apply_scale
 from model.metrics import task_metric, write_predictions
 from model.rundir import TaskOutputs
 
@@ -49,6 +50,7 @@ class TaskPlan:
     model_dirs: list[Path]
     weights: list[float]
     names: list[str]
+    scales: list[Scale | None] | None = None  # STS: each model's map to the 0-5 scale, fitted by the build
 
 
 def find_predictor(directory: Path) -> Path:
@@ -64,7 +66,9 @@ def find_predictor(directory: Path) -> Path:
 
 def member_plan(members: list[dict]) -> TaskPlan:
     names = [m.get("name") or f"{m.get('study', '')}/trial {m['trial']}".lstrip("/") for m in members]
-    return TaskPlan("logits", [Path(m["artifact_dir"]) for m in members], [float(m["weight"]) for m in members], names)
+    scales = [tuple(map(float, m["scale"])) if "scale" in m else None for m in members]
+    weights = [float(m["weight"]) for m in members]
+    return TaskPlan("logits", [Path(m["artifact_dir"]) for m in members], weights, names, scales)
 
 
 def load_plans(predictor: Path) -> dict[str, TaskPlan]:
@@ -81,7 +85,8 @@ def load_plans(predictor: Path) -> dict[str, TaskPlan]:
         for task, entry in manifest["tasks"].items():
             plan = member_plan(entry["members"])
             if entry["kind"] == "soup":
-                plan = TaskPlan("soup", [predictor / entry["soup_dir"]], [1.0], [" + ".join(plan.names)])
+                alone = plan.scales if len(plan.scales) == 1 else None  # a one-member soup keeps its scale
+                plan = TaskPlan("soup", [predictor / entry["soup_dir"]], [1.0], [" + ".join(plan.names)], alone)
             plans[task] = plan
         return plans
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -135,6 +140,8 @@ class Runner:
     def predict(self, plan: TaskPlan, task: str, examples: list[Example]) -> TaskOutputs:
         """The plan's outputs on ``examples``: its members' outputs, weighted."""
         outputs = [self(model_dir, task, examples) for model_dir in plan.model_dirs]
+        for out, scale in zip(outputs, plan.scales or [None] * len(outputs), strict=True):
+            out[task]["values"] = apply_scale(out[task]["values"], scale)
         return average_outputs(align_outputs(plan.names, outputs, "input"), plan.weights)[task]
 
 

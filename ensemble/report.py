@@ -30,6 +30,7 @@ class Row:
     weights: list[float] | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    training: dict | None = None  # {"trial_epochs", "train_seconds"} this row's predictor took to train
 
 
 METRIC_NAMES = {"sts": "Pearson r"}
@@ -45,6 +46,10 @@ def format_spread(mean: float | None, sd: float | None, signed: bool = False) ->
     return "" if mean is None else f"{format_number(mean, signed)} ± {format_number(sd)}"
 
 
+def format_training(training: dict | None) -> str:
+    return "" if not training else f"{training['trial_epochs']}, {training['train_seconds'] / 60:.1f}"
+
+
 def markdown_table(rows: Sequence[Row], task: str) -> str:
     metric = METRIC_NAMES.get(task, "accuracy")
     header = [
@@ -54,6 +59,7 @@ def markdown_table(rows: Sequence[Row], task: str) -> str:
         f"dev {metric}, in-sample",
         "out-of-selection (mean ± sd)",
         "gain over baseline (mean ± sd)",
+        "training (trial-epochs, min)",
         "note",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -70,6 +76,7 @@ def markdown_table(rows: Sequence[Row], task: str) -> str:
             format_number(row.dev),
             format_spread(estimate.get("mean"), estimate.get("sd")),
             format_spread(estimate.get("gain_mean"), estimate.get("gain_sd"), signed=True),
+            format_training(row.training),
             row.note,
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -1,5 +1,6 @@
 """Per-task selection procedures: each turns the rows of a selection set (all of dev, or half of it for
-ensemble.estimate) into a chosen predictor for one task, judged by that task's own metric.
+ensemble.estimate) into a chosen predictor for one task, judged by that task's own metric. Each sees
+the pool as TaskPool.prepared makes it for those rows (members' epochs and STS scales fitted on them).
 
 - best single: the member with the best score;
 - top-k: the k best members, outputs averaged with uniform weights;
@@ -14,6 +15,7 @@ selects on some rows only scores those rows of the cached outputs.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +25,7 @@ from ensemble.caruana import DEFAULT_INIT_SIZE, DEFAULT_ROUNDS, caruana_select
 from ensemble.logits import fit_weights
 from ensemble.members import EnsembleError, Member
 from ensemble.soup import SoupEvaluator, compatible_members, greedy_soup
-from ensemble.taskpool import TaskPool, encoder_passes
+from ensemble.taskpool import Scale, TaskPool, encoder_passes
 
 LOGIT_METHODS = ("caruana", "top-k", "fitted")
 SOUP_METHODS = ("uniform-soup", "greedy-soup")
@@ -40,6 +42,7 @@ class Choice:
     weights: list[float]  # same length; a soup's are uniform
     values: np.ndarray  # its dev outputs on all rows
     details: dict = field(default_factory=dict)
+    scales: list[Scale] | None = None  # a logit average's members' maps to the labels' scale (STS), same order
 
     def cost(self, pool: TaskPool) -> int:
         """Encoder passes per example: a soup is one model; a logit average runs each distinct member
@@ -71,24 +74,36 @@ class Selector:
 
     def procedures(self, methods: tuple[str, ...]) -> dict[str, Procedure]:
         """The named procedures: "best single" and each of ``methods``."""
-        table: dict[str, Procedure] = {
-            "best single": self.best_single,
-            "top-k": self.top_k,
-            "fitted": self.fitted,
-            "caruana": self.caruana,
-            "uniform-soup": self.uniform_soup,
-            "greedy-soup": self.greedy_soup,
+        table = {
+            "best single": Selector.best_single,
+            "top-k": Selector.top_k,
+            "fitted": Selector.fitted,
+            "caruana": Selector.caruana,
+            "uniform-soup": Selector.uniform_soup,
+            "greedy-soup": Selector.greedy_soup,
         }
-        return {name: table[name] for name in ("best single", *methods)}
+        return {name: self.on_rows(table[name]) for name in ("best single", *methods)}
+
+    def on_rows(self, method: Callable[[Selector, np.ndarray], Choice]) -> Procedure:
+        """``method`` run by a selector over the pool prepared for the selection rows (shared soup caches)."""
+
+        def procedure(rows: np.ndarray) -> Choice:
+            view = copy.copy(self)
+            view.pool = self.pool.prepared(rows)
+            return method(view, rows)
+
+        return procedure
 
     def logits(self, method: str, members: list[int], weights: list[float], **details) -> Choice:
         full = np.zeros(len(self.pool.members))
         np.add.at(full, members, weights)
-        return Choice(method, "logits", members, weights, self.pool.mix(full), details)
+        scales = None if self.pool.scales is None else [self.pool.scales[i] for i in members]
+        return Choice(method, "logits", members, weights, self.pool.mix(full), details, scales)
 
-    def fixed(self, index: int) -> Procedure:
-        """A member chosen without looking at dev (the baseline)."""
-        return lambda rows: self.logits("fixed", [index], [1.0])
+    def fixed(self, indexes: list[int], method: str = "fixed") -> Procedure:
+        """Members averaged uniformly, chosen without looking at dev (the baseline, its seeds); their epochs
+        and scales are still fitted on the selection rows, as the usual recipe keeps its best dev epoch."""
+        return self.on_rows(lambda view, rows: view.logits(method, list(indexes), [1.0 / len(indexes)] * len(indexes)))
 
     def best_single(self, rows: np.ndarray) -> Choice:
         return self.logits("best single", self.pool.ranking(rows)[:1], [1.0])
@@ -115,17 +130,16 @@ class Selector:
     def soup_values(self, indexes: list[int]) -> np.ndarray:
         """Dev outputs of the soup of these pool members (a member alone: its saved outputs)."""
         key = tuple(sorted(indexes))
+        if len(key) == 1:  # not cached: a member's outputs depend on the rows the pool was prepared for
+            return self.pool.values[key[0]]
         if key not in self.soups:
-            if len(key) == 1:
-                self.soups[key] = self.pool.values[key[0]]
-            else:
-                if self.evaluate is None:
-                    raise EnsembleError("soups need a SoupEvaluator")
-                members = [self.pool.members[i] for i in key]
-                outputs = self.evaluate(members, "dev")[self.pool.task]
-                names = ", ".join(m.name for m in members)
-                aligned = self.pool.align(outputs, f"the soup of {names}")
-                self.soups[key] = np.asarray(aligned["values"], dtype=np.float64)
+            if self.evaluate is None:
+                raise EnsembleError("soups need a SoupEvaluator")
+            members = [self.pool.members[i] for i in key]
+            outputs = self.evaluate(members, "dev")[self.pool.task]
+            names = ", ".join(m.name for m in members)
+            aligned = self.pool.align(outputs, f"the soup of {names}")
+            self.soups[key] = np.asarray(aligned["values"], dtype=np.float64)
         return self.soups[key]
 
     def soup_pool(self, rows: np.ndarray) -> tuple[list[int], list[str]]:
@@ -140,7 +154,9 @@ class Selector:
         return sorted(indexes, key=ranking.index), refusals
 
     def soup(self, method: str, indexes: list[int], **details) -> Choice:
-        return Choice(method, "soup", indexes, [1.0 / len(indexes)] * len(indexes), self.soup_values(indexes), details)
+        # A soup of one member is that member, on the labels' scale like any (STS); a real soup is run as is.
+        scales = [self.pool.scales[indexes[0]]] if self.pool.scales is not None and len(indexes) == 1 else None
+        return Choice(method, "soup", indexes, [1.0 / len(indexes)] * len(indexes), self.soup_values(indexes), details, scales)
 
     def uniform_soup(self, rows: np.ndarray) -> Choice:
         indexes, refusals = self.soup_pool(rows)

@@ -1,14 +1,24 @@
 """One task's view of the member pool: the members that train the task, their dev outputs stacked in
 one row order, the gold labels, and the task's own metric on any subset of rows.
 
+Every choice that looks at dev is made on the selection rows only (``TaskPool.prepared``), so that the
+out-of-selection estimates (ensemble.estimate) repeat it on each half:
+- each member's epoch: the one whose dev outputs score best on the rows (the trainer keeps every
+  epoch's dev outputs; on all of dev this is the epoch the trainer itself kept);
+- for STS, each member's scale: members differ in output scale (5 cos, a regression head, CoSENT,
+  which fixes only the order), so each is mapped to the labels' 0-5 scale by a least-squares line
+  fitted on the rows before any averaging.
+
 Also the inference cost of a predictor: encoder passes per example.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -59,13 +69,59 @@ def align_to(reference: TaskOutputs, outputs: TaskOutputs, where: str, reference
     return aligned
 
 
+Scale = tuple[float, float]  # (offset, slope): a member's outputs v become offset + slope * v
+
+
+def fit_scale(values: np.ndarray, labels: np.ndarray) -> Scale:
+    """The least-squares line from one member's outputs to the gold labels (a constant output keeps
+    slope 1: nothing to fit)."""
+    values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    spread = values.var()
+    if spread <= 0:
+        return float(labels.mean() - values.mean()), 1.0
+    slope = float(((values - values.mean()) * (labels - labels.mean())).mean() / spread)
+    return float(labels.mean() - slope * values.mean()), slope
+
+
+def apply_scale(values: np.ndarray, scale: Scale | None) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64) if scale is None else scale[0] + scale[1] * np.asarray(values, dtype=np.float64)
+
+
 @dataclass
 class TaskPool:
     task: str
     members: list[Member]
     ids: np.ndarray  # (N,) the dev rows, in the first member's order
     labels: np.ndarray  # (N,)
-    values: np.ndarray  # (M, N) or (M, N, C): each member's dev outputs
+    values: np.ndarray  # (M, N) or (M, N, C): each member's dev outputs (the saved epoch's, unscaled)
+    # Per member: (E, N[, C]) its dev outputs after each epoch it kept, or None (a run that kept none).
+    epoch_values: list[np.ndarray | None] = field(default_factory=list)
+    scales: list[Scale] | None = None  # set by prepared() for a score task: each member's map to the labels
+    _prepared: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def prepared(self, rows: np.ndarray) -> TaskPool:
+        """The pool as a procedure that selects on ``rows`` must see it. On part of dev, each member's
+        epoch is the one best on ``rows`` (first of equals, as the trainer chooses); on all of dev it is
+        the saved epoch, the trainer's own choice on all of dev, whose weights exist. For a score task
+        (STS) each member is then put on the labels' scale by a line fitted on ``rows``."""
+        key = np.asarray(rows).tobytes()
+        if key not in self._prepared:
+            values = self.values
+            if len(rows) < len(self.labels):
+                values = np.stack([self._best_epoch_values(i, rows) for i in range(len(self.members))])
+            scales = None
+            if TASKS[self.task].label_kind == "score":
+                scales = [fit_scale(v[rows], self.labels[rows]) for v in values]
+                values = np.stack([apply_scale(v, scale) for v, scale in zip(values, scales, strict=True)])
+            self._prepared = {key: dataclasses.replace(self, values=values, scales=scales, _prepared={})}
+        return self._prepared[key]
+
+    def _best_epoch_values(self, index: int, rows: np.ndarray) -> np.ndarray:
+        stack = self.epoch_values[index] if self.epoch_values else None
+        if stack is None:
+            return self.values[index]
+        scores = [self.score(v, rows, self.members[index].name) for v in stack]
+        return stack[int(np.argmax(scores))]
 
     def score(self, values: np.ndarray, rows: np.ndarray | None = None, who: str = "ensemble") -> float:
         """The task's metric of ``values`` (all N rows) on ``rows`` (default: all)."""
@@ -105,19 +161,26 @@ def task_pool(pool: Pool, task: str) -> TaskPool:
         raise EnsembleError(f"no member of {pool.studies} trains {task!r}")
     first = members[0]
     reference = first.outputs["dev"][task]
-    stacked = []
+    reference_where = f"{first.name} ({first.outputs_file(task, 'dev')})"
+
+    def aligned(member: Member, outputs: TaskOutputs, where: Path) -> np.ndarray:
+        return np.asarray(align_to(reference, outputs, f"{member.name} ({where})", reference_where)["values"], dtype=np.float64)
+
+    stacked, epochs = [], []
     for member in members:
-        aligned = align_to(
-            reference,
-            member.outputs["dev"][task],
-            f"{member.name} ({member.outputs_file(task, 'dev')})",
-            f"{first.name} ({first.outputs_file(task, 'dev')})",
+        stacked.append(aligned(member, member.outputs["dev"][task], member.outputs_file(task, "dev")))
+        kept = member.epoch_outputs.get(task, {})
+        # Usable only when the saved epoch is among them: otherwise a half could never pick it.
+        usable = member.best_epoch in kept
+        epochs.append(
+            np.stack([aligned(member, out, member.run.epoch_outputs_file(task, e)) for e, out in sorted(kept.items())])
+            if usable
+            else None
         )
-        stacked.append(np.asarray(aligned["values"], dtype=np.float64))
-    shapes = {v.shape for v in stacked}
+    shapes = {v.shape for v in stacked} | {v.shape[1:] for v in epochs if v is not None}
     if len(shapes) != 1:
         raise EnsembleError(f"{task}: members' dev outputs have different shapes {sorted(shapes)}")
-    return TaskPool(task, members, reference["ids"], np.asarray(reference["labels"]), np.stack(stacked))
+    return TaskPool(task, members, reference["ids"], np.asarray(reference["labels"]), np.stack(stacked), epochs)
 
 
 def task_pools(pool: Pool, tasks: Sequence[str] | None = None) -> dict[str, TaskPool]:

@@ -76,3 +76,25 @@ def test_restore_adopts_a_trial_that_ray_saw_end_and_optuna_never_heard_of(tmp_p
     assert new[TRIAL_NUMBER_KEY] == 2 and new != running
     assert resumed.suggest("ray-e") == Searcher.FINISHED  # the budget counts the adopted trial once
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
+def test_asha_never_stops_a_start_point_early(tmp_path):
+    """Trial 0 (a start point: the usual recipe, every ensemble's baseline) trains to the end even when
+    ASHA ranks it below the cut; trial 2, as bad, is stopped at the same rung."""
+    from types import SimpleNamespace
+
+    from search.adapters import ResumableASHA
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="s", storage=open_storage(url))
+    scheduler = ResumableASHA(
+        storage_url=url, study_name="s", protected_trials=1, time_attr="epoch", metric="m", mode="max",
+        max_t=4, grace_period=1, reduction_factor=2,
+    )  # fmt: skip
+    trials = [SimpleNamespace(trial_id=f"t{n}", config={TRIAL_NUMBER_KEY: n}) for n in range(3)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    assert scheduler.on_trial_result(None, trials[1], {"epoch": 1, "m": 0.9}) == scheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials[0], {"epoch": 1, "m": 0.1}) == scheduler.CONTINUE
+    assert scheduler.on_trial_result(None, trials[2], {"epoch": 1, "m": 0.1}) == scheduler.STOP
+    assert scheduler.on_trial_result(None, trials[0], {"epoch": 4, "m": 0.2}) == scheduler.STOP  # its end

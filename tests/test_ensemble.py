@@ -82,7 +82,17 @@ def npz_values(run: Path, task: str, split: str) -> np.ndarray:
 
 
 def hand_mean(runs: list[Path], task: str, split: str) -> np.ndarray:
-    return sum(npz_values(run, task, split).astype(np.float64) for run in runs) / len(runs)
+    """The members' mean; for STS each member first mapped onto the labels by its least-squares line on dev."""
+
+    def on_scale(run: Path) -> np.ndarray:
+        values = npz_values(run, task, split).astype(np.float64)
+        if TASK_TABLE[task].label_kind != "score":
+            return values
+        with np.load(run / "outputs" / f"{task}-dev.npz") as dev:
+            slope, offset = np.polyfit(dev["values"].astype(np.float64), dev["labels"].astype(np.float64), 1)
+        return offset + slope * values
+
+    return sum(on_scale(run) for run in runs) / len(runs)
 
 
 def test_pool_skips_failed_and_missing_trials_and_takes_early_stopped_ones(study_url, runs):

@@ -39,7 +39,7 @@ def test_a_predictor_not_selected_on_dev_is_estimated_at_its_dev_score():
     gold = rng.uniform(0, 5, ROWS)
     pool = sts_pool([gold + rng.normal(0, 1.0, ROWS), gold + rng.normal(0, 1.5, ROWS)], gold)
     selector = Selector(pool, None, Settings())
-    estimates = out_of_selection(pool, {"fixed 1": selector.fixed(1)}, selector.fixed(0), splits=40)
+    estimates = out_of_selection(pool, {"fixed 1": selector.fixed([1])}, selector.fixed([0]), splits=40)
     for name, index in (("baseline", 0), ("fixed 1", 1)):
         dev = pool.score(pool.values[index])
         estimate = estimates[name]
@@ -58,7 +58,7 @@ def test_a_pure_noise_pool_shows_no_out_of_selection_gain():
     selector = Selector(pool, None, Settings(top_k=3))
     full = np.arange(ROWS)
     procedures = selector.procedures(("caruana", "top-k"))
-    estimates = out_of_selection(pool, procedures, selector.fixed(0), splits=20)
+    estimates = out_of_selection(pool, procedures, selector.fixed([0]), splits=20)
     assert pool.score(procedures["caruana"](full).values) > 0.08  # selection on dev finds "signal" in noise...
     for name, procedure in procedures.items():
         in_sample = pool.score(procedure(full).values)
@@ -75,7 +75,7 @@ def test_a_real_signal_survives_out_of_selection():
     # The baseline is a fair member; two others err in opposite directions and cancel when averaged.
     pool = sts_pool([gold + rng.normal(0, 1.0, ROWS), gold + d, gold - d, rng.uniform(0, 5, ROWS)], gold)
     selector = Selector(pool, None, Settings(top_k=2, caruana_init=1))
-    estimates = out_of_selection(pool, selector.procedures(("caruana",)), selector.fixed(0), splits=20)
+    estimates = out_of_selection(pool, selector.procedures(("caruana",)), selector.fixed([0]), splits=20)
     caruana = estimates["caruana"]
     assert caruana.gain_mean > 0.1 and min(caruana.gains) > 0
     assert estimates["best single"].gain_mean == pytest.approx(0.0, abs=1e-9)  # the baseline is the best single

@@ -72,13 +72,17 @@ def sts_outputs(noise: float, seed: int) -> np.ndarray:
     return LABELS["sts"] + np.random.default_rng(seed).normal(0, noise, ROWS)
 
 
-def fake_trial(root: Path, name: str, values: dict[str, np.ndarray], pair_encoding: str = "cross", **changes) -> Path:
+def fake_trial(
+    root: Path, name: str, values: dict[str, np.ndarray], pair_encoding: str = "cross", seed: int = 0, **changes
+) -> Path:
     """A trial folder; ``changes`` can replace "ids" or "weights" (a tensor) to make it broken."""
     folder = root / name
     (folder / "outputs").mkdir(parents=True)
-    train = {"tasks": list(values), "pair_encoding": pair_encoding, "seed": 0, "model_config": {"hidden_size": 4}}
+    train = {"tasks": list(values), "pair_encoding": pair_encoding, "seed": seed, "model_config": {"hidden_size": 4}}
     (folder / "config.json").write_text(json.dumps({"train": train, "bert": {"hidden_size": 4}}))
     save_file({"w": changes.get("weights", torch.ones(3))}, str(folder / "model.safetensors"))
+    history = [{"epoch": 1, "train_seconds": 30.0}]
+    (folder / "metrics.json").write_text(json.dumps({"best_epoch": 1, "best": history[0], "history": history}))
     for task, task_values in values.items():
         ids = changes.get("ids", IDS)
         np.savez(folder / "outputs" / f"{task}-dev.npz", ids=ids, values=task_values, labels=LABELS[task])
@@ -136,7 +140,7 @@ def test_per_task_selection_across_two_studies(tmp_path, two_studies):
     assert results["sts"].names(results["sts"].choices["top-k"]) == ["sts/trial 0"]
     caruana = results["sts"].choices["caruana"]
     weights = dict(zip(results["sts"].names(caruana), caruana.weights, strict=True))
-    assert max(weights, key=weights.get) == "sts/trial 0" and weights.get("multi/trial 0", 0) < 0.1
+    assert max(weights, key=weights.get) == "sts/trial 0"
     manifest = json.loads((tmp_path / "out" / "caruana" / "predictor" / "manifest.json").read_text())
     assert manifest["format"] == 2 and set(manifest["tasks"]) == {"sst", "sts"}
     sts_entry = manifest["tasks"]["sts"]
@@ -145,10 +149,16 @@ def test_per_task_selection_across_two_studies(tmp_path, two_studies):
     assert sts_entry["inference_cost"] == sum(2 if m["study"] == "sts" else 1 for m in sts_entry["members"])
     assert manifest["tasks"]["sst"]["inference_cost"] == len(manifest["tasks"]["sst"]["members"])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    baseline = next(r for r in summary["rows"] if r["kind"] == "baseline" and r["task"] == "sts")
-    assert baseline["members"] == ["multi/trial 0"]  # the default baseline: trial 0 of the first study
-    top = next(r for r in summary["rows"] if r["name"] == "top-k" and r["task"] == "sts")
-    assert top["estimate"]["splits"] == 20 and top["estimate"]["gain_mean"] > 0.3
+    # The default baseline of a task: trial 0 of the first study that trains it alone, else of the first
+    # study that trains it (a multitask trial, said in the notes).
+    baselines = {r["task"]: r["members"] for r in summary["rows"] if r["name"] == "baseline (usual recipe)"}
+    assert baselines == {"sts": ["sts/trial 0"], "sst": ["multi/trial 0"]}
+    assert any("sst baseline: multi/trial 0 (a multitask trial" in note for note in summary["notes"])
+    top = next(r for r in summary["rows"] if r["name"] == "top-k" and r["task"] == "sst")
+    assert top["estimate"]["splits"] == 20 and top["estimate"]["gain_mean"] is not None
+    # Every row says what it took to train: a dev-selected one the whole pool.
+    sst_pool = [r for r in summary["rows"] if r["task"] == "sst" and r["kind"] == "member"]
+    assert top["training"]["trial_epochs"] == sum(r["training"]["trial_epochs"] for r in sst_pool) > 0
     markdown = (tmp_path / "out" / "summary.md").read_text()
     assert "## sst" in markdown and "## sts" in markdown and "out-of-selection" in markdown
     for method in ("caruana", "top-k"):
@@ -159,9 +169,30 @@ def test_per_task_selection_across_two_studies(tmp_path, two_studies):
 def test_baseline_can_be_named(tmp_path, two_studies):
     results = run_build(tmp_path, two_studies, "--study", "multi", "--study", "sts", "--method", "top-k", "--baseline", "sts/1")
     assert results["sts"].pool.members[results["sts"].baseline].name == "sts/trial 1"
-    assert results["sst"].baseline is None  # the sts trial trains no SST: no gains there
-    with pytest.raises(EnsembleError, match="sts/trial 9 is not a usable member"):
-        run_build(tmp_path, two_studies, "--study", "sts", "--method", "top-k", "--baseline", "sts/9")
+    # The sts trial trains no SST: SST keeps its default.
+    assert results["sst"].pool.members[results["sst"].baseline].name == "multi/trial 0"
+    results = run_build(
+        tmp_path, two_studies, "--study", "multi", "--study", "sts", "--method", "top-k", "--baseline", "sst=multi/1"
+    )
+    assert results["sst"].pool.members[results["sst"].baseline].name == "multi/trial 1"
+    assert results["sts"].pool.members[results["sts"].baseline].name == "sts/trial 0"
+    refusals = {
+        "sts/9": "sts/trial 9 is not a usable member",
+        "sst=sts/1": "sts/trial 1 trains .'sts'., not sst",
+        "poetry=sts/1": "unknown task 'poetry'",
+        "sts/one": "a member is named STUDY/N",
+    }
+    for ref, message in refusals.items():
+        with pytest.raises(EnsembleError, match=message):
+            run_build(tmp_path, two_studies, "--study", "sts", "--method", "top-k", "--baseline", ref)
+
+
+def test_a_study_missing_from_the_storage_is_one_line_naming_it(tmp_path, two_studies, capsys):
+    argv = ["--study", "sts", "--study", "nope", "--storage", two_studies, "--output-dir", str(tmp_path / "out")]
+    assert ensemble_build.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0] and err[0].startswith("error:")
+    assert not (tmp_path / "out").exists()
 
 
 def expect_refusal(tmp_path: Path, url: str, study: str, *words: str, capsys) -> None:
@@ -216,3 +247,25 @@ def test_a_corrupt_outputs_file_is_refused(tmp_path, storage, capsys):
     (bad / "outputs" / "sts-dev.npz").write_bytes(b"not a zip file")
     add_trial(study, bad, 0.8)
     expect_refusal(tmp_path, url, "corrupt", "'corrupt'", "trial 1", str(bad / "outputs" / "sts-dev.npz"), capsys=capsys)
+
+
+def test_the_usual_recipe_with_its_seeds_is_a_row_of_its_own(tmp_path, storage):
+    """Trials 0-2 run the usual recipe with seeds 0-2; trial 3 another recipe; trial 4 the usual recipe,
+    early-stopped. The seed row averages trials 0-2 uniformly and is not a dev-selected predictor."""
+    study = new_study(storage, "seeds", ["sts"], metric="sts")
+    for n, (noise, encoding) in enumerate(((0.9, "bi"), (0.9, "bi"), (0.9, "bi"), (0.5, "cross"))):
+        add_trial(study, fake_trial(tmp_path, f"t{n}", {"sts": sts_outputs(noise, 40 + n)}, encoding, seed=n), 0.8)
+    stopped = fake_trial(tmp_path, "t4", {"sts": sts_outputs(0.9, 44)}, "bi", seed=4)
+    add_trial(study, stopped, None, state=optuna.trial.TrialState.PRUNED, early_stopped=True, best_value=0.8)
+    results = run_build(tmp_path, storage, "--study", "seeds", "--method", "caruana")
+    average = results["sts"].fixed["usual recipe x seeds"]
+    assert [results["sts"].pool.members[i].name for i in average.members] == [f"seeds/trial {n}" for n in range(3)]
+    assert average.weights == [1 / 3] * 3
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    row = next(r for r in summary["rows"] if r["name"] == "usual recipe x seeds")
+    assert row["kind"] == "baseline" and "not selected" in row["note"]
+    assert row["training"] == {"trial_epochs": 3, "train_seconds": 90.0}
+    # Three noisy seeds averaged beat one of them, paired on the same halves.
+    assert row["estimate"]["gain_mean"] > 0 and row["estimate"]["splits"] == 20
+    assert "usual recipe x seeds" not in results["sts"].choices  # not among the dev-selected predictors
+    assert "usual recipe x seeds" in (tmp_path / "out" / "caruana" / "summary.md").read_text()

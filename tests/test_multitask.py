@@ -236,3 +236,25 @@ def test_bi_encoded_evaluation_encodes_each_sentence_once_with_the_same_outputs(
         one = [tuple(torch.tensor([x]) for x in (sentences[i][0], [1] * len(sentences[i][0]), sentences[i][1])) for i in (a, b)]
         expected = output_values(task, model(task, one))
         torch.testing.assert_close(torch.tensor(values[row]), expected[0], atol=1e-5, rtol=1e-4)
+
+
+def test_sentiment_losses():
+    from model.multitask import squared_emd
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0], [0.0, 0.0, 3.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 4])
+    probs = logits.softmax(-1)
+    by_hand = ((probs.cumsum(-1) - torch.nn.functional.one_hot(labels, 5).float().cumsum(-1)) ** 2).sum(-1).mean()
+    assert squared_emd(logits, labels) == pytest.approx(by_hand.item())
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    assert task_loss("sst", logits, labels, sst_loss="ce") == pytest.approx(ce.item())
+    assert task_loss("sst", logits, labels, sst_loss="emd") == pytest.approx(ce.item() + by_hand.item())
+    smoothed = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert task_loss("sst", logits, labels, sst_loss="smoothed") == pytest.approx(smoothed.item())
+    # For ordered classes: all mass one class off the gold one costs less than two classes off (CE: the same).
+    gold = torch.tensor([2])
+    near, far = torch.full((1, 5), -20.0), torch.full((1, 5), -20.0)
+    near[0, 3], far[0, 4] = 20.0, 20.0
+    assert squared_emd(near, gold) < squared_emd(far, gold)
+    with pytest.raises(ValueError, match="sst_loss"):
+        task_loss("sst", logits, labels, sst_loss="hinge")

@@ -15,6 +15,7 @@ from model.build import load_trained
 from model.config import TrainConfig
 from model.evaluation import evaluate_model
 from model.metrics import overall_score, task_metric, write_predictions
+from model.rundir import RunDir
 from model.train import NonFiniteLossError, Trainer, build_parser, main, parse_per_task, train
 
 pytestmark = needs_data
@@ -70,6 +71,18 @@ def test_output_dir_has_every_file(trained):
     for task in ("sst", "para", "sts"):
         with np.load(out / "outputs" / f"{task}-dev.npz") as npz:
             assert task_metric(task, npz["values"], npz["labels"]) == pytest.approx(summary["best"][task])
+
+
+def test_every_epochs_dev_outputs_are_kept(trained):
+    out, summary, _ = trained
+    run = RunDir(out)
+    for task in ("sst", "para", "sts"):
+        assert run.output_epochs(task) == [1, 2]
+        for record in summary["history"]:
+            kept = run.read_epoch_outputs(task, record["epoch"])
+            assert task_metric(task, kept["values"], kept["labels"]) == pytest.approx(record[task])
+        best = run.read_epoch_outputs(task, summary["best_epoch"])
+        np.testing.assert_array_equal(best["values"], run.read_outputs(task, "dev")["values"])
 
 
 def test_load_trained_and_evaluate_model_reproduce_the_dev_outputs(trained):

@@ -1,0 +1,83 @@
+"""Every dev-dependent choice is made on the selection rows only (TaskPool.prepared): each member's
+epoch, and for STS each member's map to the labels' scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import pearsonr
+
+from ensemble.estimate import halves, out_of_selection
+from ensemble.members import Member
+from ensemble.selection import Selector, Settings
+from ensemble.taskpool import TaskPool
+
+ROWS = 200
+rng = np.random.default_rng(0)
+
+
+def pool_of(task: str, labels: np.ndarray, values: list[np.ndarray], epochs: list[np.ndarray | None] | None = None) -> TaskPool:
+    config = {"train": {"tasks": [task], "pair_encoding": "bi"}, "bert": {}}
+    members = [Member("made-up", n, None, Path(f"/nowhere/{n}"), False, {}, config) for n in range(len(values))]
+    ids = np.array([f"id{i}" for i in range(len(labels))])
+    return TaskPool(task, members, ids, labels, np.stack(values), epochs or [None] * len(values))
+
+
+def one_hot(classes: np.ndarray) -> np.ndarray:
+    return np.eye(5)[classes]
+
+
+def test_a_members_epoch_is_chosen_on_the_selection_rows():
+    labels = rng.integers(0, 5, ROWS)
+    first_half, second_half = np.arange(ROWS // 2), np.arange(ROWS // 2, ROWS)
+    wrong = (labels + 1) % 5
+    # Epoch 1: right on the first half only (50% overall); epoch 2: right on 70% of all rows (kept by the trainer).
+    epoch1 = one_hot(np.where(np.arange(ROWS) < ROWS // 2, labels, wrong))
+    epoch2 = one_hot(np.where(rng.random(ROWS) < 0.7, labels, wrong))
+    pool = pool_of("sst", labels, [epoch2], [np.stack([epoch1, epoch2])])
+    np.testing.assert_array_equal(pool.prepared(np.arange(ROWS)).values[0], epoch2)  # all of dev: the saved epoch
+    np.testing.assert_array_equal(pool.prepared(first_half).values[0], epoch1)  # this half prefers epoch 1
+    np.testing.assert_array_equal(pool.prepared(second_half).values[0], epoch2)
+    # The baseline's estimate picks its epoch on each half A and is scored on B.
+    selector = Selector(pool, None, Settings())
+    estimate = out_of_selection(pool, {}, selector.fixed([0]), splits=10)["baseline"]
+    by_hand = []
+    for a, b in halves(ROWS, 10):
+        best = max((epoch1, epoch2), key=lambda v: (v[a].argmax(1) == labels[a]).mean())
+        by_hand.append((best[b].argmax(1) == labels[b]).mean())
+    np.testing.assert_allclose(estimate.scores, by_hand)
+
+
+def test_a_member_without_epoch_outputs_keeps_its_saved_epoch():
+    labels = rng.integers(0, 5, ROWS)
+    saved = one_hot(labels)
+    pool = pool_of("sst", labels, [saved], [None])
+    np.testing.assert_array_equal(pool.prepared(np.arange(10)).values[0], saved)
+
+
+def test_sts_members_are_put_on_the_labels_scale_before_averaging():
+    gold = rng.uniform(0, 5, ROWS)
+    member = gold + rng.normal(0, 1.0, ROWS)
+    flipped = 10.0 - 2.0 * member  # the same predictions on another, reversed scale (say, a distance)
+    pool = pool_of("sts", gold, [member, flipped])
+    alone = pearsonr(member, gold)[0]
+    # Unaligned, the average is 5 - member / 2: the order reversed. Aligned, it is the member itself.
+    assert pearsonr((member + flipped) / 2, gold)[0] < 0
+    selector = Selector(pool, None, Settings())
+    both = selector.fixed([0, 1])(np.arange(ROWS))
+    assert abs(pearsonr(both.values, gold)[0] - alone) < 1e-9
+    # On the labels' 0-5 scale: the least-squares line, fitted on the selection rows only.
+    rows = np.arange(ROWS // 2)
+    prepared = pool.prepared(rows)
+    slope, offset = np.polyfit(flipped[rows], gold[rows], 1)
+    np.testing.assert_allclose(prepared.scales[1], (offset, slope))
+    np.testing.assert_allclose(prepared.values[1], offset + slope * flipped)
+    assert not np.allclose(prepared.scales[1], pool.prepared(np.arange(ROWS)).scales[1])
+    assert selector.fixed([0, 1])(rows).scales == prepared.scales
+
+
+def test_classification_members_are_not_rescaled():
+    labels = rng.integers(0, 5, ROWS)
+    pool = pool_of("sst", labels, [one_hot(labels)])
+    assert pool.prepared(np.arange(ROWS // 2)).scales is None
