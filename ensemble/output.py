@@ -107,7 +107,8 @@ def rows_of(result: TaskResult) -> list[Row]:
 
 def curves_of(result: TaskResult) -> dict[str, Curve]:
     """Dev score against ensemble size: top-n uniform, Caruana's additions, greedy soup candidates."""
-    pool, ranking = result.pool, result.pool.ranking()
+    pool = result.pool.prepared(np.arange(len(result.pool.labels)))  # as the predictors see it (STS on one scale)
+    ranking = pool.ranking()
     curves: dict[str, Curve] = {}
     for n in range(1, len(ranking) + 1):
         weights = np.zeros(len(ranking))
