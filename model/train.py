@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -149,7 +150,7 @@ class Trainer:
     # --- steps
 
     def _batch_loss(self, task: str, batch: Batch) -> torch.Tensor:
-        """The task loss of one batch plus its optional SMART and MNRL terms; raises on NaN/inf."""
+        """The task loss of one batch plus its optional SMART and MNRL terms (_step_total checks it)."""
         cfg, model = self.cfg, self.model
         with autocast(self.device, self.bf16):
             out = model(task, batch.views)
@@ -158,12 +159,19 @@ class Trainer:
                 loss = loss + cfg.smart_weight * smart_loss(model, task, batch.views, out)
             if cfg.mnrl_weight > 0 and task == "para":
                 loss = loss + cfg.mnrl_weight * self._mnrl_loss(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"epoch {self.epoch + 1}, step {self.step + 1}: the {task} loss is {loss.item()}; "
-                f"training diverged (try a lower learning rate than {cfg.lr})"
-            )
         return loss
+
+    def _step_total(self, losses: list[tuple[str, torch.Tensor]]) -> float:
+        """The step's summed loss; raises on NaN/inf. One read from the device per step, not one
+        per task (each read waits for the device to finish its queued work)."""
+        values = torch.stack([loss.float() for _, loss in losses]).tolist()
+        for (task, _), value in zip(losses, values, strict=True):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"epoch {self.epoch + 1}, step {self.step + 1}: the {task} loss is {value}; "
+                    f"training diverged (try a lower learning rate than {self.cfg.lr})"
+                )
+        return sum(values)
 
     def _mnrl_loss(self, batch: Batch) -> torch.Tensor:
         """MNRL on the paraphrase positives of the batch, each sentence encoded alone."""
@@ -179,21 +187,22 @@ class Trainer:
         cfg, model = self.cfg, self.model
         set_learning_rate(self.optimizer, cfg, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        losses: list[tuple[str, torch.Tensor]] = []
         if cfg.surgery == "none" or len(set(tasks)) == 1:
             for task in tasks:
                 loss = self._batch_loss(task, self.streams[task].next().to(self.device))
                 # Backward per batch: the gradients add up to those of the summed loss, and each
                 # batch's graph is freed at once.
                 loss.backward()
-                total += loss.item()
+                losses.append((task, loss.detach()))
         else:
             task_losses: dict[str, torch.Tensor] = {}
             for task in tasks:
                 loss = self._batch_loss(task, self.streams[task].next().to(self.device))
                 task_losses[task] = task_losses[task] + loss if task in task_losses else loss
-                total += loss.item()
+                losses.append((task, loss.detach()))
             self._surgery_backward(task_losses)
+        total = self._step_total(losses)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
         self.optimizer.step()
@@ -221,7 +230,7 @@ class Trainer:
         if self.cfg.surgery == "pcgrad":
             combined = pcgrad(stacked, orders)
         else:
-            index = torch.tensor([self.cfg.tasks.index(t) for t in task_losses])
+            index = torch.tensor([self.cfg.tasks.index(t) for t in task_losses], device="cpu")
             targets = self.gradvac_targets[index][:, index]
             combined, targets = gradvac(stacked, targets, self.cfg.gradvac_beta, orders)
             self.gradvac_targets[index[:, None], index[None, :]] = targets.cpu()

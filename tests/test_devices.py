@@ -1,0 +1,149 @@
+"""The CUDA paths, checked on a machine without a GPU.
+
+No GPU has run this project yet (README). Two stand-ins catch on a CPU the device bugs that a
+first GPU run would hit:
+
+- **The default device set to 'meta'** (``with torch.device("meta")``) while the code runs on real
+  CPU tensors: a tensor created without saying where lands on 'meta', and meeting the run's CPU
+  tensors raises, as a CPU tensor meeting CUDA ones does on a GPU. Covered: gradient surgery, the
+  trainer's step (no surgery, PCGrad, GradVac; SMART and MNRL on) and the dev evaluation
+  (cross- and bi-encoded). Not caught: a CPU tensor indexed by an index on the other device (meta
+  allows it, CUDA refuses), and anything created before the hot path (the model, the optimizer).
+- **OnDevice**, a tensor subclass standing for tensors on a GPU: what is computed from one is one,
+  and each read of its values into Python (item, tolist, bool, float, int, numpy, a copy to the
+  CPU) is counted. On CUDA each read waits for the GPU to finish its queued work.
+
+Beyond these, CUDA itself stays untested: its kernels (bf16 autocast on a GPU, agreement with the
+CPU's numbers), its speed and memory, several trials sharing one GPU, and Ray handing out GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_model import needs_data, tiny_config
+
+from data.batching import Batch
+from model.config import TrainConfig
+from model.evaluation import evaluate_splits
+from model.surgery import gradvac, pcgrad, random_orders
+from model.train import Trainer
+
+TORCH_DIR = os.path.dirname(torch.__file__)
+VALUE_READS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.numpy,
+    torch.Tensor.cpu,
+}
+
+
+class OnDevice(torch.Tensor):
+    """A CPU tensor that plays one on a GPU; ``reads`` lists the reads of such tensors' values."""
+
+    reads: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in VALUE_READS or (func is torch.Tensor.to and cls._to_cpu(args, kwargs)):
+            cls.reads.append(func.__name__)
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)  # what is read is a plain tensor or value again
+        return super().__torch_function__(func, types, args, kwargs)
+
+    @staticmethod
+    def _to_cpu(args: tuple, kwargs: dict) -> bool:
+        # torch's own same-device moves (clip_grad_norm_ stacking norms on the first grad's device)
+        # name the CPU here only because the stand-in lives there: not a read.
+        if sys._getframe(2).f_code.co_filename.startswith(TORCH_DIR):
+            return False
+        return any(str(a) == "cpu" for a in (*args[1:], kwargs.get("device")))
+
+
+@pytest.fixture
+def reads() -> list[str]:
+    OnDevice.reads = []
+    return OnDevice.reads
+
+
+GRADS = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+GRADVAC_TARGETS = torch.zeros(3, 3)
+
+
+def surgery_run(surgery: str, grads: torch.Tensor) -> torch.Tensor:
+    orders = random_orders(3, random.Random(0))
+    if surgery == "pcgrad":
+        return pcgrad(grads, orders)
+    return gradvac(grads, GRADVAC_TARGETS, 0.1, orders)[0]
+
+
+@pytest.mark.parametrize("surgery", ["pcgrad", "gradvac"])
+def test_surgery_creates_no_tensor_off_its_inputs_devices(surgery):
+    expected = surgery_run(surgery, GRADS)
+    with torch.device("meta"):
+        actual = surgery_run(surgery, GRADS)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("surgery", ["pcgrad", "gradvac"])
+def test_surgery_reads_the_gradients_device_once(surgery, reads):
+    combined = surgery_run(surgery, GRADS.as_subclass(OnDevice))
+    assert reads == ["to"]  # the (tasks, tasks) Gram matrix, copied to the CPU; no read per task pair
+    assert isinstance(combined, OnDevice)  # the combination is made on the gradients' device
+
+
+def make_trainer(tmp_path: Path, **overrides) -> Trainer:
+    cfg = TrainConfig.from_dict(tiny_config(predict_test=False, **overrides))
+    return Trainer(cfg, tmp_path, None, fresh=True)
+
+
+STEP_SETTINGS = {
+    "none": {"surgery": "none"},
+    "pcgrad": {"surgery": "pcgrad"},
+    "gradvac, SMART, MNRL": {"surgery": "gradvac", "smart_weight": 1.0, "mnrl_weight": 1.0},
+}
+
+
+@needs_data
+@pytest.mark.parametrize("settings", STEP_SETTINGS.values(), ids=STEP_SETTINGS)
+def test_the_trainer_step_creates_no_tensor_off_its_inputs_devices(settings, tmp_path):
+    trainer = make_trainer(tmp_path, **settings)
+    with torch.device("meta"):
+        loss = trainer._train_step(list(trainer.cfg.tasks))
+    assert loss > 0
+    assert all(p.device.type == "cpu" for p in trainer.model.parameters())
+
+
+@needs_data
+def test_the_evaluation_creates_no_tensor_off_its_inputs_devices(tmp_path):
+    trainer = make_trainer(tmp_path)  # para cross-encoded, STS bi-encoded: both evaluation paths
+    with torch.device("meta"):
+        metrics, outputs = evaluate_splits(trainer.model, trainer.dev_splits)
+    assert set(metrics) == {"sst", "para", "sts", "overall"}
+
+
+@needs_data
+@pytest.mark.parametrize("surgery", ["none", "pcgrad", "gradvac"])
+def test_a_step_reads_its_losses_from_the_device_once(surgery, tmp_path, monkeypatch, reads):
+    """Batches moved to the "GPU" are OnDevice, and so is every loss computed from them; the step
+    reads the losses once, to check them and to return their sum (not once per task)."""
+    to_device = Batch.to
+
+    def to_on_device(batch: Batch, device: torch.device) -> Batch:
+        moved = to_device(batch, device)
+        views = [tuple(t.as_subclass(OnDevice) for t in view) for view in moved.views]
+        return Batch(moved.index, views, moved.labels.as_subclass(OnDevice))
+
+    monkeypatch.setattr(Batch, "to", to_on_device)
+    trainer = make_trainer(tmp_path, surgery=surgery)
+    trainer._train_step(list(trainer.cfg.tasks))
+    assert reads == ["tolist"]
