@@ -22,6 +22,20 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def device_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The random state of the GPU in use, for last.pt; None on the CPU (torch.get_rng_state has it).
+    Not get_rng_state_all: its one state per visible GPU cannot be restored where fewer are visible
+    (a last.pt written with 8 GPUs visible, resumed by a Ray trial that sees one)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def set_device_rng_state(device: torch.device, state: torch.Tensor | list | None) -> None:
+    """Restore ``device_rng_state``'s state on ``device``. A state saved on a CPU (None; [] in a
+    last.pt from before this function) leaves the GPU's as seeded; a GPU's state on a CPU is unused."""
+    if device.type == "cuda" and isinstance(state, torch.Tensor):
+        torch.cuda.set_rng_state(state.cpu(), device)
+
+
 # torch's CPU feature probes (private, but the only way to ask; absent probes count as "no").
 BF16_MATMUL_PROBES = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
 

@@ -34,7 +34,7 @@ from model.config import CHOICE_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainCo
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
 from model.rundir import RunDir, RunFileError
-from model.runtime import autocast, release_free_memory, resolve_device, use_bf16
+from model.runtime import autocast, device_rng_state, release_free_memory, resolve_device, set_device_rng_state, use_bf16
 from model.schedules import default_steps_per_epoch, set_learning_rate, step_tasks, task_probabilities
 from model.smart import smart_loss
 from model.splits import load_split
@@ -104,7 +104,7 @@ class Trainer:
             "streams": {t: s.state_dict() for t, s in self.streams.items()},
             "sampler": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "cuda_rng": device_rng_state(self.device),
             "gradvac_targets": self.gradvac_targets,
             "epoch": self.epoch,
             "step": self.step,
@@ -137,8 +137,7 @@ class Trainer:
         version, internal, gauss = state["sampler"]
         self.rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch_rng"].cpu())
-        if self.device.type == "cuda" and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        set_device_rng_state(self.device, state["cuda_rng"])
         self.gradvac_targets = state["gradvac_targets"].cpu()
         self.epoch, self.step, self.history, self.best = state["epoch"], state["step"], state["history"], state["best"]
 

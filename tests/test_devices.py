@@ -147,3 +147,50 @@ def test_a_step_reads_its_losses_from_the_device_once(surgery, tmp_path, monkeyp
     trainer = make_trainer(tmp_path, surgery=surgery)
     trainer._train_step(list(trainer.cfg.tasks))
     assert reads == ["tolist"]
+
+
+class FakeGpus:
+    """torch.cuda's random-state functions on a machine that shows ``visible`` GPUs; a GPU index
+    beyond them raises IndexError, as torch's own functions do."""
+
+    def __init__(self, visible: int):
+        self.visible = visible
+        self.states = {i: torch.full((8,), i, dtype=torch.uint8) for i in range(visible)}
+
+    def _index(self, device: int | str | torch.device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        if index >= self.visible:
+            raise IndexError(f"GPU {index} of {self.visible} visible")
+        return index
+
+    def get_rng_state(self, device: int | str | torch.device = "cuda") -> torch.Tensor:
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, state: torch.Tensor, device: int | str | torch.device = "cuda") -> None:
+        self.states[self._index(device)] = state.clone()
+
+    def get_rng_state_all(self) -> list[torch.Tensor]:
+        return [self.get_rng_state(i) for i in range(self.visible)]
+
+    def set_rng_state_all(self, states: list[torch.Tensor]) -> None:
+        for index, state in enumerate(states):
+            self.set_rng_state(state, index)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+
+@needs_data
+def test_resume_restores_the_random_state_of_the_gpu_in_use_whatever_the_gpus_visible(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, tasks=["sts"])
+    trainer.device = torch.device("cuda")  # the trainer as it runs on a GPU; its tensors stay on the CPU
+    written = FakeGpus(visible=8)  # last.pt written where 8 GPUs were visible ...
+    written.states[0] = torch.full((8,), 42, dtype=torch.uint8)
+    written.install(monkeypatch)
+    state = trainer._state()
+    resumed = FakeGpus(visible=1)  # ... and resumed by a Ray trial that sees one
+    resumed.install(monkeypatch)
+    monkeypatch.setattr(trainer.run_dir, "load_state", lambda device: state)
+    trainer._resume()
+    assert torch.equal(resumed.states[0], written.states[0])
