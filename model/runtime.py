@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,8 +19,20 @@ def resolve_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
+        raise ValueError(f"device {name!r} requested but CUDA is not available: {why_no_cuda()}")
     return device
+
+
+def why_no_cuda() -> str:
+    """Why torch.cuda.is_available() is False, in one line: a CPU-only torch and an unusable GPU
+    or driver look alike from outside, and a trial that Ray gave a GPU must say which."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} in {sys.executable} is built without CUDA (a CPU-only wheel); install a CUDA build"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (
+        f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but finds no usable GPU "
+        f"(CUDA_VISIBLE_DEVICES={visible!r}); is the NVIDIA driver installed and loaded (nvidia-smi)?"
+    )
 
 
 def device_rng_state(device: torch.device) -> torch.Tensor | None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import needs_data, tiny_config
+from tiny_model import DATA_DIR, TINY_BERT, needs_data, tiny_config
 
 from data.batching import Batch
 from model.config import TrainConfig
@@ -194,3 +194,24 @@ def test_resume_restores_the_random_state_of_the_gpu_in_use_whatever_the_gpus_vi
     monkeypatch.setattr(trainer.run_dir, "load_state", lambda device: state)
     trainer._resume()
     assert torch.equal(resumed.states[0], written.states[0])
+
+
+@needs_data
+def test_a_trial_given_a_gpu_that_cannot_use_cuda_fails_naming_the_cause(tmp_path, monkeypatch):
+    from search.adapters import TRIAL_NUMBER_KEY
+    from search.study import load_spec
+    from search.trial import TrialJob, run_trial
+
+    model_config = ", ".join(f"{k} = {v}" for k, v in TINY_BERT.items())
+    study_file = tmp_path / "gpu.toml"
+    study_file.write_text(
+        'tasks = ["sts"]\n[objective]\nmetric = "sts"\n'
+        "[budget]\ntrials = 1\nmax_epochs = 1\ngrace_period = 1\ngpus_per_trial = 0.25\n"
+        "[search]\nlr = { choices = [1e-3] }\n"
+        f"[fixed]\nmodel_config = {{ {model_config} }}\ntrain_limit = 16\neval_limit = 8\npredict_test = false\n"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch in the venv
+    job = TrialJob(study=load_spec(study_file), artifacts_root=str(tmp_path / "trials"), data_dir=str(DATA_DIR))
+    with pytest.raises(ValueError, match=r"CUDA is not available: torch \S+ in \S+ is built without CUDA"):
+        run_trial({TRIAL_NUMBER_KEY: 0, "lr": 1e-3}, job)

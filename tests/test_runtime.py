@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 
-from model.runtime import release_free_memory
+from model.runtime import release_free_memory, resolve_device
 
 
 def resident_mib() -> int:
@@ -36,3 +36,16 @@ def test_memory_freed_in_another_thread_goes_back_to_the_system():
     after = resident_mib()
     assert held - before > 200, (before, held)  # the premise: freed but still resident
     assert after - before < 50, (before, held, after)
+
+
+def test_cuda_asked_for_but_unusable_names_the_cause(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(ValueError, match=r"'cuda' requested but CUDA is not available: torch \S+ in \S+ is built without CUDA"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ValueError, match=r"built for CUDA 12.8 but finds no usable GPU \(CUDA_VISIBLE_DEVICES='3'\).*driver"):
+        resolve_device("cuda:0")
+    assert resolve_device(None) == torch.device("cpu")  # nothing asked for: the CPU
+
