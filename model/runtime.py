@@ -62,9 +62,26 @@ def cpu_has_bf16_matmul() -> bool:
     return any(bool(probe and probe()) for probe in probes)
 
 
+def cuda_has_bf16_matmul() -> bool:
+    """Whether the GPU in use (torch's current device) has bf16 tensor cores (Ampere, compute
+    capability 8.0, and later). Earlier GPUs emulate bf16, slower than fp32: say so once, and use fp32."""
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return True
+    name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    _say_once(f"note: {name} (compute capability {major}.{minor}) has no native bf16; precision auto uses fp32")
+    return False
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_matmul())
+        if device.type == "cuda":
+            return cuda_has_bf16_matmul()
+        return device.type == "cpu" and cpu_has_bf16_matmul()
     return precision == "bf16"
 
 
