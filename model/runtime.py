@@ -100,13 +100,17 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 
 def release_free_memory() -> None:
-    """Give the memory that the allocator holds but nothing uses back to the system (glibc only).
+    """Give the memory that the allocators hold but nothing uses back to the system (glibc) and to
+    the GPU's other processes (torch's CUDA caching allocator).
 
     glibc keeps freed heap memory in per-thread arenas: a Ray actor reused for trial after trial,
     each in a new thread, grew to 7.2 GiB during one study although a trial needs about 2 GiB
     (README, "Memory"). ``malloc_trim`` returns it; it costs milliseconds, so it runs once an epoch
-    and after each trial."""
+    and after each trial. On a GPU shared by several trials (a fractional gpus_per_trial), the
+    blocks one trial's allocator caches are memory the others cannot have until ``empty_cache``."""
     gc.collect()  # cycles that still hold tensors
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

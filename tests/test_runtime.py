@@ -71,3 +71,13 @@ def test_cuda_asked_for_but_unusable_names_the_cause(monkeypatch):
         resolve_device("cuda:0")
     assert resolve_device(None) == torch.device("cpu")  # nothing asked for: the CPU
 
+
+def test_release_free_memory_empties_the_cuda_cache_once_cuda_is_in_use(monkeypatch):
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    release_free_memory()
+    assert emptied == []  # a CPU run does not start CUDA to empty it
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    release_free_memory()
+    assert emptied == [True]
