@@ -34,13 +34,14 @@ class Batch:
 
 
 def pad(seqs: list[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Batches are built on the host (device="cpu" said, not assumed) and moved by Batch.to.
     width = max(len(ids) for ids, _ in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    types = torch.zeros((len(seqs), width), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long, device="cpu")
+    types = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(seqs), width), dtype=torch.long, device="cpu")
     for row, (ids, type_ids) in enumerate(seqs):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        types[row, : len(ids)] = torch.tensor(type_ids)
+        input_ids[row, : len(ids)] = torch.tensor(ids, device="cpu")
+        types[row, : len(ids)] = torch.tensor(type_ids, device="cpu")
         mask[row, : len(ids)] = 1
     return input_ids, mask, types
 
@@ -51,8 +52,8 @@ def make_batch(split: EncodedSplit, index: list[int], pad_id: int = 0) -> Batch:
     if split.labels is not None:
         values = [split.labels[i] for i in index]
         dtype = torch.long if isinstance(values[0], int) else torch.float
-        labels = torch.tensor(values, dtype=dtype)
-    return Batch(torch.tensor(index), views, labels)
+        labels = torch.tensor(values, dtype=dtype, device="cpu")
+    return Batch(torch.tensor(index, device="cpu"), views, labels)
 
 
 def length(split: EncodedSplit, i: int) -> int:

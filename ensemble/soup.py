@@ -6,8 +6,9 @@ tasks and head settings, the same initial weights (model_path, or model_config, 
 encoder is randomly initialised or a head has parameters, since the trainer draws those from the
 seed), and the same tensor names and shapes. A soup is judged by running it on dev once per member
 set; those runs are cached in memory and on disk with joblib.Memory, keyed by the checkpoints' and
-data files' identities, so that the per-task soups, their estimates on halves of dev, and reruns
-share evaluations.
+data files' identities and by the device and precision they ran with (a GPU's bf16 outputs are not
+a CPU's fp32 ones), so that the per-task soups, their estimates on halves of dev, and reruns share
+evaluations.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from data.files import TASKS, resolve_data_dir
 from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
 from model.bert import default_model_path, load_strict
-from model.config import value_for_task
+from model.config import TrainConfig, value_for_task
 from model.rundir import RunDir
+from model.runtime import resolve_device, use_bf16
 
 # Trainer settings that decide which parameters exist and what they start from.
 HEAD_KEYS = ("tasks", "pair_encoding", "pooling", "sst_head", "sts_head")
@@ -146,7 +148,7 @@ def run_soup(
 ) -> Outputs:
     """Build the soup of ``checkpoints`` (fingerprints of model.safetensors files) and run it on
     ``split`` with the first member's config. ``cache_key`` (that config's and the data files'
-    fingerprints) only tells joblib.Memory when a cached result is stale."""
+    fingerprints, the precision) only tells joblib.Memory when a cached result is stale."""
     from model.build import load_trained
     from model.evaluation import evaluate_model
 
@@ -174,10 +176,14 @@ class SoupEvaluator:
         if (checkpoints, split) not in self.seen:
             tasks = members[0].tasks
             data_files = tuple(fingerprint(TASKS[t].path(split, self.data_dir)) for t in tasks)
-            cache_key = (fingerprint(members[0].run.config_file), data_files)
+            # The device as resolved (None means a GPU on one machine, the CPU on another) and the
+            # precision evaluate_model will use on it: the outputs differ with each.
+            device = resolve_device(self.device)
+            bf16 = use_bf16(members[0].config["train"].get("precision", TrainConfig.precision), device)
+            cache_key = (fingerprint(members[0].run.config_file), data_files, "bf16" if bf16 else "fp32")
             if self.run is None:
                 self.run = joblib.Memory(None if self.cache_dir is None else str(self.cache_dir), verbose=0).cache(run_soup)
-            self.seen[checkpoints, split] = self.run(checkpoints, None, split, self.data_dir, self.device, cache_key)
+            self.seen[checkpoints, split] = self.run(checkpoints, None, split, self.data_dir, str(device), cache_key)
         return self.seen[checkpoints, split]
 
 

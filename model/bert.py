@@ -89,7 +89,7 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu":
             return super().forward(x)
-        keep = torch.empty(x.shape, dtype=torch.int32).random_() < round((1.0 - self.p) * 2**31)
+        keep = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_() < round((1.0 - self.p) * 2**31)
         return x * keep * (1.0 / (1.0 - self.p))
 
 

@@ -47,6 +47,19 @@ def _check(grads: torch.Tensor, orders: list[list[int]] | None) -> list[list[int
     return orders
 
 
+def _gram_and_identity(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gram matrix G = grads grads^T and the identity coefficients, both (tasks, tasks) float64
+    on the CPU. The coefficient loops branch on G's entries pair by pair: on the CPU that costs one
+    copy from the gradients' device, not one sync per pair."""
+    gram = (grads @ grads.T).to("cpu", torch.float64)
+    return gram, torch.eye(grads.shape[0], dtype=torch.float64, device="cpu")
+
+
+def _combine(coef: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """sum_i coef[i] . grads on the gradients' device: the one (params,)-sized operation."""
+    return coef.sum(0).to(grads.device, torch.float32) @ grads
+
+
 def sum_gradients(grads: torch.Tensor) -> torch.Tensor:
     return grads.sum(0)
 
@@ -60,14 +73,13 @@ def pcgrad(grads: torch.Tensor, orders: list[list[int]] | None = None) -> torch.
     read twice, once for G and once for the final sum, however many projections there are."""
     orders = _check(grads, orders)
     grads = grads.float()
-    gram = (grads @ grads.T).double()  # (tasks, tasks); the few coefficients are worked out in float64
-    coef = torch.eye(grads.shape[0], dtype=torch.float64)
+    gram, coef = _gram_and_identity(grads)
     for i, order in enumerate(orders):
         for j in order:
             dot = coef[i] @ gram[:, j]
             if dot < 0 and gram[j, j] > EPS:
                 coef[i, j] -= dot / gram[j, j]
-    return coef.sum(0).float() @ grads
+    return _combine(coef, grads)
 
 
 def gradvac(
@@ -76,18 +88,17 @@ def gradvac(
     beta: float,
     orders: list[list[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GradVac; returns (combined gradient, updated targets). ``targets[i, j]`` is the EMA target
-    cosine of the pair (i, j) and is not modified in place."""
+    """GradVac; returns (combined gradient, updated targets on the CPU). ``targets[i, j]`` is the
+    EMA target cosine of the pair (i, j) and is not modified in place."""
     orders = _check(grads, orders)
     num_tasks = grads.shape[0]
     if targets.shape != (num_tasks, num_tasks):
         raise ValueError(f"targets must have shape ({num_tasks}, {num_tasks}), got {tuple(targets.shape)}")
     grads = grads.float()
-    targets = targets.to(grads.device, torch.float32, copy=True)
+    targets = targets.to("cpu", torch.float32, copy=True)  # updated pair by pair, beside the Gram matrix
     # As in pcgrad: vaccinated_i = sum_k coef[i, k] g_k, its norms and dot products from the Gram matrix.
-    gram = (grads @ grads.T).double()
+    gram, coef = _gram_and_identity(grads)
     norms = gram.diagonal().sqrt()
-    coef = torch.eye(num_tasks, dtype=torch.float64)
     for i, order in enumerate(orders):
         for j in order:
             norm_i = (coef[i] @ gram @ coef[i]).clamp(min=0).sqrt()
@@ -99,4 +110,4 @@ def gradvac(
                 weight = norm_i * (target * (1 - phi**2).sqrt() - phi * (1 - target**2).sqrt())
                 coef[i, j] += weight / (norms[j] * (1 - target**2).sqrt().clamp(min=EPS))
             targets[i, j] = ((1 - beta) * target + beta * phi).float()
-    return coef.sum(0).float() @ grads, targets
+    return _combine(coef, grads), targets

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -33,7 +34,7 @@ from model.config import CHOICE_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainCo
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
 from model.rundir import RunDir, RunFileError
-from model.runtime import autocast, release_free_memory, resolve_device, use_bf16
+from model.runtime import autocast, device_rng_state, release_free_memory, resolve_device, set_device_rng_state, use_bf16
 from model.schedules import default_steps_per_epoch, set_learning_rate, step_tasks, task_probabilities
 from model.smart import smart_loss
 from model.splits import load_split
@@ -103,7 +104,7 @@ class Trainer:
             "streams": {t: s.state_dict() for t, s in self.streams.items()},
             "sampler": self.rng.getstate(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "cuda_rng": device_rng_state(self.device),
             "gradvac_targets": self.gradvac_targets,
             "epoch": self.epoch,
             "step": self.step,
@@ -136,8 +137,7 @@ class Trainer:
         version, internal, gauss = state["sampler"]
         self.rng.setstate((version, tuple(internal), gauss))
         torch.set_rng_state(state["torch_rng"].cpu())
-        if self.device.type == "cuda" and state["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        set_device_rng_state(self.device, state["cuda_rng"])
         self.gradvac_targets = state["gradvac_targets"].cpu()
         self.epoch, self.step, self.history, self.best = state["epoch"], state["step"], state["history"], state["best"]
 
@@ -149,7 +149,7 @@ class Trainer:
     # --- steps
 
     def _batch_loss(self, task: str, batch: Batch) -> torch.Tensor:
-        """The task loss of one batch plus its optional SMART and MNRL terms; raises on NaN/inf."""
+        """The task loss of one batch plus its optional SMART and MNRL terms (_step_total checks it)."""
         cfg, model = self.cfg, self.model
         with autocast(self.device, self.bf16):
             out = model(task, batch.views)
@@ -158,12 +158,19 @@ class Trainer:
                 loss = loss + cfg.smart_weight * smart_loss(model, task, batch.views, out)
             if cfg.mnrl_weight > 0 and task == "para":
                 loss = loss + cfg.mnrl_weight * self._mnrl_loss(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"epoch {self.epoch + 1}, step {self.step + 1}: the {task} loss is {loss.item()}; "
-                f"training diverged (try a lower learning rate than {cfg.lr})"
-            )
         return loss
+
+    def _step_total(self, losses: list[tuple[str, torch.Tensor]]) -> float:
+        """The step's summed loss; raises on NaN/inf. One read from the device per step, not one
+        per task (each read waits for the device to finish its queued work)."""
+        values = torch.stack([loss.float() for _, loss in losses]).tolist()
+        for (task, _), value in zip(losses, values, strict=True):
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"epoch {self.epoch + 1}, step {self.step + 1}: the {task} loss is {value}; "
+                    f"training diverged (try a lower learning rate than {self.cfg.lr})"
+                )
+        return sum(values)
 
     def _mnrl_loss(self, batch: Batch) -> torch.Tensor:
         """MNRL on the paraphrase positives of the batch, each sentence encoded alone."""
@@ -179,21 +186,22 @@ class Trainer:
         cfg, model = self.cfg, self.model
         set_learning_rate(self.optimizer, cfg, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        losses: list[tuple[str, torch.Tensor]] = []
         if cfg.surgery == "none" or len(set(tasks)) == 1:
             for task in tasks:
                 loss = self._batch_loss(task, self.streams[task].next().to(self.device))
                 # Backward per batch: the gradients add up to those of the summed loss, and each
                 # batch's graph is freed at once.
                 loss.backward()
-                total += loss.item()
+                losses.append((task, loss.detach()))
         else:
             task_losses: dict[str, torch.Tensor] = {}
             for task in tasks:
                 loss = self._batch_loss(task, self.streams[task].next().to(self.device))
                 task_losses[task] = task_losses[task] + loss if task in task_losses else loss
-                total += loss.item()
+                losses.append((task, loss.detach()))
             self._surgery_backward(task_losses)
+        total = self._step_total(losses)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
         self.optimizer.step()
@@ -221,7 +229,7 @@ class Trainer:
         if self.cfg.surgery == "pcgrad":
             combined = pcgrad(stacked, orders)
         else:
-            index = torch.tensor([self.cfg.tasks.index(t) for t in task_losses])
+            index = torch.tensor([self.cfg.tasks.index(t) for t in task_losses], device="cpu")
             targets = self.gradvac_targets[index][:, index]
             combined, targets = gradvac(stacked, targets, self.cfg.gradvac_beta, orders)
             self.gradvac_targets[index[:, None], index[None, :]] = targets.cpu()

@@ -4,8 +4,11 @@ setup, ratios with their median and spread, and the Markdown tables it prints.""
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 
 @dataclass
@@ -28,6 +31,14 @@ FROZEN_WORD_EMBEDDINGS = "ours, frozen word emb."
 
 
 Timed = dict[tuple[str, str], list[list[Step]]]  # per (setup, precision): per repeat, its timed steps
+
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once ``device`` has finished the work queued on it: CUDA runs
+    asynchronously, and a step timed without synchronize measures how fast it was queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def measure(setups: dict[tuple[str, str], Setup], steps: int, warmup: int, repeats: int) -> Timed:

@@ -48,6 +48,10 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     train_config = job.study.train_config(params, number)
     # One torch thread per reserved CPU, so that concurrent trials do not fight over the cores.
     train_config.setdefault("threads", max(1, int(job.study.budget.cpus_per_trial)))
+    if job.study.budget.gpus_per_trial > 0:
+        # Given a GPU, train on it or fail saying why CUDA is unusable (resolve_device), never
+        # quietly on the CPU: a CPU-only torch in the venv and a broken driver look alike otherwise.
+        train_config.setdefault("device", "cuda")
     reported: set[int] = set()
 
     def report(metrics: dict) -> None:

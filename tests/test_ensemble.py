@@ -371,3 +371,27 @@ def test_soup_evaluations_are_cached_until_a_checkpoint_changes(tmp_path, runs, 
     os.utime(weights_file, ns=(weights_file.stat().st_atime_ns, weights_file.stat().st_mtime_ns + 10**9))
     with pytest.raises(AssertionError, match="the model ran"):
         SoupEvaluator(DATA_DIR, "cpu", tmp_path / "cache")(members)
+
+
+def test_soup_evaluations_are_cached_per_device_and_precision(tmp_path, runs, monkeypatch):
+    """The key is the device as resolved (None is the CPU here, a GPU elsewhere) and the precision
+    evaluate_model uses on it: outputs computed in bf16, or on a GPU, are not another setup's."""
+    import model.build
+    import model.runtime
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tiny_study(url, "keys", runs[:1])
+    members = load_pool(["keys"], url).members
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(model.runtime, "cpu_has_bf16_matmul", lambda: False)
+    SoupEvaluator(DATA_DIR, None, cache)(members)  # fp32 on the CPU
+
+    def no_model_runs(*args, **kwargs):
+        raise AssertionError("the model ran although the result was cached")
+
+    monkeypatch.setattr(model.build, "load_trained", no_model_runs)
+    SoupEvaluator(DATA_DIR, "cpu", cache)(members)  # the same device by name: cached
+    for device, bf16_cpu in (("cpu", True), ("meta", False)):
+        monkeypatch.setattr(model.runtime, "cpu_has_bf16_matmul", lambda bf16_cpu=bf16_cpu: bf16_cpu)
+        with pytest.raises(AssertionError, match="the model ran"):
+            SoupEvaluator(DATA_DIR, device, cache)(members)

@@ -16,7 +16,7 @@ from model.optimizer import AdamW, param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is not an installed package
 
-from scripts.benchmark_speed import apply_levers, train_flops  # noqa: E402
+from scripts.benchmark_speed import TrainerStep, apply_levers, train_flops  # noqa: E402
 from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, fp32_flops_per_cycle, machine  # noqa: E402
 from scripts.speed_timing import FROZEN_WORD_EMBEDDINGS, Step, case_ratios, ratio  # noqa: E402
 
@@ -93,3 +93,16 @@ def test_freezing_the_word_embeddings_leaves_them_out_of_the_update():
     optimizer.step()
     assert words.grad is None and torch.equal(words, before)
     assert model.embeddings.position_embeddings.weight.grad is not None
+
+
+def test_the_multitask_step_is_timed_after_the_gpu_finished_it(monkeypatch):
+    """CUDA queues work and returns: the clock is read after torch.cuda.synchronize, before and after."""
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("synchronize"))
+    setup = TrainerStep.__new__(TrainerStep)  # its trainer stood in for: one on a GPU
+    setup.trainer = argparse.Namespace(
+        device=torch.device("cuda"), cfg=argparse.Namespace(tasks=["sts"]), _train_step=lambda tasks: events.append("step")
+    )
+    setup.recorders, setup.config = {}, BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    setup.step()
+    assert events == ["synchronize", "step", "synchronize"]

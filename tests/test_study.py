@@ -261,3 +261,22 @@ def test_param_contains_checks_type_range_and_step():
     assert lr.contains(1e-4) and lr.contains(1e-5) and not lr.contains(2e-3) and not lr.contains("1e-4")
     layers = Param("freeze_layers", "int", low=0, high=4, step=2)
     assert layers.contains(2) and not layers.contains(3) and not layers.contains(2.0) and not layers.contains(False)
+
+
+def test_multitask_gpu_packs_trials_on_a_gpu_and_ray_is_asked_for_that_share():
+    from ray import tune
+
+    from search.cluster import check_resources
+    from search.tuner import trial_resources
+
+    budget = load_spec("multitask-gpu").budget
+    assert 0 < budget.gpus_per_trial < 1 and budget.max_concurrent * budget.gpus_per_trial <= 1  # all on one GPU
+    trainable = tune.with_resources(lambda config: None, trial_resources(budget))
+    assert trainable._resources.bundles == [{"CPU": budget.cpus_per_trial, "GPU": budget.gpus_per_trial}]
+    check_resources(budget.cpus_per_trial, budget.gpus_per_trial, [{"Alive": True, "Resources": {"CPU": 16, "GPU": 1}}])
+
+
+def test_a_fractional_gpu_share_parses_and_overrides(tmp_path):
+    study = load_spec(write(tmp_path, GOOD.replace("grace_period = 1", "grace_period = 1\ngpus_per_trial = 0.5")))
+    assert study.budget.gpus_per_trial == 0.5
+    assert study.with_budget(gpus_per_trial=0.125).budget.gpus_per_trial == 0.125  # --gpus-per-trial 0.125

@@ -104,7 +104,7 @@ def test_trainer_applies_surgery_to_the_encoder_and_gives_heads_their_own_gradie
     cfg = TrainConfig.from_dict(tiny_config(surgery=surgery, dropout=0.0, model_config=no_dropout, predict_test=False))
     trainer = Trainer(cfg, output_dir=tmp_path, report=None, fresh=True)
     model = trainer.model
-    batches = {task: trainer.streams[task].next() for task in cfg.tasks}
+    batches = {task: trainer.streams[task].next().to(trainer.device) for task in cfg.tasks}
 
     def losses() -> dict[str, torch.Tensor]:
         return {task: trainer._batch_loss(task, batch) for task, batch in batches.items()}

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_model import needs_data, tiny_config
+from tiny_model import DEVICE, needs_data, tiny_config
 
 from data.atomic import atomic_write
 from model.build import load_trained
@@ -143,12 +143,17 @@ def test_test_predictions_come_before_the_last_report(tmp_path):
 
 
 def _same(a: dict, b: dict) -> None:
-    """Equal histories apart from the wall-clock times."""
+    """Equal histories apart from the wall-clock times: exactly on the CPU; elsewhere (not
+    deterministic, tiny_model.DEVICE) within one dev example's share of accuracy."""
 
     def drop(history: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "train_seconds"} for r in history]
 
-    assert drop(a["history"]) == drop(b["history"])
+    if DEVICE.type == "cpu":
+        assert drop(a["history"]) == drop(b["history"])
+        return
+    for ours, theirs in zip(drop(a["history"]), drop(b["history"]), strict=True):
+        assert ours == pytest.approx(theirs, abs=1 / tiny_config()["eval_limit"])
 
 
 def test_resume_with_another_config_is_an_error_unless_fresh(tmp_path):

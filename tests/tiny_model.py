@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.runtime import resolve_device
+
 # Tiny models run fastest on one thread; two threads on a busy 2-core machine mostly spin.
 torch.set_num_threads(1)
+# Where the trainer runs in these tests (they set no device): a GPU where there is one. Two runs of
+# one seed, or a run and its resume, agree bit for bit on the CPU only: CUDA kernels (atomic adds
+# in the embedding's backward, ...) vary from run to run unless torch.use_deterministic_algorithms.
+DEVICE = resolve_device(None)
 
 DATA_DIR = Path(os.environ.get("MINBERT_DATA", Path(__file__).resolve().parent.parent / "datasets"))
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
