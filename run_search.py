@@ -13,6 +13,14 @@ from pathlib import Path
 
 from search.cluster import prepare_token_auth
 from search.storage import DEFAULT_STORAGE_URL, RESULTS_DIR_ENV
+from search.timebudget import parse_duration
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, help="override budget.max_concurrent")
     parser.add_argument("--cpus-per-trial", type=float, help="override budget.cpus_per_trial")
     parser.add_argument("--gpus-per-trial", type=float, help="override budget.gpus_per_trial")
+    parser.add_argument(
+        "--time-budget",
+        type=duration,
+        metavar="DURATION",
+        help="wall-clock budget of this run, e.g. 15m or 1.5h (overrides budget.time): no trial starts that cannot "
+        "finish, trials stop in time (recorded as early-stopped); --resume continues with a new budget",
+    )
     parser.add_argument("--name", help="name of the Optuna study and results folder (default: the study file's name)")
     parser.add_argument(
         "--no-early-stopping",

@@ -4,6 +4,7 @@ module of the project that reaches into library internals.
 Written against ray 2.60.0 and optuna 5.0.0 (pyproject.toml pins both). It uses:
   optuna   Study._storage, Study._study_id       (no public way to address a trial by number)
   ray      OptunaSearch._ot_study, ._ot_trials, ._completed_trials   (the searcher's trial table)
+           SearchGenerator._finished                                 (reset on restore)
            ASHAScheduler._brackets, bracket._rungs, ._metric_op      (the rung records ASHA ranks by)
 tests/test_adapters.py fails loudly when an upgrade removes or renames any of them.
 
@@ -27,11 +28,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import Searcher
+from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from search import storage as names
 from search.storage import open_storage
+from search.timebudget import TIME_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,8 @@ class RecordingOptunaSearch(OptunaSearch):
         super().__init__(*args, **kwargs)
 
     def suggest(self, trial_id: str) -> dict | str | None:
+        if not TIME_BUDGET.may_start_trial():
+            return None  # not now, nor later in this run: the stopper ends it once no trial runs
         if self._adoptable:
             params = self._adopt(trial_id, self._adoptable.pop(0))
         elif trial_id not in self._ot_trials and self._budget_spent():
@@ -134,16 +138,21 @@ class RecordingOptunaSearch(OptunaSearch):
             params = super().suggest(trial_id)
         if params is None:
             return None
+        TIME_BUDGET.started(trial_id)
         ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr(names.TRIAL_ARTIFACT_DIR, str(artifact_dir_for(self._artifacts_root, ot_trial.number)))
         ot_trial.set_user_attr(names.TRIAL_RAY_ID, trial_id)
         return {**params, TRIAL_NUMBER_KEY: ot_trial.number}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        pass  # OptunaRecorder.on_trial_result reports every epoch, the stopping one included
+        # OptunaRecorder.on_trial_result records every epoch; here only the time budget's bookkeeping
+        # (a trial Ray restored reports without having been suggested by this driver).
+        TIME_BUDGET.started(trial_id)
+        TIME_BUDGET.observe(result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self._completed_trials.add(trial_id)  # OptunaRecorder tells Optuna the outcome
+        TIME_BUDGET.ended(trial_id)
 
     def _budget_spent(self) -> bool:
         if self._max_trials is None:
@@ -226,3 +235,16 @@ class ResumableASHA(ASHAScheduler):
                     reached = [epoch for epoch in values if epoch >= milestone]
                     if reached and math.isfinite(values[min(reached)]):
                         recorded[ray_id] = self._metric_op * values[min(reached)]
+
+
+class ResumableSearchGenerator(SearchGenerator):
+    """Ray's SearchGenerator, but a restored one may hand out trials again.
+
+    Ray saves the generator's ``_finished`` flag, which its stopper sets when it ends an experiment: a
+    run that its time budget ended would then resume with no trial left to start. Our searcher says
+    FINISHED itself once the study holds its trial budget, so forgetting the flag loses nothing."""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._finished = False
+

@@ -11,7 +11,9 @@ else, because callbacks see every result (the stopping one too), every completio
   epoch whose weights the trainer kept); one that ASHA stopped earlier is PRUNED (Optuna then takes
   its last intermediate value as the value) with user attr ``early_stopped`` True;
 - a trial that raised (NaN loss included) is FAIL with user attr ``error`` holding the message;
-- user attrs ``artifact_dir``, ``epochs_run``, ``best_epoch``, ``best_value``, ``ray_trial_id``.
+- user attrs ``artifact_dir``, ``epochs_run``, ``best_epoch``, ``best_value``, ``ray_trial_id``, and
+  ``stopped_for_time`` for a trial that stopped early because the time budget had no room for its next
+  epoch (search.timebudget; PRUNED like one that ASHA stopped).
 
 The searcher and the scheduler that go with it, and everything that touches Ray's or Optuna's
 internals, are in search/adapters.py.
@@ -38,6 +40,7 @@ from ray import tune
 from search import storage as names
 from search.adapters import TRIAL_NUMBER_KEY, fail_trial, optuna_storage, storage_trial_id
 from search.storage import open_storage
+from search.timebudget import TIME_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,17 @@ class StudyStop(threading.Event):
 
 # Process-wide, because Ray restores the callbacks from its saved state: a new object could not reach them.
 STUDY_STOP = StudyStop()
+
+
+class TimeBudgetStopper(tune.Stopper):
+    """Ends the experiment once the time budget is spent (search.timebudget): no trial runs and none
+    may start. Trials stop themselves at an epoch's end (search.trial), so this stops none of them."""
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return TIME_BUDGET.spent
 
 
 class OptunaRecorder(tune.Callback):
@@ -106,6 +120,8 @@ class OptunaRecorder(tune.Callback):
         storage.set_trial_intermediate_value(trial_id, int(result["epoch"]), float(result[self.metric]))
         storage.set_trial_user_attr(trial_id, names.TRIAL_EPOCHS_RUN, int(result["epoch"]))
         storage.set_trial_user_attr(trial_id, names.TRIAL_RAY_ID, trial.trial_id)
+        if result.get(names.TRIAL_STOPPED_FOR_TIME):
+            storage.set_trial_user_attr(trial_id, names.TRIAL_STOPPED_FOR_TIME, True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         ids = self._running_trial_id(trial)

@@ -37,6 +37,8 @@ class Budget:
     # Each trial trains with its own seed (budget.seed + its trial number) instead of the fixed or
     # default one: its data order and dropout masks differ, so ensembles of the top trials gain more.
     trial_seeds: bool = False
+    # Wall-clock limit of one run of the study, in seconds (search.timebudget); None: none.
+    time_s: float | None = None
 
 
 def check_budget(budget: Budget, where: str) -> None:
@@ -49,6 +51,7 @@ def check_budget(budget: Budget, where: str) -> None:
         ("cpus_per_trial", budget.cpus_per_trial > 0, "greater than 0"),
         ("gpus_per_trial", budget.gpus_per_trial >= 0, "at least 0"),
         ("startup_trials", budget.startup_trials >= 0, "at least 0"),
+        ("time", budget.time_s is None or budget.time_s > 0, "a positive duration"),
     ]
     for key, ok, rule in checks:
         if not ok:

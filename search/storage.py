@@ -37,6 +37,9 @@ TRIAL_BEST_EPOCH = "best_epoch"  # the epoch whose weights the trainer kept (mod
 TRIAL_BEST_VALUE = "best_value"  # the objective's dev value at that epoch (= value of a COMPLETE trial)
 TRIAL_ERROR = "error"  # error message of a FAIL trial
 TRIAL_RAY_ID = "ray_trial_id"
+# True when the trial stopped early because its next epoch would have ended past the time budget
+# (also the key of the trial's last report that says so).
+TRIAL_STOPPED_FOR_TIME = "stopped_for_time"
 
 
 class StorageError(RuntimeError):

@@ -20,6 +20,7 @@ A study file names the tasks, the objective, the search space, the budget and fi
     seed = 0                  # TPE sampler seed
     startup_trials = 4        # random trials before TPE models the results
     trial_seeds = false       # true: trial n trains with seed = seed + n (more diverse ensemble members)
+    time = "20m"              # optional: wall-clock budget of a run (90s, 15m, 1.5h); --time-budget overrides
 
     [search]                  # TrainConfig fields; floats/ints take low/high (log, step), any field takes choices
     lr = { low = 1e-5, high = 3e-4, log = true }
@@ -55,6 +56,7 @@ import tomllib
 from data.files import TASKS
 from model.config import PER_TASK_FIELDS, TrainConfig, applies_to
 from search.spec import TRAIN_DEFAULTS, Budget, Param, StudyError, StudySpec, check_budget
+from search.timebudget import parse_duration
 
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -186,8 +188,15 @@ TOML_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: 
 
 
 def _parse_budget(table: dict, where: str) -> Budget:
-    known = {f.name for f in dataclasses.fields(Budget)}
+    # The time budget is written as a duration ("15m"), the field holds seconds.
+    known = {f.name for f in dataclasses.fields(Budget)} - {"time_s"} | {"time"}
     _check_keys(table, known, where, "budget.")
+    table = dict(table)
+    if "time" in table:
+        try:
+            table["time_s"] = parse_duration(_typed(table.pop("time"), (str, int, float), where, "budget.time"))
+        except ValueError as err:
+            raise StudyError(f"{where}: budget.time: {err}") from None
     for key in BUDGET_REQUIRED:
         if key not in table:
             raise StudyError(f"{where}: budget.{key}: missing")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from model.train import train
 from search.adapters import TRIAL_NUMBER_KEY, artifact_dir_for
 from search.records import DiskFullError
 from search.spec import StudySpec
+from search.storage import TRIAL_STOPPED_FOR_TIME
+from search.timebudget import next_epoch_fits
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,12 @@ class TrialJob:
     # Optuna trials that had already ended when this driver started: Ray may restart some of them
     # (they ended after its last experiment checkpoint), and they must not train again.
     ended_trials: frozenset[int] = frozenset()
+    # time.time() by which the run must end (search.timebudget); None: no time budget.
+    deadline: float | None = None
+
+
+class OutOfTime(Exception):
+    """Raised from a trial's report to end its training: the next epoch would end past the deadline."""
 
 
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -54,9 +63,9 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
         train_config.setdefault("device", "cuda")
     reported: set[int] = set()
 
-    def report(metrics: dict) -> None:
-        reported.add(int(metrics["epoch"]))
-        tune.report(dict(metrics))
+    def replay(record: dict) -> None:
+        reported.add(int(record["epoch"]))
+        tune.report(dict(record))
 
     # A trial resumed after an interrupted driver first reports again the epochs its checkpoint holds:
     # an epoch checkpointed but not yet reported when the driver died is not lost (repeats are harmless).
@@ -65,9 +74,27 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     final = [record for record in history if int(record["epoch"]) >= job.study.budget.max_epochs]
     for record in history:
         if record not in final:
-            report(record)
+            replay(record)
+    last_report = [time.time()]
+
+    def report(metrics: dict) -> None:
+        """An epoch just trained: report it with its wall time, and stop when the next would not fit."""
+        epoch, now = int(metrics["epoch"]), time.time()
+        reported.add(epoch)
+        # Evaluation included (the first epoch: the model's load too).
+        metrics = {**metrics, "epoch_seconds": round(now - last_report[0], 2)}
+        last_report[0] = now
+        stop = epoch < job.study.budget.max_epochs and not next_epoch_fits(job.deadline, metrics["epoch_seconds"], now)
+        if stop:
+            metrics[TRIAL_STOPPED_FOR_TIME] = True
+        tune.report(metrics)
+        if stop:
+            raise OutOfTime(f"trial {number}: no time left for epoch {epoch + 1}")
+
     try:
         train(train_config, output_dir, report=report, data_dir=job.data_dir)
+    except OutOfTime:
+        return  # its epochs are reported and checkpointed; the recorder marks it PRUNED (stopped early)
     except OSError as error:
         if error.errno in DISK_FULL_ERRNOS:
             raise DiskFullError(f"trial {number} cannot write its files in {output_dir}: {os.strerror(error.errno)}") from None
@@ -76,7 +103,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
         release_free_memory()  # Ray reuses this process for the next trial
     for record in final:
         if int(record["epoch"]) not in reported:
-            report(record)
+            replay(record)
 
 
 def read_history(metrics_file: Path) -> list[dict]:

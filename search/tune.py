@@ -31,6 +31,7 @@ from search.spec import RAY_MODE, Budget, StudyError, StudySpec
 from search.storage import StorageError, masked_url, open_storage, study_in_storage
 from search.study import load_spec
 from search.summary import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_REFUSED, Outcome, best_ray_result, summarize
+from search.timebudget import TIME_BUDGET, format_duration
 from search.trial import DISK_FULL_ERRNOS
 from search.tuner import run_on_ray
 
@@ -102,6 +103,7 @@ def run_search(options: SearchOptions) -> Outcome:
         max_concurrent=None if options.resume else options.max_concurrent,
         cpus_per_trial=options.cpus_per_trial,
         gpus_per_trial=options.gpus_per_trial,
+        time_s=options.time_budget,  # a resumed run may take a new time budget
     )
     data_dir = check_data(study, options.data_dir)
     return execute(study, options, paths, data_dir)
@@ -121,6 +123,7 @@ def delete_study_run(name: str, url: str, paths: StudyPaths, in_storage: bool, s
 def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> Outcome:
     """Run (or restore) the Ray Tune experiment of a study to its end, an interruption or a full disk."""
     started = time.monotonic()
+    TIME_BUDGET.start(study.budget.time_s, study.budget.max_epochs)
     # A local cluster's processes are this driver's: they must not outlive it, even after a SIGKILL.
     with contextlib.nullcontext() if options.address else reaping():
         grid, stop = run_on_ray(study, options, paths, data_dir)
@@ -133,6 +136,15 @@ def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_di
         summarize(study, options.storage, paths, options.top)
         print(f"\nStopped: {stop.reason}.\n  Free some space, then continue with: {command_line(options, '--resume')}")
         return Outcome(EXIT_NO_SUCCESS, ot_study)
+    if TIME_BUDGET.spent and run_interrupted(ot_study, study.budget.trials):
+        outcome = summarize(study, options.storage, paths, options.top)
+        ended = len(ended_trials(ot_study.get_trials(deepcopy=False)))
+        print(
+            f"\nThe time budget ({format_duration(study.budget.time_s)}) is spent after {wall_seconds / 60:.1f} min: "
+            f"{ended} of {study.budget.trials} trials have ended, and no other could finish in time.\n"
+            f"  To continue with a new budget: {command_line(options, '--resume')} --time-budget DURATION"
+        )
+        return outcome
     if run_interrupted(ot_study, study.budget.trials):
         print(f"\nThe run was interrupted. Continue it with: {command_line(options, '--resume')}")
         return Outcome(EXIT_INTERRUPTED, ot_study)

@@ -20,14 +20,15 @@ from optuna.trial import TrialState
 
 from data.atomic import atomic_write_text
 from search import storage as names
-from search.adapters import RecordingOptunaSearch, ResumableASHA, ended_trials, fail_running_trials
+from search.adapters import RecordingOptunaSearch, ResumableASHA, ResumableSearchGenerator, ended_trials, fail_running_trials
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
 from search.lease import DriverLease
 from search.options import SearchOptions, command_line
 from search.paths import EXPERIMENT_NAME, StudyPaths
-from search.records import STUDY_STOP, OptunaRecorder, StudyStop
+from search.records import STUDY_STOP, OptunaRecorder, StudyStop, TimeBudgetStopper
 from search.spec import OPTUNA_DIRECTION, RAY_MODE, Budget, StudySpec
 from search.storage import PROJECT_ROOT, StorageError, describe_error, open_storage, storage_failure
+from search.timebudget import TIME_BUDGET
 from search.trial import TrialJob, run_trial, trial_dirname
 
 # How long a driver joining a cluster (--address) waits for a node large enough for one trial.
@@ -84,7 +85,9 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
     trials = ot_study.get_trials(deepcopy=False)
     ended = frozenset(t.number for t in trials if t.state.is_finished())
-    job = TrialJob(study=study, artifacts_root=str(paths.trials), data_dir=str(data_dir), ended_trials=ended)
+    job = TrialJob(
+        study=study, artifacts_root=str(paths.trials), data_dir=str(data_dir), ended_trials=ended, deadline=TIME_BUDGET.deadline
+    )
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), trial_resources(study.budget))
     STUDY_STOP.reset()
     if options.resume and ray_experiment_saved(paths.experiment):
@@ -237,7 +240,7 @@ def new_tuner(
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=ConcurrencyLimiter(searcher, max_concurrent=study.budget.max_concurrent),
+            search_alg=ResumableSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=study.budget.max_concurrent)),
             scheduler=scheduler,
             # The searcher ends the run once the study holds the budget (trials of an earlier driver included).
             num_samples=study.budget.trials,
@@ -246,9 +249,11 @@ def new_tuner(
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT_NAME,
+            stop=TimeBudgetStopper(),
             storage_path=str(paths.root),
             callbacks=[OptunaRecorder(options.storage, study.name, study.metric, study.budget.max_epochs)],
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
     )
+

@@ -1,0 +1,102 @@
+"""A study's time budget (``--time-budget 15m``, or ``[budget] time = "15m"``): a wall-clock limit on
+one run of the study, measured from the driver's start.
+
+- No trial starts that cannot finish: the searcher hands out a new trial only while max_epochs of
+  the slowest epoch seen so far (evaluation included) still fit before the deadline.
+- Running trials stop in time: after each epoch, a trial whose next epoch would end past the deadline
+  stops there. It ends with fewer epochs than max_epochs and is recorded PRUNED, as an early-stopped
+  trial, with its epochs (and ``stopped_for_time``); its folder is a usable ensemble member.
+- Once no trial runs and none can start, the run ends. The study is then unfinished, not failed:
+  ``--resume`` (with a new ``--time-budget``, or the same) continues it with the trials left.
+
+The deadline can be overrun by as much as one epoch takes longer than the slowest one before it.
+The driver's side (the searcher in search.adapters, the stopper in search.tuner) reads the
+process-wide ``TIME_BUDGET``, because Ray restores both from its saved experiment on resume: only a
+module-level object reaches the restored copies. Ray-free, so that study files parse without Ray.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+
+UNITS = {"s": 1, "m": 60, "h": 3600}
+# Ray's start, the trial's actor and the model's load come before a trial's first epoch.
+TRIAL_START_SECONDS = 20.0
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds in "90", "90s", "15m", "1.5h" or "1h30m"; ValueError naming the text otherwise."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?\s*", str(text))
+        if not parts or not any(parts.groups()):
+            raise ValueError(f"{text!r} is not a duration; write it as 90s, 15m, 1.5h or 1h30m")
+        hours, minutes, seconds_part = (float(g) if g else 0.0 for g in parts.groups())
+        seconds = hours * 3600 + minutes * 60 + seconds_part
+    if not seconds > 0:
+        raise ValueError(f"a time budget must be positive, not {text!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds % 60 == 0 else f"{seconds:g}s"
+
+
+def next_epoch_fits(deadline: float | None, epoch_seconds: float, now: float | None = None) -> bool:
+    """Whether one more epoch as long as the last one ends before ``deadline`` (time.time())."""
+    return deadline is None or (now or time.time()) + epoch_seconds <= deadline
+
+
+@dataclass
+class TimeBudget:
+    """The driver's view: the deadline, the epochs measured so far, the trials it let run."""
+
+    deadline: float | None = None  # time.time() at which the run must have ended; None: no budget
+    max_epochs: int = 1
+    epoch_seconds: list[float] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)
+    refused: bool = False  # a trial was not started for lack of time
+
+    def start(self, seconds: float | None, max_epochs: int) -> None:
+        self.deadline = None if seconds is None else time.time() + seconds
+        self.max_epochs, self.refused = max_epochs, False
+        self.epoch_seconds.clear()
+        self.running.clear()
+
+    def trial_seconds(self) -> float:
+        """A pessimistic length of one whole trial: max_epochs of the slowest epoch seen (0 before any)."""
+        slowest = max(self.epoch_seconds, default=0.0)
+        return TRIAL_START_SECONDS + self.max_epochs * slowest if slowest else 0.0
+
+    def may_start_trial(self, now: float | None = None) -> bool:
+        if self.deadline is None:
+            return True
+        fits = (now or time.time()) + self.trial_seconds() <= self.deadline
+        self.refused = self.refused or not fits
+        return fits
+
+    def started(self, trial_id: str) -> None:
+        self.running.add(trial_id)
+
+    def ended(self, trial_id: str) -> None:
+        self.running.discard(trial_id)
+
+    def observe(self, result: dict) -> None:
+        if isinstance(result.get("epoch_seconds"), (int, float)):
+            self.epoch_seconds.append(float(result["epoch_seconds"]))
+
+    @property
+    def spent(self) -> bool:
+        """The run ends here: a trial was refused for lack of time and none runs any more."""
+        return self.deadline is not None and self.refused and not self.running
+
+    def median_epoch(self) -> float | None:
+        return statistics.median(self.epoch_seconds) if self.epoch_seconds else None
+
+
+TIME_BUDGET = TimeBudget()
+

@@ -1,0 +1,113 @@
+"""The time budget (search.timebudget): its parsing, the decisions of the driver and of a trial, and a
+tiny study run under a budget too short for it, then resumed with a new one."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from test_search import STUDY_TOML
+from tiny_model import needs_data
+
+from search import storage as names
+from search.spec import StudyError
+from search.study import load_spec
+from search.timebudget import TRIAL_START_SECONDS, TimeBudget, next_epoch_fits, parse_duration
+from search.tune import SearchOptions, StudyPaths, main_exit
+
+
+@pytest.mark.parametrize(
+    "text, seconds", [("90", 90), ("90s", 90), ("15m", 900), ("1.5h", 5400), ("1h30m", 5400), (120, 120), (" 2m ", 120)]
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "", "15 minutes", "0", "-5m", "m"])
+def test_bad_durations_say_how_to_write_one(text):
+    with pytest.raises(ValueError, match="duration|positive"):
+        parse_duration(text)
+
+
+def test_a_study_file_takes_a_time_budget_and_names_the_key_when_it_is_bad(tmp_path):
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML.replace("[budget]\n", '[budget]\ntime = "15m"\n'))
+    assert load_spec(study_file).budget.time_s == 900
+    study_file.write_text(STUDY_TOML.replace("[budget]\n", '[budget]\ntime = "soon"\n'))
+    with pytest.raises(StudyError, match=r"tiny.toml: budget.time: 'soon' is not a duration"):
+        load_spec(study_file)
+    study_file.write_text(STUDY_TOML)
+    assert load_spec(study_file).budget.time_s is None
+
+
+def test_no_trial_starts_that_cannot_finish():
+    budget = TimeBudget()
+    budget.start(None, max_epochs=3)
+    assert budget.may_start_trial() and not budget.spent  # no budget: always
+    budget.start(100.0, max_epochs=3)
+    now = budget.deadline - 100.0
+    assert budget.may_start_trial(now)  # nothing measured yet
+    budget.started("a")
+    budget.observe({"epoch": 1, "epoch_seconds": 20.0})
+    budget.observe({"epoch": 2, "epoch_seconds": 25.0})  # the slowest epoch sets the estimate
+    assert budget.trial_seconds() == TRIAL_START_SECONDS + 3 * 25.0
+    assert budget.may_start_trial(now)  # 95 s <= 100 s
+    assert not budget.may_start_trial(now + 10.0) and budget.refused
+    assert not budget.spent  # trial "a" still runs
+    budget.ended("a")
+    assert budget.spent
+    budget.start(100.0, max_epochs=3)  # a resumed run: a new deadline, nothing refused yet
+    assert not budget.spent and budget.trial_seconds() == 0.0
+
+
+def test_a_trial_stops_when_its_next_epoch_would_end_past_the_deadline():
+    assert next_epoch_fits(None, 1e9)
+    assert next_epoch_fits(deadline=100.0, epoch_seconds=30.0, now=70.0)
+    assert not next_epoch_fits(deadline=100.0, epoch_seconds=30.0, now=70.1)
+
+
+def test_a_restored_search_generator_may_start_trials_again():
+    from ray.tune.search import Searcher, SearchGenerator
+
+    from search.adapters import ResumableSearchGenerator
+
+    stopped = SearchGenerator(Searcher())
+    stopped.set_finished()  # what Ray's stopper does when it ends an experiment
+    state = {**stopped.get_state(), "total_samples": 6}  # 0 of 6 trials created
+    plain, ours = SearchGenerator(Searcher()), ResumableSearchGenerator(Searcher())
+    plain.set_state(state)
+    ours.set_state(state)
+    assert plain.is_finished() and not ours.is_finished()
+
+
+@needs_data
+def test_a_study_stops_within_its_time_budget_and_resumes_with_a_new_one(tmp_path):
+    """Three tiny trials, one at a time, under 25 s (Ray's start included): not all can run. Every record
+    is truthful (nothing RUNNING, trials cut short PRUNED with their epochs), and --resume with a new
+    budget runs the rest."""
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    options = SearchOptions(
+        study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r", trials=3, time_budget=25.0
+    )
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main_exit(options)
+    study = optuna.load_study(study_name="tiny", storage=options.storage)
+    trials = study.get_trials(deepcopy=False)
+    ended = [t for t in trials if t.state.is_finished()]
+    assert "The time budget (25s) is spent" in out.getvalue() and "--resume" in out.getvalue()
+    assert len(ended) < 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert not StudyPaths(tmp_path / "r" / "tiny").finished.is_file()  # unfinished, not failed
+    for trial in trials:
+        if trial.user_attrs.get(names.TRIAL_STOPPED_FOR_TIME):
+            assert trial.state == TrialState.PRUNED and trial.user_attrs[names.TRIAL_EPOCHS_RUN] >= 1
+    resumed = SearchOptions(**{**options.__dict__, "resume": True, "time_budget": 600.0})
+    with redirect_stdout(io.StringIO()):
+        main_exit(resumed)
+    trials = study.get_trials(deepcopy=False)
+    assert len([t for t in trials if t.state.is_finished()]) == 3
+    assert StudyPaths(tmp_path / "r" / "tiny").finished.is_file()
