@@ -347,6 +347,14 @@ def student_row(run: RunDir, task: str, baseline: Row | None, teacher_ids: list[
                training=training)  # fmt: skip
 
 
+def kept_gain(teacher: Row, student: Row) -> str:
+    """The share of the teacher's out-of-selection gain over the usual recipe that the student keeps."""
+    gains = [(row.estimate or {}).get("gain_mean") for row in (teacher, student)]
+    if None in gains or gains[0] <= 0:
+        return ""
+    return f"; keeps {gains[1] / gains[0]:.0%} of the teacher's gain"
+
+
 def prediction_ids(path: Path) -> list[str] | None:
     if not path.is_file():
         return None
@@ -365,7 +373,10 @@ def write_report(
         if not any(r.kind == "selected" for r in built):
             built.append(teacher_row(predictor, plans[task], task))
         teacher_ids = prediction_ids(predictor.parent / "predictions" / f"{task}-dev-out.csv")
-        rows += built + [student_row(run, task, baseline, teacher_ids, settings)]
+        student = student_row(run, task, baseline, teacher_ids, settings)
+        teacher = next(r for r in built if r.kind != "baseline")
+        student.note += kept_gain(teacher, student)
+        rows += [*built, student]
         header_transfer[task] = {
             "gold_rows": len(transfer.gold),
             "augmented_rows": len(transfer.augmented),

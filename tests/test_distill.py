@@ -170,6 +170,23 @@ def run_distill(method: Path, out: Path | None, *extra: str, report=None) -> dic
     return ensemble_distill.distill(ensemble_distill.build_parser().parse_args(argv), report=report)
 
 
+def write_build_summary(method: Path, gains: dict[str, float]) -> None:
+    """What ensemble.build writes beside the predictor and the report reads: the usual recipe's and the
+    method's rows (their out-of-selection scores on 20 halves) and the dev rows' ids."""
+    rows = []
+    for task in ALL:
+        ids = [e.id for e in load_examples(task, "dev", DATA_DIR)[:16]]
+        (method / "predictions").mkdir(exist_ok=True)
+        (method / "predictions" / f"{task}-dev-out.csv").write_text("id,value\n" + "".join(f"{i},0\n" for i in ids))
+        for name, kind, gain in (("baseline (usual recipe)", "baseline", None), ("caruana", "selected", gains[task])):
+            estimate = {"mean": 0.2, "sd": 0.0, "gain_mean": gain, "gain_sd": None, "splits": 20, "scores": [0.2] * 20}
+            rows.append(
+                {"task": task, "name": name, "kind": kind, "members": ["tiny/trial 0"], "cost": 1, "dev": 0.2}
+                | {"estimate": estimate}
+            )
+    (method / "summary.json").write_text(json.dumps({"settings": {"splits": 20, "seed": 0}, "rows": rows}))
+
+
 @pytest.fixture
 def count_labelling(monkeypatch) -> list[str]:
     """The tasks the teacher labels, in order."""
@@ -270,6 +287,7 @@ def test_bad_input_stops_before_training_with_one_line_and_writes_nothing(tmp_pa
 @needs_data
 def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path, teacher_run, count_labelling, capsys):
     method = make_predictor(tmp_path, teacher_run)
+    write_build_summary(method, {"sst": 0.1, "para": 0.1, "sts": 0.1})
     seen = []
 
     def killed_after_epoch_1(metrics: dict) -> None:
@@ -284,8 +302,13 @@ def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path,
     assert seen == [1, 2] and len(metrics["history"]) == 2  # epoch 1 was not trained again
     assert count_labelling == ALL  # nor was anything labelled again
     summary = json.loads((out / "summary.json").read_text())
-    names = {(r["task"], r["name"]) for r in summary["rows"]}
-    assert {(t, "student (distilled)") for t in ALL} | {(t, "teacher (caruana)") for t in ALL} <= names
+    rows = {(r["task"], r["name"]): r for r in summary["rows"]}
+    assert {(t, n) for t in ALL for n in ("student (distilled)", "caruana", "baseline (usual recipe)")} == set(rows)
+    for task in ALL:  # paired with the usual recipe on the build's halves, and set against the teacher's gain
+        student = rows[task, "student (distilled)"]
+        gains = np.array(student["estimate"]["scores"]) - 0.2
+        assert student["estimate"]["gain_mean"] == pytest.approx(gains.mean())
+        assert f"keeps {gains.mean() / 0.1:.0%} of the teacher's gain" in student["note"]
     assert summary["transfer"]["sts"] == summary["transfer"]["sts"] | {"gold_rows": 24, "augmented_rows": 6}
     for task in ALL:  # the student's leaderboard CSVs, written by the trainer
         assert (out / "student" / "predictions" / f"{task}-test-out.csv").is_file()
