@@ -30,6 +30,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from data.files import TASKS, DataError, Example, load_examples, read_file
 from ensemble.logits import Outputs, align_outputs, average_outputs
 from ensemble.members import EnsembleError
@@ -140,7 +142,10 @@ class Runner:
     def predict(self, plan: TaskPlan, task: str, examples: list[Example]) -> TaskOutputs:
         """The plan's outputs on ``examples``: its members' outputs, weighted."""
         outputs = [self(model_dir, task, examples) for model_dir in plan.model_dirs]
-        for out, scale in zip(outputs, plan.scales or [None] * len(outputs), strict=True):
+        scales = plan.scales or [None] * len(outputs)
+        for out, scale, name, model_dir in zip(outputs, scales, plan.names, plan.model_dirs, strict=True):
+            if not np.isfinite(out[task]["values"]).all():  # one bad member would silently spoil the average
+                raise EnsembleError(f"member {name} ({model_dir}): its {task} outputs contain NaN or inf")
             out[task]["values"] = apply_scale(out[task]["values"], scale)
         return average_outputs(align_outputs(plan.names, outputs, "input"), plan.weights)[task]
 

@@ -144,6 +144,27 @@ class TrainConfig:
     )
     predict_test: bool = field(**_help("write test-set outputs and predictions with the best weights", default=True))
     cache_dir: str | None = field(**_help("token cache directory (default: <repo>/cache/tokens)", default=None))
+    # Knowledge distillation (model/distill.py; ensemble.distill writes the folder): soft targets from a teacher.
+    distill_dir: str | None = field(
+        **_help(
+            "distil from the teacher outputs in this folder: <task>-teacher.npz (ids, values) for every training row, "
+            "and optionally <task>-augment.csv, extra unlabelled rows in the CS224N format (default: no distillation)",
+            default=None,
+        )
+    )
+    distill_alpha: float = field(
+        **_help(
+            "weight of the soft (teacher) loss on gold rows, 1 - alpha that of the gold loss; augmented rows: soft only",
+            default=0.5,
+        )
+    )
+    distill_temperature: float = field(
+        **_help("sentiment: temperature of the KL between softened teacher and student distributions (times T^2)", default=1.0)
+    )
+    augment_limit: int | None = field(**_help("use at most this many augmented rows per task (default: all)", default=None))
+    distill_digest: str | None = field(
+        **_help("digest of distill_dir's files, filled in by the trainer (a resumed run refuses a changed teacher)", default=None)
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):
@@ -186,6 +207,14 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
         if not 0.0 < self.gradvac_beta <= 1.0:
             raise ValueError(f"gradvac_beta must be in (0, 1], not {self.gradvac_beta!r}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise ValueError(f"distill_alpha must be in [0, 1], not {self.distill_alpha!r}")
+        if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
+            raise ValueError(f"distill_temperature must be a finite number > 0, not {self.distill_temperature!r}")
+        if self.augment_limit is not None and (not isinstance(self.augment_limit, int) or self.augment_limit < 0):
+            raise ValueError(f"augment_limit must be an int >= 0 or None, not {self.augment_limit!r}")
+        if self.distill_dir is not None:
+            self.distill_dir = str(self.distill_dir)
         if self.model_config is not None:
             from model.bert import BertConfig  # only here: the rest of this module needs no torch
 

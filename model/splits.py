@@ -6,7 +6,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from data.files import TASKS, load_examples
+from data.files import TASKS, read_file
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode
 from model.bert import default_model_path
 from model.config import TrainConfig
@@ -47,27 +47,32 @@ def limit_split(split: EncodedSplit, limit: int | None) -> EncodedSplit:
 def load_split(
     cfg: TrainConfig, task: str, split: str, limit: int | None = None, pair_encoding: str | None = None
 ) -> EncodedSplit:
-    """Tokenised rows of one file, from the token cache when possible (the whole file is cached,
-    then the first ``limit`` rows kept, so limits never invalidate the cache)."""
-    source = TASKS[task].path(split, cfg.data_dir)
+    """Tokenised rows of one split of the task's CS224N files (see ``load_file``)."""
+    return load_file(cfg, task, TASKS[task].path(split, cfg.data_dir), split != "test", limit, pair_encoding)
+
+
+def load_file(
+    cfg: TrainConfig, task: str, source: Path, labelled: bool, limit: int | None = None, pair_encoding: str | None = None
+) -> EncodedSplit:
+    """Tokenised rows of one CS224N-format file of ``task``, from the token cache when possible (the
+    whole file is cached, then the first ``limit`` rows kept, so limits never invalidate the cache)."""
     try:
         stat = source.stat()
     except OSError:
-        load_examples(task, split, cfg.data_dir)  # raises the DataError that explains what is missing
+        read_file(source, TASKS[task], labelled)  # raises the DataError that explains what is missing
         raise
     key = (str(source), stat.st_mtime_ns, stat.st_size)
-    encoded = _encoded_file(
-        task, split, key, str(model_dir(cfg)), cfg.max_length, pair_encoding or encoding_for(task, cfg), str(cache_dir_for(cfg))
-    )
+    encoding = pair_encoding or encoding_for(task, cfg)
+    encoded = _encoded_file(task, labelled, key, str(model_dir(cfg)), cfg.max_length, encoding, str(cache_dir_for(cfg)))
     return limit_split(encoded, limit)
 
 
 @lru_cache(maxsize=32)
 def _encoded_file(
-    task: str, split: str, key: tuple, tokenizer_dir: str, max_length: int, encoding: str, cache_dir: str
+    task: str, labelled: bool, key: tuple, tokenizer_dir: str, max_length: int, encoding: str, cache_dir: str
 ) -> EncodedSplit:
     """In-process memo over the disk cache: trials and tests in one process parse each file once.
     ``key`` (path, mtime, size) makes an edited file a new entry. Callers never mutate the result."""
     path = Path(key[0])
-    examples = load_examples(task, split, path.parent)
+    examples = read_file(path, TASKS[task], labelled)
     return cached_encode(_tokenizer(tokenizer_dir, max_length), path, examples, encoding, cache_dir)

@@ -31,6 +31,7 @@ from data.batching import Batch, BatchStream, make_batch
 from data.files import TASKS, resolve_data_dir
 from model.build import build_model
 from model.config import CHOICE_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainConfig, as_config
+from model.distill import distill_loss, transfer_splits, with_distill_digest
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
 from model.rundir import RunDir, RunFileError
@@ -64,7 +65,9 @@ class Trainer:
         self.bf16 = use_bf16(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
-        self.train_splits = {t: load_split(cfg, t, "train", cfg.train_limit) for t in cfg.tasks}
+        gold = {t: load_split(cfg, t, "train", cfg.train_limit) for t in cfg.tasks}
+        # With a distill_dir: the gold rows plus augmented ones, and the teacher's soft targets per row.
+        self.train_splits, self.soft_targets = transfer_splits(cfg, gold)
         self.dev_splits = {t: load_split(cfg, t, "dev", cfg.eval_limit) for t in cfg.tasks}
         self.sizes = {t: len(s) for t, s in self.train_splits.items()}
         self.streams = {
@@ -153,7 +156,10 @@ class Trainer:
         cfg, model = self.cfg, self.model
         with autocast(self.device, self.bf16):
             out = model(task, batch.views)
-            loss = task_loss(task, out, batch.labels, cfg.sts_loss, cfg.sst_loss)
+            if task in self.soft_targets:
+                loss = distill_loss(task, out, batch.labels, batch.index, self.soft_targets[task], cfg)
+            else:
+                loss = task_loss(task, out, batch.labels, cfg.sts_loss, cfg.sst_loss)
             if cfg.smart_weight > 0:
                 loss = loss + cfg.smart_weight * smart_loss(model, task, batch.views, out)
             if cfg.mnrl_weight > 0 and task == "para":
@@ -322,6 +328,7 @@ def train(
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
     if cfg.data_dir is None:
         cfg = dataclasses.replace(cfg, data_dir=str(resolve_data_dir(None)))
+    cfg = with_distill_digest(cfg)  # recorded in config.json: a resumed run refuses a changed teacher
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, output_dir, report, fresh, progress).run()
@@ -370,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=CHOICE_FIELDS[f.name], default=default, help=helptext)
         else:
             kind = float if isinstance(default, float) else int if isinstance(default, int) else str
-            if f.name in ("steps_per_epoch", "train_limit", "eval_limit", "threads"):
+            if f.name in ("steps_per_epoch", "train_limit", "eval_limit", "threads", "augment_limit"):
                 kind = int
             parser.add_argument(flag, type=kind, default=default, help=helptext)
     return parser

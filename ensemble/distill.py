@@ -1,0 +1,474 @@
+"""``python -m ensemble.distill --ensemble DIR``: distil a built predictor (the teacher: any method of
+``ensemble.build``, or one trainer output dir) into one multitask student (MT-DNN-KD, Liu et al. 2019;
+AugSBERT, Thakur et al. 2021).
+
+1. The teacher: DIR's predictor, run as ``ensemble.predict`` runs it (members, weights, STS scales,
+   soups). Every member folder is checked before anything runs.
+2. The transfer set, per covered task (``--tasks``, default all): the training rows the student uses
+   (its ``train_limit``) and ``--augment`` new unlabelled rows (ensemble.augment). The teacher labels
+   them all (a progress bar); no dev or test row is labelled or fitted on.
+3. The cache: per task, ``<predictor>/teacher-cache/<task>.npz`` holds the new rows and the teacher's
+   values, keyed by digests of the teacher (each member's config and weights, the weights and scales of
+   the plan), the rows, and the augmentation's settings and source files. A stale or unreadable cache
+   is said so and computed again.
+4. The student: ``model.train.train`` with the student config (the trainer's defaults, one model for
+   every covered task; ``--config FILE.json`` and ``--set KEY=VALUE`` override, e.g. ``--set
+   distill_alpha=0.7 epochs=2``) and ``distill_dir`` = ``OUTPUT/transfer`` (model/distill.py says what
+   the trainer does with it). ``OUTPUT/student`` is a normal run folder: rerunning resumes it, it is a
+   valid ensemble member, and ``ensemble.predict --ensemble OUTPUT/student`` runs it.
+5. The report: ``OUTPUT/summary.{md,json}``: per task the usual recipe and the teacher (rows of the
+   build's summary when there is one) beside the student: in-sample dev, out-of-selection (its epoch
+   chosen on half A of dev, scored on half B, the build's halves) and the paired gain over the usual
+   recipe, passes per example, and the seconds of augmentation, labelling and training.
+
+OUTPUT is ``--output-dir``, by default ``results/<studies>/distill/<method>`` for
+``results/<studies>/ensemble/<method>``. ``--label-only`` stops after writing ``OUTPUT/transfer``, for a
+study that searches the distillation settings with ``distill_dir`` fixed to it.
+
+Bad input (a missing or half-written predictor, a task it does not cover, a student config the trainer
+refuses, non-finite teacher outputs) stops before training with a one-line error, and nothing half-done
+is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data.atomic import atomic_write_text
+from data.files import DATA_DIR_ENV, TASKS, DataError, Example, load_examples, resolve_data_dir
+from ensemble.augment import base_embedder, pair_rows, sentence_rows, source_files
+from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, halves
+from ensemble.members import EnsembleError
+from ensemble.output import BASELINE
+from ensemble.predict import Runner, TaskPlan, find_predictor, load_plans
+from ensemble.report import Row, write_summary
+from ensemble.taskpool import checked_metric, encoder_passes
+from model.config import TrainConfig
+from model.distill import augment_file, teacher_file
+from model.rundir import RunDir, RunFileError, write_npz_outputs
+
+LABEL_CHUNK = 512  # rows per call of the teacher: the progress bar's step
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+
+def teacher_plans(ensemble: Path) -> tuple[Path, dict[str, TaskPlan]]:
+    """The predictor folder and its per-task plans, every member folder checked to hold a config and weights."""
+    predictor = find_predictor(ensemble)
+    plans = load_plans(predictor)
+    for task, plan in plans.items():
+        for name, model_dir in zip(plan.names, plan.model_dirs, strict=True):
+            run = RunDir(model_dir)
+            try:
+                run.read_config()
+            except RunFileError as err:
+                raise EnsembleError(f"teacher {task} member {name}: {err}") from err
+            if not run.weights_file.is_file():
+                raise EnsembleError(f"teacher {task} member {name}: {run.weights_file} not found (deleted or half-written?)")
+    return predictor, plans
+
+
+def file_digest(path: Path, digest: hashlib._Hash) -> None:
+    with open(path, "rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+
+
+def plan_digest(plan: TaskPlan) -> str:
+    """What the teacher's outputs on one task depend on: its members' configs and weights, and how
+    they are combined."""
+    digest = hashlib.sha256(json.dumps([plan.kind, plan.weights, plan.scales]).encode())
+    for model_dir in plan.model_dirs:
+        run = RunDir(model_dir)
+        file_digest(run.config_file, digest)
+        file_digest(run.weights_file, digest)
+    return digest.hexdigest()[:16]
+
+
+def rows_digest(examples: list[Example]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update("\0".join((e.id, *e.texts)).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def label(runner: Runner, plan: TaskPlan, task: str, examples: list[Example]) -> np.ndarray:
+    """The teacher's output values on ``examples``, in their order (a progress bar on a terminal)."""
+    from model.train import progress_bar
+
+    parts = []
+    with progress_bar(total=len(examples), desc=f"teacher labels {task}", unit="row") as bar:
+        for start in range(0, len(examples), LABEL_CHUNK):
+            chunk = [Example(e.id, e.texts, None) for e in examples[start : start + LABEL_CHUNK]]  # the teacher sees no label
+            out = runner.predict(plan, task, chunk)
+            if list(out["ids"]) != [e.id for e in chunk]:
+                raise EnsembleError(f"teacher {task}: its outputs came back in another row order")
+            parts.append(np.asarray(out["values"], dtype=np.float64))
+            bar.update(len(chunk))
+    return np.concatenate(parts)
+
+
+# ---------------------------------------------------------------------------------- transfer set
+
+
+@dataclass
+class Transfer:
+    """One task's transfer set: the gold training rows then the new ones, and the teacher's values."""
+
+    gold: list[Example]
+    augmented: list[Example]
+    values: np.ndarray
+    seconds: dict[str, float]  # "augment" and "label": when they were computed (also for a cache hit)
+    cached: list[str]  # what came from the cache: "augment", "label"
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.array([e.id for e in self.gold + self.augmented])
+
+
+@dataclass
+class Settings:
+    augment: int
+    seed: int
+    pool: int
+    neighbours: int
+    device: str | None
+
+
+def cache_file(predictor: Path, task: str) -> Path:
+    return predictor / "teacher-cache" / f"{task}.npz"
+
+
+def read_cache(path: Path) -> dict | None:
+    """The cached arrays, or None (saying why when a file exists but cannot be used)."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            cache = {key: npz[key] for key in npz.files}
+        cache["augment_key"], cache["teacher_key"] = str(cache["augment_key"]), str(cache["teacher_key"])
+        if not np.isfinite(cache["values"]).all():
+            raise ValueError("non-finite values")
+        if len(cache["aug_ids"]) != len(cache["aug_texts"]):
+            raise ValueError(f"{len(cache['aug_ids'])} new ids but {len(cache['aug_texts'])} new rows")
+        return cache
+    except Exception as err:  # a corrupt or foreign file is recomputed, never trusted
+        print(f"{path}: unreadable teacher cache ({type(err).__name__}: {err}); computing it again", file=sys.stderr)
+        return None
+
+
+def augment_key(task: str, cfg: TrainConfig, gold: list[Example], settings: Settings) -> str:
+    """What the new rows depend on: the settings, the base encoder and the files they are drawn from."""
+    used = {"task": task, "augment": settings.augment, "seed": settings.seed, "pool": settings.pool}
+    used |= {"neighbours": settings.neighbours, "model_path": cfg.model_path, "model_config": cfg.model_config}
+    used |= {"max_length": cfg.max_length, "gold": rows_digest(gold)}
+    digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode())
+    for path in source_files(task, cfg.data_dir):
+        file_digest(path, digest)
+    return digest.hexdigest()[:16]
+
+
+def new_rows(task: str, cfg: TrainConfig, gold: list[Example], settings: Settings) -> list[Example]:
+    if settings.augment == 0:
+        return []
+    if TASKS[task].is_pair:
+        embed = base_embedder(cfg, settings.device)
+        rows = pair_rows(gold, settings.augment, settings.seed, embed, settings.pool, settings.neighbours)
+    else:
+        rows = sentence_rows(task, settings.augment, settings.seed, cfg.data_dir)
+    return [Example(f"aug-{task}-{k}", row, None) for k, row in enumerate(rows)]
+
+
+def transfer_set(task: str, cfg: TrainConfig, predictor: Path, plan: TaskPlan, runner: Runner, settings: Settings) -> Transfer:
+    """The task's transfer set, from the cache where it is still valid; the cache is rewritten when not."""
+    gold = load_examples(task, "train", cfg.data_dir)[: cfg.train_limit]
+    path = cache_file(predictor, task)
+    cache = read_cache(path) or {"augment_key": None, "teacher_key": None}
+    seconds, cached = {}, []
+    aug_key = augment_key(task, cfg, gold, settings)
+    if cache["augment_key"] == aug_key:
+        augmented = [
+            Example(str(i), tuple(map(str, texts)), None) for i, texts in zip(cache["aug_ids"], cache["aug_texts"], strict=True)
+        ]
+        seconds["augment"], cached = float(cache["augment_seconds"]), ["augment"]
+    else:
+        started = time.perf_counter()
+        augmented = new_rows(task, cfg, gold, settings)
+        seconds["augment"] = time.perf_counter() - started
+    rows = gold + augmented
+    key = hashlib.sha256(f"{plan_digest(plan)}-{rows_digest(rows)}".encode()).hexdigest()[:16]
+    if cache["teacher_key"] == key:
+        values, seconds["label"] = cache["values"], float(cache["label_seconds"])
+        cached.append("label")
+    else:
+        if cache["teacher_key"] is not None:
+            print(f"{path}: stale (the teacher, the data or the settings changed); labelling again", file=sys.stderr)
+        started = time.perf_counter()
+        values = label(runner, plan, task, rows)
+        seconds["label"] = time.perf_counter() - started
+    transfer = Transfer(gold, augmented, values, seconds, cached)
+    if len(cached) < 2:
+        write_cache(path, transfer, aug_key, key)
+    return transfer
+
+
+def write_cache(path: Path, transfer: Transfer, aug_key: str, teacher_key: str) -> None:
+    columns = len(transfer.augmented[0].texts) if transfer.augmented else 1
+    arrays = {
+        "augment_key": np.array(aug_key),
+        "teacher_key": np.array(teacher_key),
+        "aug_ids": np.array([e.id for e in transfer.augmented], dtype=str),
+        "aug_texts": np.array([e.texts for e in transfer.augmented], dtype=str).reshape(-1, columns),
+        "values": transfer.values,
+        "augment_seconds": np.array(transfer.seconds["augment"]),
+        "label_seconds": np.array(transfer.seconds["label"]),
+    }
+    write_npz_outputs(path, arrays)
+
+
+def write_transfer(directory: Path, transfers: dict[str, Transfer]) -> None:
+    """The student's distill_dir (model/distill.py's layout), each file written atomically."""
+    for task, transfer in transfers.items():
+        write_npz_outputs(teacher_file(directory, task), {"ids": transfer.ids, "values": transfer.values})
+        text = io.StringIO()
+        writer = csv.writer(text, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", *TASKS[task].text_columns])
+        writer.writerows([e.id, *e.texts] for e in transfer.augmented)
+        atomic_write_text(augment_file(directory, task), text.getvalue())
+
+
+# ------------------------------------------------------------------------------------------ student
+
+
+def student_config(args: argparse.Namespace, covered: list[str], distill_dir: Path) -> TrainConfig:
+    """The trainer's defaults for one model of every covered task, then --config, --tasks and --set;
+    refused (ValueError) when a task is not covered or the trainer would refuse the config."""
+    values: dict = {"tasks": covered}
+    if args.config is not None:
+        try:
+            values |= json.loads(args.config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{args.config}: not a readable JSON object of TrainConfig fields ({err})") from err
+    if args.tasks:
+        values["tasks"] = args.tasks
+    for item in args.set or []:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = json.loads(text)
+        except ValueError:
+            values[key] = text  # a bare string: --set pooling=cls
+    data_dir = str(resolve_data_dir(args.data_dir or values.get("data_dir")))
+    cfg = TrainConfig.from_dict(values | {"distill_dir": str(distill_dir), "data_dir": data_dir, "distill_digest": None})
+    missing = [t for t in cfg.tasks if t not in covered]
+    if missing:
+        raise ValueError(f"the teacher covers {covered}, not {missing}")
+    return cfg
+
+
+def default_output_dir(predictor: Path) -> Path:
+    """results/<studies>/distill/<method> for the predictor results/<studies>/ensemble/<method>/predictor."""
+    if predictor.name == "predictor" and predictor.parent.parent.name == "ensemble":
+        return predictor.parent.parent.parent / "distill" / predictor.parent.name
+    return predictor / "distill"
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def student_estimate(run: RunDir, task: str, splits: int, seed: int) -> tuple[list[float], np.ndarray]:
+    """The student's out-of-selection scores: on each of the halves (A, B), the epoch best on A, scored on B.
+    Also the dev ids, in the order the halves index."""
+    outputs = [run.read_epoch_outputs(task, e) for e in run.output_epochs(task)]
+    labels, scores = outputs[0]["labels"], []
+    for a, b in halves(len(labels), splits, seed):
+        on_a = [checked_metric(task, out["values"][a], labels[a], f"student {task}") for out in outputs]
+        chosen = outputs[int(np.argmax(on_a))]
+        scores.append(checked_metric(task, chosen["values"][b], labels[b], f"student {task}"))
+    return scores, outputs[0]["ids"]
+
+
+def build_rows(predictor: Path, task: str) -> tuple[list[Row], dict]:
+    """The usual recipe's and the teacher's rows of the build's summary.json beside the predictor (none
+    when it is a single run or the summary is missing), and the build's settings."""
+    summary_file = predictor.parent / "summary.json"
+    if predictor.name != "predictor" or not summary_file.is_file():
+        return [], {}
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    wanted = (BASELINE, predictor.parent.name)  # the method folder's name is its method's
+    rows = [Row(**r) for r in summary.get("rows", []) if r["task"] == task and r["name"] in wanted]
+    return rows, summary.get("settings", {})
+
+
+def teacher_row(predictor: Path, plan: TaskPlan, task: str) -> Row:
+    """The teacher's row from the manifest (dev in-sample, passes), or from a single run's metrics."""
+    manifest_file = predictor / "manifest.json"
+    if manifest_file.is_file():
+        entry = json.loads(manifest_file.read_text(encoding="utf-8"))["tasks"]
+        entry = entry.get(task, {}) if isinstance(entry, dict) else {}  # an older manifest has no per-task entry
+        name = f"teacher ({entry.get('method', 'ensemble')})"
+        cost, dev = entry.get("inference_cost", 0), entry.get("dev", float("nan"))
+        return Row(task, name, "selected", plan.names, cost, dev, None, plan.weights)
+    run = RunDir(predictor)
+    best = run.read_metrics()["best"]
+    return Row(task, "teacher (one run)", "member", plan.names, encoder_passes(run.read_config(), task), best[task])
+
+
+def student_row(run: RunDir, task: str, baseline: Row | None, teacher_ids: list[str] | None, settings: dict) -> Row:
+    metrics = run.read_metrics()
+    history = metrics["history"]
+    splits, seed = settings.get("splits", DEFAULT_SPLITS), settings.get("seed", DEFAULT_SEED)
+    scores, ids = student_estimate(run, task, splits, seed)
+    estimate = {"mean": float(np.mean(scores)), "sd": float(np.std(scores, ddof=1)), "splits": splits, "scores": scores}
+    note = "epoch chosen on half A of dev, scored on half B"
+    base = (baseline.estimate or {}).get("scores") if baseline else None
+    if base and teacher_ids == list(ids) and len(base) == len(scores):
+        gains = [s - s0 for s, s0 in zip(scores, base, strict=True)]
+        estimate |= {"gain_mean": float(np.mean(gains)), "gain_sd": float(np.std(gains, ddof=1)), "gains": gains}
+    elif baseline:
+        note += "; no paired gain: the student's dev rows are not the build's"
+    training = {"trial_epochs": len(history), "train_seconds": sum(r.get("train_seconds", 0.0) for r in history)}
+    passes = encoder_passes(run.read_config(), task)
+    return Row(task, "student (distilled)", "student", [run.path.name], passes, metrics["best"][task], estimate, None, note,
+               training=training)  # fmt: skip
+
+
+def kept_gain(teacher: Row, student: Row) -> str:
+    """The share of the teacher's out-of-selection gain over the usual recipe that the student keeps."""
+    gains = [(row.estimate or {}).get("gain_mean") for row in (teacher, student)]
+    if None in gains or gains[0] <= 0:
+        return ""
+    return f"; keeps {gains[1] / gains[0]:.0%} of the teacher's gain"
+
+
+def prediction_ids(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as fp:
+        return [row[0].strip() for row in list(csv.reader(fp))[1:]]
+
+
+def write_report(
+    output_dir: Path, predictor: Path, plans: dict[str, TaskPlan], transfers: dict[str, Transfer], seconds: float
+) -> str:
+    run = RunDir(output_dir / "student")
+    rows, header_transfer = [], {}
+    for task, transfer in transfers.items():
+        built, settings = build_rows(predictor, task)
+        baseline = next((r for r in built if r.kind == "baseline"), None)
+        if not any(r.kind == "selected" for r in built):
+            built.append(teacher_row(predictor, plans[task], task))
+        teacher_ids = prediction_ids(predictor.parent / "predictions" / f"{task}-dev-out.csv")
+        student = student_row(run, task, baseline, teacher_ids, settings)
+        teacher = next(r for r in built if r.kind != "baseline")
+        student.note += kept_gain(teacher, student)
+        rows += [*built, student]
+        header_transfer[task] = {
+            "gold_rows": len(transfer.gold),
+            "augmented_rows": len(transfer.augmented),
+            "augment_seconds": round(transfer.seconds["augment"], 1),
+            "label_seconds": round(transfer.seconds["label"], 1),
+            "cached": transfer.cached,
+        }
+    config = run.read_config()["train"]
+    header = {"teacher": str(predictor), "student": str(run.path), "config": config, "transfer": header_transfer}
+    header["seconds"] = {"this_run_wall": round(seconds, 1)}
+    lines = [
+        f"- {task}: {t['gold_rows']} gold + {t['augmented_rows']} new rows; augmentation {t['augment_seconds']:.0f} s, "
+        f"teacher labelling {t['label_seconds']:.0f} s" + (f" (cached: {', '.join(t['cached'])})" if t["cached"] else "")
+        for task, t in header_transfer.items()
+    ]
+    preamble = (
+        f"Teacher: {predictor}. Student: {run.path} (alpha {config['distill_alpha']}, temperature "
+        f"{config['distill_temperature']}, augment_limit {config['augment_limit']}). Teacher and usual-recipe rows are the "
+        "build's (out-of-selection as there); the student's out-of-selection score chooses its epoch on half A of each "
+        "of the build's halves of dev and scores it on half B; its gain is paired with the usual recipe on the same "
+        "halves. Said plainly: the teacher (its members, weights, epochs and STS scales) was chosen on all of dev by "
+        "ensemble.build, and the student learns from it, so the student's dev scores inherit that choice; its estimate "
+        "corrects only for its own epoch choice.\n\n" + "\n".join(lines) + f"\n- this run's wall time: {seconds:.0f} s\n\n"
+    )
+    return write_summary(output_dir, "Distilled student beside its teacher", header, rows, preamble)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = None) -> dict:
+    """Check everything, label (or reuse) the transfer sets, write them, train (or resume) the student,
+    write the report. Returns the trainer's metrics ({} with --label-only)."""
+    from model.train import train
+
+    started = time.perf_counter()
+    predictor, plans = teacher_plans(args.ensemble)
+    output_dir = (args.output_dir or default_output_dir(predictor)).resolve()  # absolute: a study's trials run elsewhere
+    cfg = student_config(args, list(plans), output_dir / "transfer")
+    if args.augment < 0:
+        raise ValueError(f"--augment must be >= 0, not {args.augment}")
+    settings = Settings(args.augment, args.seed, args.neighbour_pool, args.neighbours, args.device)
+    runner = Runner(args.device)
+    transfers = {task: transfer_set(task, cfg, predictor, plans[task], runner, settings) for task in cfg.tasks}
+    write_transfer(output_dir / "transfer", transfers)
+    if args.label_only:
+        print(f"wrote {output_dir / 'transfer'} (a study's distill_dir)", file=sys.stderr)
+        return {}
+    metrics = train(cfg, output_dir / "student", report=report, fresh=args.fresh, progress=True)
+    print(write_report(output_dir, predictor, plans, transfers, time.perf_counter() - started))
+    print(f"wrote {output_dir} (the student: {output_dir / 'student'})", file=sys.stderr)
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ensemble.distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--ensemble", type=Path, required=True, help="method folder of ensemble.build, its predictor/, or a run")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="tasks to distil (default: every covered task)")
+    parser.add_argument("--augment", type=int, default=2000, help="new unlabelled rows per task (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the new rows (default %(default)s)")
+    parser.add_argument(
+        "--neighbour-pool", type=int, default=4000, help="pair tasks: sentences embedded to find neighbours (default %(default)s)"
+    )
+    parser.add_argument(
+        "--neighbours", type=int, default=3, help="pair tasks: nearest neighbours per sentence (default %(default)s)"
+    )
+    parser.add_argument("--config", type=Path, help="JSON object of TrainConfig fields for the student")
+    parser.add_argument(
+        "--set", nargs="+", action="extend", metavar="KEY=VALUE", help="student TrainConfig fields (VALUE as JSON, else a string)"
+    )
+    parser.add_argument("--output-dir", type=Path, help="default: results/<studies>/distill/<method>")
+    parser.add_argument("--data-dir", help=f"CS224N data directory (default: ${DATA_DIR_ENV}, else ./datasets)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N for the teacher and the embeddings (default: cuda when available)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="train the student from scratch even if OUTPUT/student holds last.pt"
+    )
+    parser.add_argument("--label-only", action="store_true", help="stop after writing OUTPUT/transfer")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        distill(args)
+    except (EnsembleError, DataError, RunFileError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Distillation: the soft losses, a student that follows a made-up teacher, and python -m ensemble.distill
+(the teacher cache, bad input, kill and rerun) on a tiny teacher trained here."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tiny_model import DATA_DIR, TINY_BERT, needs_data, tiny_config
+
+from data.files import TASKS, Example, load_examples
+from ensemble import distill as ensemble_distill
+from ensemble import predict as ensemble_predict
+from ensemble.taskpool import apply_scale
+from model.build import load_trained
+from model.config import TrainConfig
+from model.distill import SoftTargets, distill_digest, distill_loss, soft_loss, teacher_file
+from model.evaluation import evaluate_model, predict_values
+from model.multitask import task_loss
+from model.rundir import RunFileError, write_npz_outputs
+from model.splits import load_split
+from model.train import train
+
+ALL = ["sst", "para", "sts"]
+STS_SCALE = [0.5, 0.8]  # the teacher's map of its member's STS outputs to the 0-5 scale
+STUDENT = ["model_config=" + json.dumps(TINY_BERT), "train_limit=24", "eval_limit=16", "batch_size=8"]
+STUDENT += ["epochs=1", "lr=0.001", "threads=1"]
+
+
+# ----------------------------------------------------------------------------------- the soft losses
+
+
+def test_soft_loss_of_each_task_type():
+    torch.manual_seed(0)
+    teacher = torch.softmax(torch.randn(4, 5), -1)
+    for temperature in (1.0, 2.0):
+        # Zero where the student's distribution is the teacher's, and the softened KL times T^2 elsewhere.
+        assert soft_loss("sst", teacher.log(), teacher, temperature).abs().max() < 1e-5
+        logits = torch.randn(4, 5)
+        soft_t, student_t = (teacher.log() / temperature).softmax(-1), (logits / temperature).softmax(-1)
+        kl = (soft_t * (soft_t.log() - student_t.log())).sum(-1) * temperature**2
+        assert torch.allclose(soft_loss("sst", logits, teacher, temperature), kl, atol=1e-5)
+    p, logits = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0.3, -1.0, 2.0], requires_grad=True)
+    expected = -(p * F.logsigmoid(logits) + (1 - p) * F.logsigmoid(-logits))
+    assert torch.allclose(soft_loss("para", logits, p), expected)
+    at_teacher = torch.logit(p).requires_grad_()
+    soft_loss("para", at_teacher, p).sum().backward()  # its minimum is at the teacher's P(duplicate)
+    assert at_teacher.grad.abs().max() < 1e-6
+    assert torch.allclose(soft_loss("sts", torch.tensor([1.0, 4.0]), torch.tensor([2.0, 4.5])), torch.tensor([1.0, 0.25]))
+
+
+def test_distill_loss_mixes_gold_and_soft_rows():
+    scores, gold_labels = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0.0, 5.0, 1.0, 2.0])
+    soft = torch.tensor([1.5, 2.0, 2.0, 3.0])
+    all_gold = SoftTargets(soft, torch.ones(4, dtype=torch.bool))
+    index = torch.arange(4)
+
+    def loss(targets: SoftTargets, alpha: float, sts_loss: str = "mse") -> torch.Tensor:
+        cfg = TrainConfig(tasks=["sts"], distill_dir="x", distill_alpha=alpha, sts_loss=sts_loss)
+        return distill_loss("sts", scores, gold_labels, index, targets, cfg)
+
+    assert torch.isclose(loss(all_gold, 0.0), task_loss("sts", scores, gold_labels))  # alpha 0: the gold loss only
+    assert torch.isclose(loss(all_gold, 1.0), (scores - soft).pow(2).mean())  # alpha 1: the teacher only
+    mixed = 0.3 * (scores - soft).pow(2).mean() + 0.7 * task_loss("sts", scores, gold_labels)
+    assert torch.isclose(loss(all_gold, 0.3), mixed)
+    # Augmented rows (the last two) carry the soft loss at full weight and never their placeholder label.
+    half = SoftTargets(soft, torch.tensor([True, True, False, False]))
+    soft_rows = torch.tensor([0.3, 0.3, 1.0, 1.0]) * (scores - soft).pow(2)
+    expected = soft_rows.mean() + 0.7 * 2 / 4 * task_loss("sts", scores[:2], gold_labels[:2])
+    assert torch.isclose(loss(half, 0.3), expected)
+    assert loss(half, 0.3, "cosent") > 0  # CoSENT on the teacher's scores, a ranking loss over the batch
+
+
+def test_distill_settings_are_checked():
+    for bad, match in (({"distill_alpha": 1.5}, "distill_alpha"), ({"distill_temperature": 0.0}, "distill_temperature")):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+    with pytest.raises(ValueError, match="augment_limit"):
+        TrainConfig(augment_limit=-1)
+
+
+# ------------------------------------------------------------------------- a student and its teacher
+
+
+def write_teacher(directory: Path, rows: int, values_of) -> None:
+    """A made-up teacher: ``values_of(task, gold labels)`` for the first ``rows`` training rows of each task."""
+    for task in ALL:
+        examples = load_examples(task, "train", DATA_DIR)[:rows]
+        labels = np.array([e.label for e in examples], dtype=np.float64)
+        ids = np.array([e.id for e in examples])
+        write_npz_outputs(teacher_file(directory, task), {"ids": ids, "values": values_of(task, labels)})
+
+
+def opposite(task: str, labels: np.ndarray) -> np.ndarray:
+    """The opposite of the gold label: class 4 - y, 1 - is_duplicate, 5 - similarity."""
+    if TASKS[task].label_kind == "class":
+        values = np.full((len(labels), 5), 0.025)
+        values[np.arange(len(labels)), 4 - labels.astype(int)] = 0.9
+        return values
+    return 1.0 - labels if TASKS[task].label_kind == "binary" else 5.0 - labels
+
+
+@needs_data
+def test_as_alpha_goes_to_one_the_student_follows_the_teacher_not_the_gold_labels(tmp_path):
+    rows = 32
+    write_teacher(tmp_path / "teacher", rows, opposite)
+    toward_teacher = {}
+    for alpha in (0.0, 1.0):
+        config = tiny_config(distill_dir=str(tmp_path / "teacher"), distill_alpha=alpha, train_limit=rows, eval_limit=8)
+        train(config | {"epochs": 4, "lr": 3e-3, "predict_test": False}, tmp_path / f"alpha{alpha}")
+        model, cfg = load_trained(tmp_path / f"alpha{alpha}")
+        for task in ALL:
+            gold = np.array(load_split(cfg, task, "train", rows).labels, dtype=np.float64)
+            values = predict_values(model, task, load_split(cfg, task, "train", rows))
+            if TASKS[task].label_kind == "class":  # probability of the teacher's class minus that of the gold one
+                y = gold.astype(int)
+                toward_teacher[task, alpha] = float((values[np.arange(rows), 4 - y] - values[np.arange(rows), y]).mean())
+            else:  # distance to the gold labels minus distance to the teacher's values
+                teacher = opposite(task, gold)
+                toward_teacher[task, alpha] = float(np.abs(values - gold).mean() - np.abs(values - teacher).mean())
+    for task in ALL:
+        assert toward_teacher[task, 1.0] > 0 > toward_teacher[task, 0.0], (task, toward_teacher)
+
+
+@needs_data
+def test_the_trainer_refuses_a_bad_teacher_file_naming_it(tmp_path):
+    write_teacher(tmp_path / "short", 8, opposite)  # outputs for 8 rows; the student trains on 24
+    with pytest.raises(ValueError, match=r"sst-teacher.npz: no teacher output for 16 of the 24 sst training rows"):
+        train(tiny_config(distill_dir=str(tmp_path / "short"), train_limit=24), tmp_path / "a")
+    write_teacher(tmp_path / "nan", 24, lambda task, y: opposite(task, y) * np.nan)
+    with pytest.raises(RunFileError, match=r"nan/para-teacher.npz: 24 teacher value\(s\) are NaN"):
+        train(tiny_config(distill_dir=str(tmp_path / "nan"), train_limit=24), tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------ python -m ensemble.distill
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("teacher") / "run"
+    train(tiny_config(train_limit=32, eval_limit=16), run)
+    return run
+
+
+def make_predictor(root: Path, member: Path, tasks: list[str] = ALL, scale: list[float] = STS_SCALE) -> Path:
+    """A built predictor's folder (results/<study>/ensemble/caruana) with one member per task."""
+    method = root / "results" / "tiny" / "ensemble" / "caruana"
+    entries = {}
+    for task in tasks:
+        described = {"name": "tiny/trial 0", "study": "tiny", "trial": 0, "artifact_dir": str(member), "weight": 1.0}
+        if task == "sts":
+            described["scale"] = scale
+        entries[task] = {"method": "caruana", "kind": "logits", "members": [described], "inference_cost": 1, "dev": 0.5}
+    manifest = {"format": 2, "method": "caruana", "studies": ["tiny"], "tasks": entries}
+    (method / "predictor").mkdir(parents=True, exist_ok=True)
+    (method / "predictor" / "manifest.json").write_text(json.dumps(manifest))
+    return method
+
+
+def run_distill(method: Path, out: Path | None, *extra: str, report=None) -> dict:
+    argv = ["--ensemble", str(method), "--augment", "6", "--data-dir", str(DATA_DIR), "--set", *STUDENT, *extra]
+    argv += ["--output-dir", str(out)] if out is not None else []
+    return ensemble_distill.distill(ensemble_distill.build_parser().parse_args(argv), report=report)
+
+
+def write_build_summary(method: Path, gains: dict[str, float]) -> None:
+    """What ensemble.build writes beside the predictor and the report reads: the usual recipe's and the
+    method's rows (their out-of-selection scores on 20 halves) and the dev rows' ids."""
+    rows = []
+    for task in ALL:
+        ids = [e.id for e in load_examples(task, "dev", DATA_DIR)[:16]]
+        (method / "predictions").mkdir(exist_ok=True)
+        (method / "predictions" / f"{task}-dev-out.csv").write_text("id,value\n" + "".join(f"{i},0\n" for i in ids))
+        for name, kind, gain in (("baseline (usual recipe)", "baseline", None), ("caruana", "selected", gains[task])):
+            estimate = {"mean": 0.2, "sd": 0.0, "gain_mean": gain, "gain_sd": None, "splits": 20, "scores": [0.2] * 20}
+            rows.append(
+                {"task": task, "name": name, "kind": kind, "members": ["tiny/trial 0"], "cost": 1, "dev": 0.2}
+                | {"estimate": estimate}
+            )
+    (method / "summary.json").write_text(json.dumps({"settings": {"splits": 20, "seed": 0}, "rows": rows}))
+
+
+@pytest.fixture
+def count_labelling(monkeypatch) -> list[str]:
+    """The tasks the teacher labels, in order."""
+    labelled, label = [], ensemble_distill.label
+
+    def counting(runner, plan, task, examples):
+        labelled.append(task)
+        return label(runner, plan, task, examples)
+
+    monkeypatch.setattr(ensemble_distill, "label", counting)
+    return labelled
+
+
+@needs_data
+def test_teacher_outputs_are_cached_and_recomputed_when_the_predictor_changes(tmp_path, teacher_run, count_labelling, capsys):
+    method = make_predictor(tmp_path, teacher_run)
+    out = tmp_path / "out"
+    assert run_distill(method, out, "--label-only") == {}
+    assert count_labelling == ALL
+    transfer = out / "transfer"
+    # The teacher's values are its member's outputs, the STS ones through the manifest's scale.
+    values = np.load(teacher_file(transfer, "sts"))["values"]
+    examples = load_examples("sts", "train", DATA_DIR)[:24]
+    model, cfg = load_trained(teacher_run)
+    _, outputs = evaluate_model(model, cfg, "test", examples={"sts": [Example(e.id, e.texts, None) for e in examples]})
+    assert np.allclose(values[:24], apply_scale(outputs["sts"]["values"], STS_SCALE), atol=1e-5)
+    assert len(values) == 24 + 6 and len(load_examples("sts", "train", DATA_DIR)) > 24
+    digest = distill_digest(transfer, ALL)
+
+    run_distill(method, out, "--label-only")  # everything from the cache: the same transfer set
+    assert count_labelling == ALL and distill_digest(transfer, ALL) == digest
+
+    make_predictor(tmp_path, teacher_run, scale=[0.0, 1.0])  # the STS plan changed: only STS is labelled again
+    capsys.readouterr()
+    run_distill(method, out, "--label-only")
+    assert count_labelling == [*ALL, "sts"] and "sts.npz: stale" in capsys.readouterr().err
+    assert distill_digest(transfer, ALL) != digest
+
+    (method / "predictor" / "teacher-cache" / "sst.npz").write_bytes(b"not a zip file")
+    run_distill(method, out, "--label-only")
+    assert count_labelling == [*ALL, "sts", "sst"] and "sst.npz: unreadable teacher cache" in capsys.readouterr().err
+
+
+def copy_member(source: Path, target: Path, nan_in: str | None = None, weights: bool = True) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("last.pt", "outputs", "teacher-cache", "distill"))
+    if not weights:
+        (target / "model.safetensors").unlink()
+    elif nan_in is not None:
+        state = load_file(target / "model.safetensors")
+        state = {k: v.fill_(float("nan")) if k.startswith(f"heads.{nan_in}.") else v for k, v in state.items()}
+        save_file(state, target / "model.safetensors")
+    return target
+
+
+def half_written_manifest(tmp: Path, run: Path) -> Path:
+    method = make_predictor(tmp, run)
+    (method / "predictor" / "manifest.json").write_text('{"format": 2, "tas')
+    return method
+
+
+# case: (make the predictor, extra arguments, what the error says)
+BAD_INPUTS = {
+    "missing predictor": (lambda tmp, run: tmp / "nowhere", [], "nowhere: no ensemble here"),
+    "half-written manifest": (half_written_manifest, [], r"caruana/predictor: unreadable ensemble description \(JSONDecodeError"),
+    "member without weights": (
+        lambda tmp, run: make_predictor(tmp, copy_member(run, tmp / "member", weights=False)),
+        [],
+        "teacher sst member tiny/trial 0: .*member/model.safetensors not found",
+    ),
+    "task not covered": (
+        lambda tmp, run: make_predictor(tmp, run, ["sst", "para"]),
+        ["--tasks", "sts"],
+        r"covers \['sst', 'para'\], not \['sts'\]",
+    ),
+    "refused student": (lambda tmp, run: make_predictor(tmp, run), ["--set", "pair_encoding=cross"], "sts_head 'cosine' needs"),
+    "non-finite teacher": (
+        lambda tmp, run: make_predictor(tmp, copy_member(run, tmp / "member", nan_in="sst")),
+        [],
+        r"member tiny/trial 0 \(.*member\): its sst outputs contain NaN or inf",
+    ),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_before_training_with_one_line_and_writes_nothing(tmp_path, teacher_run, case, capsys):
+    make, extra, message = BAD_INPUTS[case]
+    method = make(tmp_path, teacher_run)
+    out = tmp_path / "out"
+    argv = ["--ensemble", str(method), "--output-dir", str(out), "--augment", "6", "--data-dir", str(DATA_DIR)]
+    assert ensemble_distill.main([*argv, "--set", *STUDENT, *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert not out.exists() and not (method / "predictor" / "teacher-cache").exists()
+
+
+@needs_data
+def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path, teacher_run, count_labelling, capsys):
+    method = make_predictor(tmp_path, teacher_run)
+    write_build_summary(method, {"sst": 0.1, "para": 0.1, "sts": 0.1})
+    seen = []
+
+    def killed_after_epoch_1(metrics: dict) -> None:
+        seen.append(metrics["epoch"])
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(method, None, "--set", "epochs=2", report=killed_after_epoch_1)
+    out = tmp_path / "results" / "tiny" / "distill" / "caruana"  # the default output folder
+    metrics = run_distill(method, None, "--set", "epochs=2", report=lambda m: seen.append(m["epoch"]))
+    assert seen == [1, 2] and len(metrics["history"]) == 2  # epoch 1 was not trained again
+    assert count_labelling == ALL  # nor was anything labelled again
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {(r["task"], r["name"]): r for r in summary["rows"]}
+    assert {(t, n) for t in ALL for n in ("student (distilled)", "caruana", "baseline (usual recipe)")} == set(rows)
+    for task in ALL:  # paired with the usual recipe on the build's halves, and set against the teacher's gain
+        student = rows[task, "student (distilled)"]
+        gains = np.array(student["estimate"]["scores"]) - 0.2
+        assert student["estimate"]["gain_mean"] == pytest.approx(gains.mean())
+        assert f"keeps {gains.mean() / 0.1:.0%} of the teacher's gain" in student["note"]
+    assert summary["transfer"]["sts"] == summary["transfer"]["sts"] | {"gold_rows": 24, "augmented_rows": 6}
+    for task in ALL:  # the student's leaderboard CSVs, written by the trainer
+        assert (out / "student" / "predictions" / f"{task}-test-out.csv").is_file()
+    capsys.readouterr()
+    assert ensemble_predict.main(["--ensemble", str(out / "student"), "--input", str(DATA_DIR / "sts-dev.csv")]) == 0
+    assert "Pearson r" in capsys.readouterr().out
+    # A changed teacher is a changed config: the student's folder is not silently resumed with it.
+    make_predictor(tmp_path, teacher_run, scale=[0.0, 1.0])
+    argv = ["--ensemble", str(method), "--augment", "6", "--data-dir", str(DATA_DIR), "--set", *STUDENT, "epochs=2"]
+    assert ensemble_distill.main(argv) == 1
+    assert "different config (distill_digest" in capsys.readouterr().err
