@@ -154,9 +154,11 @@ class RecordingOptunaSearch(OptunaSearch):
 
     def _adopt(self, trial_id: str, number: int) -> dict:
         """Hand out the RUNNING Optuna trial ``number`` again, under the Ray trial ``trial_id``."""
+        # Optuna's cached storage writes a param only for a trial it has read: a new driver's has read none.
+        self._ot_study.get_trials(deepcopy=False)
         ot_trial = optuna.trial.Trial(self._ot_study, storage_trial_id(self._ot_study, number))
-        # A driver killed in the middle of Optuna's ask left some params unset: sample (or take from
-        # the queued start point) the missing ones now.
+        # A driver killed in the middle of Optuna's ask left some (or all) params unset: re-ask them now,
+        # sampled or taken from the queued start point's fixed params.
         for name, distribution in self._distributions.items():
             if name not in ot_trial.params:
                 suggest(ot_trial, name, distribution)

@@ -76,3 +76,32 @@ def test_restore_adopts_a_trial_that_ray_saw_end_and_optuna_never_heard_of(tmp_p
     assert new[TRIAL_NUMBER_KEY] == 2 and new != running
     assert resumed.suggest("ray-e") == Searcher.FINISHED  # the budget counts the adopted trial once
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
+
+
+@pytest.mark.parametrize("start_point", [{"x": 0.25}, None], ids=["start-point", "sampled"])
+def test_a_trial_killed_before_its_params_were_recorded_is_re_asked(tmp_path, start_point):
+    """The driver died inside Optuna's ask: the trial is RUNNING with no params (only a start point's
+    fixed params, if it was one). A new driver's searcher hands it out again with the start point's
+    params, or freshly sampled ones, under its own number; nothing is failed or counted twice."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    if start_point:
+        study.enqueue_trial(start_point)
+    asked = study.ask()  # RUNNING, no params: what the kill left
+    assert asked.params == {} and study.trials[0].state == TrialState.RUNNING
+
+    searcher = RecordingOptunaSearch(
+        space={"x": optuna.distributions.FloatDistribution(0.0, 1.0)},
+        metric="m",
+        mode="max",
+        study_name="s",
+        storage=open_storage(url),  # a fresh connection, as a new driver has
+        sampler=optuna.samplers.TPESampler(seed=1),
+        artifacts_root=tmp_path,
+        adopt=[0],
+        max_trials=2,
+    )
+    config = searcher.suggest("ray-a")
+    assert config[TRIAL_NUMBER_KEY] == 0 and (start_point is None or config["x"] == start_point["x"])
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 1 and trials[0].params == {"x": config["x"]}

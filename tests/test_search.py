@@ -128,14 +128,18 @@ class DriverRun:
     leftovers: list[str]
 
 
-def run_driver(tmp: Path, args: list[str], label: str, when: Any, sig: int, group: bool, seconds: float = 150) -> DriverRun:
+def run_driver(
+    tmp: Path, args: list[str], label: str, when: Any, sig: int, group: bool, seconds: float = 150, kill_at: str | None = None
+) -> DriverRun:
     """Run run_search.py in its own process group; send ``sig`` once ``when(optuna trials, log)`` is truthy
-    (to the whole group, as a crashed machine leaves it, or to the driver alone, as `kill` does)."""
+    (to the whole group, as a crashed machine leaves it, or to the driver alone, as `kill` does).
+    ``kill_at``: a point of tests/kill_at.py where the driver SIGKILLs itself (returncode -9)."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", MARK: label}  # the log is polled
     url = args[args.index("--storage") + 1]
+    program = [str(PROJECT_ROOT / "run_search.py")] if kill_at is None else [str(Path(__file__).parent / "kill_at.py"), kill_at]
     with open(tmp / f"{label}.log", "w") as log:
         driver = subprocess.Popen(
-            [sys.executable, str(PROJECT_ROOT / "run_search.py"), *args],
+            [sys.executable, *program, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
