@@ -104,6 +104,8 @@ def run_search(options: SearchOptions) -> Outcome:
         gpus_per_trial=options.gpus_per_trial,
     )
     data_dir = check_data(study, options.data_dir)
+    # Before Ray starts and anything is written: a storage that cannot be opened leaves nothing behind.
+    open_storage(options.storage)
     return execute(study, options, paths, data_dir)
 
 

@@ -93,6 +93,43 @@ def test_storage_errors_are_one_line_with_the_password_masked(study_setup, capsy
     assert masked_url("postgresql+psycopg://u:p@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
 
 
+def test_ensemble_build_reports_a_storage_error_in_one_line(capsys):
+    from ensemble import build
+
+    assert build.main(["--study", "sts", "--storage", "postgresql://bob:s3cret@127.0.0.1:9/optuna"]) == 1
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "postgresql://bob:***@127.0.0.1:9/optuna" in err
+
+
+@pytest.mark.parametrize(
+    "where, says",
+    [
+        ("a-file/x.db", "a-file is not a folder"),
+        ("no/such/folder/x.db", "the folder {tmp}/no/such/folder does not exist"),
+        ("/proc/x.db", "unable to open database file"),
+    ],
+)
+def test_an_unusable_sqlite_path_is_refused_before_anything_is_written(study_setup, where, says, capsys):
+    """Named in one line before Ray starts: no results folder (it would block the study later), no
+    folder created for a path the user typed."""
+    options, tmp_path = study_setup
+    (tmp_path / "a-file").write_text("")
+    options.storage = f"sqlite:///{tmp_path / where}"
+    assert main_exit(options) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "no").exists()
+
+
+def test_the_default_storage_folder_is_created(tmp_path, monkeypatch):
+    import search.storage
+
+    monkeypatch.setattr(search.storage, "DEFAULT_DB_PATH", tmp_path / "studies" / "optuna.db")
+    open_storage(f"sqlite:///{tmp_path / 'studies' / 'optuna.db'}")
+    assert (tmp_path / "studies" / "optuna.db").is_file()
+
+
 def test_refused_commands_create_no_database(study_setup, capsys):
     options, tmp_path = study_setup
     options.resume = True
