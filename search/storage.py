@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -106,6 +107,21 @@ def check_sqlite_folder(url: str, path: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise StorageError(f"{masked_url(url)}: cannot create its folder: {error}") from None
+
+
+def check_storage(url: str) -> None:
+    """StorageError now, before a run starts Ray or writes anything, when the storage cannot be opened,
+    or (a SQLite file not there yet) created; the file itself is not created."""
+    path = sqlite_file(url)
+    if path is None or path.is_file():
+        open_storage(url, create=False)
+        return
+    check_sqlite_folder(url, path)
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise StorageError(f"{masked_url(url)}: cannot create a file in {path.parent}: {error.strerror}") from None
 
 
 def open_storage(url: str = DEFAULT_STORAGE_URL, create: bool = True) -> optuna.storages.RDBStorage:

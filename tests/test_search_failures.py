@@ -107,7 +107,7 @@ def test_ensemble_build_reports_a_storage_error_in_one_line(capsys):
     [
         ("a-file/x.db", "a-file is not a folder"),
         ("no/such/folder/x.db", "the folder {tmp}/no/such/folder does not exist"),
-        ("/proc/x.db", "unable to open database file"),
+        ("/proc/x.db", "cannot create a file in /proc"),
     ],
 )
 def test_an_unusable_sqlite_path_is_refused_before_anything_is_written(study_setup, where, says, capsys):
