@@ -3,6 +3,7 @@ module of the project that reaches into library internals.
 
 Written against ray 2.60.0 and optuna 5.0.0 (pyproject.toml pins both). It uses:
   optuna   Study._storage, Study._study_id       (no public way to address a trial by number)
+           RDBStorage.engine, table study_user_attributes (study_id, key, value_json)   (no compare-and-set)
   ray      OptunaSearch._ot_study, ._ot_trials, ._completed_trials   (the searcher's trial table)
            ASHAScheduler._brackets, bracket._rungs, ._metric_op      (the rung records ASHA ranks by)
 tests/test_adapters.py fails loudly when an upgrade removes or renames any of them.
@@ -19,12 +20,14 @@ its restored random state would draw the orphans' params again. No trial is lost
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
@@ -53,6 +56,42 @@ def optuna_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
 def storage_trial_id(study: optuna.Study, number: int) -> int:
     """The storage's id of trial ``number`` (Optuna has no public lookup; ``_study_id`` is private)."""
     return optuna_storage(study).get_trial_id_from_study_id_trial_number(study._study_id, number)
+
+
+# Optuna's table of study user attributes (optuna/storages/_rdb/models.py), for a compare-and-set.
+STUDY_USER_ATTRS = sqlalchemy.table(
+    "study_user_attributes", sqlalchemy.column("study_id"), sqlalchemy.column("key"), sqlalchemy.column("value_json")
+)
+
+
+def _study_attr_row(storage: optuna.storages.RDBStorage, study_name: str, key: str) -> Any:
+    study_id = storage.get_study_id_from_name(study_name)
+    return (STUDY_USER_ATTRS.c.study_id == study_id) & (STUDY_USER_ATTRS.c.key == key)
+
+
+def read_study_user_attr(storage: optuna.storages.RDBStorage, study_name: str, key: str) -> str | None:
+    """The stored JSON text of a study user attribute (None when absent), as ``swap_study_user_attr`` compares it."""
+    where = _study_attr_row(storage, study_name, key)
+    with storage.engine.connect() as connection:
+        return connection.execute(sqlalchemy.select(STUDY_USER_ATTRS.c.value_json).where(where)).scalar_one_or_none()
+
+
+def swap_study_user_attr(
+    storage: optuna.storages.RDBStorage, study_name: str, key: str, expected: str | None, value: Any
+) -> str | None:
+    """Set a study user attribute to ``value`` only if its stored JSON text is still ``expected`` (None:
+    absent), in one transaction of the database; the new text, or None when another writer came first."""
+    text, where = json.dumps(value), _study_attr_row(storage, study_name, key)
+    try:
+        with storage.engine.begin() as connection:
+            if expected is None:  # the unique (study_id, key) makes a second insert fail
+                study_id = storage.get_study_id_from_name(study_name)
+                connection.execute(sqlalchemy.insert(STUDY_USER_ATTRS).values(study_id=study_id, key=key, value_json=text))
+                return text
+            update = sqlalchemy.update(STUDY_USER_ATTRS).where(where & (STUDY_USER_ATTRS.c.value_json == expected))
+            return text if connection.execute(update.values(value_json=text)).rowcount == 1 else None
+    except sqlalchemy.exc.IntegrityError:
+        return None
 
 
 def suggest(trial: optuna.trial.Trial, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:

@@ -18,8 +18,9 @@ from tiny_model import DATA_DIR, needs_data
 from data.files import DataError, load_examples
 from model.metrics import NonFiniteMetricError, pearson, task_metric
 from search.cluster import ClusterError, check_resources
-from search.lease import LEASE_ATTR, DriverLease, LeaseError, current_holder
+from search.lease import LEASE_ATTR, DriverLease, Holder, LeaseError, current_holder, machine_id
 from search.storage import StorageError, masked_url, open_storage
+from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, command_line, main_exit, run_search
 
 
@@ -178,10 +179,7 @@ def lease_study(tmp_path):
     return storage
 
 
-def test_a_second_driver_is_refused_naming_the_holder(tmp_path, monkeypatch):
-    import search.lease
-
-    monkeypatch.setattr(search.lease, "SETTLE_SECONDS", 0.0)
+def test_a_second_driver_is_refused_naming_the_holder(tmp_path):
     storage = lease_study(tmp_path)
     with DriverLease("s", storage, interval=0.2) as first:
         time.sleep(0.5)  # a few beats: the lease stays live
@@ -192,16 +190,18 @@ def test_a_second_driver_is_refused_naming_the_holder(tmp_path, monkeypatch):
     assert current_holder(optuna.load_study(study_name="s", storage=storage)) is None  # released on exit
 
 
-def test_a_dead_drivers_lease_does_not_block(tmp_path, monkeypatch):
-    import search.lease
-
-    monkeypatch.setattr(search.lease, "SETTLE_SECONDS", 0.0)
+def test_a_dead_drivers_lease_does_not_block(tmp_path):
     storage = lease_study(tmp_path)
     study = optuna.load_study(study_name="s", storage=storage)
-    # Killed on this host: its pid is gone (pid 2**22 + 1 is above Linux's pid_max).
-    study.set_user_attr(
-        LEASE_ATTR, {"host": socket.gethostname(), "pid": 2**22 + 1, "token": "x", "beat": time.time(), "interval": 10}
-    )
+    # Killed on this machine: its pid is gone (pid 2**22 + 1 is above Linux's pid_max).
+    here = {"host": socket.gethostname(), "machine": machine_id(), "pid": 2**22 + 1, "token": "x", "interval": 10}
+    study.set_user_attr(LEASE_ATTR, {**here, "beat": time.time()})
+    assert current_holder(study) is None
+    # Another container of the same host name (its own PID namespace): its pids are not ours to look up,
+    # so its lease holds until it misses three beats.
+    study.set_user_attr(LEASE_ATTR, {**here, "machine": f"{machine_id()}-other", "beat": time.time()})
+    assert current_holder(study) is not None
+    study.set_user_attr(LEASE_ATTR, {**here, "machine": f"{machine_id()}-other", "beat": time.time() - 31})
     assert current_holder(study) is None
     # Killed on another machine: live until it misses three beats.
     study.set_user_attr(LEASE_ATTR, {"host": "elsewhere", "pid": 1, "token": "y", "beat": time.time() - 5, "interval": 10})
@@ -210,6 +210,56 @@ def test_a_dead_drivers_lease_does_not_block(tmp_path, monkeypatch):
     assert current_holder(study) is None
     with DriverLease("s", storage):
         assert current_holder(study).pid != 1
+
+
+def assert_one_driver_wins_a_race(url: str, before: dict | None) -> None:
+    """Driver B reads the lease free (``before``: never written, or a released one); driver A takes it
+    before B writes: B must be refused (with a read, write, sleep, read, both went on until A's next
+    heartbeat)."""
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="race", storage=storage)
+    if before is not None:
+        study.set_user_attr(LEASE_ATTR, before)
+    first, second = DriverLease("race", storage), DriverLease("race", open_storage(url))
+    parse, raced = Holder.from_attr.__func__, []
+
+    def from_attr(cls, value):
+        holder = parse(cls, value)
+        if not raced:  # B has just read the lease: A takes it now
+            raced.append(True)
+            first.acquire()
+        return holder
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Holder, "from_attr", classmethod(from_attr))
+        with pytest.raises(LeaseError, match="another driver took it at the same moment"):
+            second.acquire()
+    try:
+        assert raced and current_holder(optuna.load_study(study_name="race", storage=storage)).token == first.token
+    finally:
+        first.release()
+        second.release()
+
+
+@pytest.mark.parametrize("before", [None, {"released": 1.0}], ids=["never-held", "released"])
+def test_two_drivers_never_hold_the_lease_at_once(tmp_path, before):
+    assert_one_driver_wins_a_race(f"sqlite:///{tmp_path / 'race.db'}", before)
+
+
+def test_start_points_are_queued_only_under_the_lease(study_setup, monkeypatch):
+    """Two drivers start a new study at once; B looked for it just before A created it and took the
+    lease. B, refused the lease, has added nothing (before: it queued the start points a second time)."""
+    import search.tuner
+
+    options, tmp_path = study_setup
+    monkeypatch.setattr(search.tuner, "start_ray", lambda *args: None)
+    monkeypatch.setattr(search.tuner, "wait_for_resources", lambda *args: None)
+    monkeypatch.setattr(optuna.study, "get_all_study_names", lambda storage: [])  # what B saw
+    study = optuna.create_study(study_name="tiny", storage=open_storage(options.storage))
+    study.set_user_attr(LEASE_ATTR, {"host": "gpu-7", "pid": 4242, "token": "z", "beat": time.time(), "interval": 10})
+    with pytest.raises(LeaseError):
+        search.tuner.run_on_ray(load_spec(options.study), options, StudyPaths(tmp_path / "r" / "tiny"), DATA_DIR)
+    assert study.get_trials() == []
 
 
 def test_resume_and_fresh_are_refused_while_a_driver_runs(study_setup, capsys):
