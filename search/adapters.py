@@ -14,8 +14,9 @@ searcher knows exactly which Optuna trials Ray will continue. Any other trial st
 storage was started after that checkpoint, or ended after it without Optuna hearing how; Ray will
 never continue it. Such orphans are adopted:
 the searcher's next suggestions hand them out again (same number, params and folder, so the trainer
-resumes from its checkpoint) before it asks Optuna for new trials, and the sampler is reseeded, since
-its restored random state would draw the orphans' params again. No trial is lost or duplicated.
+resumes from its checkpoint) before it asks Optuna for new trials. Whenever the study holds trials drawn
+after Ray's checkpoint (orphans, or trials that ended since), the sampler is reseeded, since its restored
+random state would draw their params again. No trial is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -215,14 +216,14 @@ class RecordingOptunaSearch(OptunaSearch):
         # and those that Ray's list says ended although Optuna never heard how (the driver died between
         # the two). Their folders hold their checkpoints, so the trainer resumes them (a trial whose
         # epochs were all done only writes what is missing) and the recorder then tells Optuna the truth.
-        self._adoptable = [
-            t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in resumed
-        ]
-        if any(number not in known for number in self._adoptable):
-            # The restored random state is the one before the orphans were drawn: it would draw them again.
-            drawn = len([t for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+        trials = self._ot_study.get_trials(deepcopy=False)
+        self._adoptable = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in resumed]
+        drawn = [t for t in trials if t.state != TrialState.WAITING]
+        if any(t.number not in known for t in drawn):
+            # The restored random state is the one before the trials drawn after Ray's checkpoint (running
+            # or ended since): it would draw their params again. Seeds differ per count of trials drawn.
             self._ot_study.sampler = optuna.samplers.TPESampler(
-                seed=self._sampler_seed + drawn, n_startup_trials=self._startup_trials
+                seed=self._sampler_seed + len(drawn), n_startup_trials=self._startup_trials
             )
 
 

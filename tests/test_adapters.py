@@ -121,3 +121,22 @@ def test_a_study_user_attribute_can_be_compared_and_set(tmp_path):
     assert read_study_user_attr(storage, "s", "k") == "3" and read_study_user_attr(storage, "s", "absent") is None
     assert optuna.load_study(study_name="s", storage=url).user_attrs == {"k": 3}
 
+
+def test_a_restored_searcher_never_repeats_a_trial_that_ended_after_its_checkpoint(tmp_path):
+    """Ray's checkpoint saw two trials asked; a third was asked and ended before the driver died. The
+    restored sampler state is the one before that third draw: it must not draw the same params."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    space = {**X, "y": optuna.distributions.IntDistribution(0, 1000)}
+    first = new_searcher(tmp_path, max_trials=6, space=space)
+    first.suggest("ray-a"), first.suggest("ray-b")
+    first.save(str(tmp_path / "searcher.pkl"))
+    after_checkpoint = first.suggest("ray-c")
+    study = optuna.load_study(study_name="s", storage=url)
+    study.tell(after_checkpoint[TRIAL_NUMBER_KEY], 0.5)  # it ended; Ray's checkpoint never heard of it
+
+    resumed = new_searcher(tmp_path, max_trials=6, space=space)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    drawn = [resumed.suggest(f"ray-{n}") for n in range(3)]
+    done = [t.params for t in optuna.load_study(study_name="s", storage=url).trials if t.number < 3]
+    for config in drawn:
+        assert {k: config[k] for k in space} not in done, (config, done)
