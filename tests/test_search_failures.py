@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from data.files import DataError, load_examples
 from model.metrics import NonFiniteMetricError, pearson, task_metric
 from search.cluster import ClusterError, check_resources
 from search.lease import LEASE_ATTR, DriverLease, Holder, LeaseError, current_holder, machine_id
-from search.storage import StorageError, masked_url, open_storage
+from search.storage import PROJECT_ROOT, StorageError, masked_url, open_storage
 from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, command_line, main_exit, run_search
 
@@ -423,3 +426,20 @@ def test_cluster_join_errors_say_what_to_do(monkeypatch, tmp_path):
     assert "RAY_AUTH_MODE" not in os.environ
     prepare_token_auth("10.0.0.1:6379")
     assert os.environ["RAY_AUTH_MODE"] == "token" and cluster.token_available()
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path):
+    """SIGINT while run_search.py imports its libraries (the first seconds): no traceback."""
+    command = [sys.executable, "-X", "importtime", str(PROJECT_ROOT / "run_search.py"), "--study", "sts"]
+    command += ["--storage", f"sqlite:///{tmp_path / 'o.db'}", "--results-dir", str(tmp_path / "r")]
+    driver = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    said = []
+    for line in driver.stderr:  # -X importtime writes a line per module imported: wait until optuna's
+        said.append(line)
+        if line.startswith("import time:") and line.split("|")[-1].strip() == "optuna":
+            driver.send_signal(signal.SIGINT)
+            break
+    said += driver.stderr.readlines()
+    assert driver.wait(timeout=60) == 130
+    told = [line for line in said if line.strip() and not line.startswith("import time:")]
+    assert told == ["Interrupted while starting; nothing was run.\n"], told
