@@ -3,6 +3,7 @@ the check does not need it: bad data, bad storage, a cluster too small, a second
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -369,6 +370,35 @@ def test_a_killed_drivers_processes_die_with_it():
     while alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(child)
+
+
+PARENT = """
+import subprocess, sys, time
+worker = "from search.reaper import die_with_parent; die_with_parent(); print('ready', flush=True); import time; time.sleep(120)"
+child = subprocess.Popen([sys.executable, "-c", worker], start_new_session=True, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "ready\\n"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_trial_worker_dies_with_its_raylet_at_once():
+    """A worker that the reaper never saw (it started after its last look) still ends with its parent."""
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, cwd=PROJECT_ROOT)
+    worker = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 2
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not alive(worker)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_a_driver_that_ends_normally_leaves_its_processes_alone():
