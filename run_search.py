@@ -8,15 +8,17 @@ A study is a file studies/<name>.toml; see search/study.py for its format.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from search.cluster import prepare_token_auth
-from search.storage import DEFAULT_STORAGE_URL, RESULTS_DIR_ENV
-from search.timebudget import parse_duration
+# Only the standard library above: the project's imports (Optuna, Ray, torch) take seconds, and a Ctrl-C
+# during them must end in one line, not a traceback (see the end of this file).
 
 
 def duration(text: str) -> float:
+    from search.timebudget import parse_duration
+
     try:
         return parse_duration(text)
     except ValueError as err:
@@ -24,6 +26,8 @@ def duration(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from search.storage import DEFAULT_STORAGE_URL, RESULTS_DIR_ENV
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="sts", help="study name (studies/<name>.toml) or path to a .toml file (default: sts)")
     parser.add_argument(
@@ -66,12 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
+    from search.cluster import prepare_token_auth
+
     # Ray reads RAY_AUTH_MODE once, at import: decide it before search.tune imports Ray.
     prepare_token_auth(args["address"])
     from search.tune import SearchOptions, main_exit
 
-    return main_exit(SearchOptions(**args))
+    return main_exit(SearchOptions(**args))  # it handles a Ctrl-C from here on
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # during the imports, before anything was read or written
+        print("\nInterrupted while starting; nothing was run.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)  # the shell's code for Ctrl-C, as search.summary.EXIT_INTERRUPTED

@@ -62,7 +62,7 @@ from ensemble.selection import METHODS, Choice, Selector, Settings
 from ensemble.soup import SoupEvaluator
 from ensemble.taskpool import TaskPool, align_to, apply_scale, task_pools
 from model.rundir import TaskOutputs
-from search.storage import DEFAULT_STORAGE_URL
+from search.storage import DEFAULT_STORAGE_URL, StorageError
 
 DEFAULT_METHODS = ("caruana", "top-k", "uniform-soup", "greedy-soup")
 # The search's results folder (search.tune's defaults; not imported from there because that pulls in Ray).
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         build(args)
-    except (EnsembleError, ValueError, FileNotFoundError) as err:
+    except (EnsembleError, StorageError, ValueError, FileNotFoundError) as err:  # StorageError: one line, password masked
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -34,7 +34,7 @@ import numpy as np
 
 from data.files import TASKS, DataError, Example, load_examples, read_file
 from ensemble.logits import Outputs, align_outputs, average_outputs
-from ensemble.members import EnsembleError
+from ensemble.members import EnsembleError, check_checkpoint
 from ensemble.soup import as_numpy_outputs
 from ensemble.taskpool import Scale, apply_scale
 from model.metrics import task_metric, write_predictions
@@ -95,6 +95,17 @@ def load_plans(predictor: Path) -> dict[str, TaskPlan]:
         raise EnsembleError(f"{predictor}: unreadable ensemble description ({type(err).__name__}: {err})") from err
 
 
+def check_plans(plans: dict[str, TaskPlan]) -> None:
+    """Every model a plan runs still has a valid checkpoint with finite weights: a member may have been
+    overwritten or have diverged since the build. EnsembleError names the member and the file."""
+    for plan in plans.values():
+        for name, model_dir in zip(plan.names, plan.model_dirs, strict=True):
+            try:
+                check_checkpoint(model_dir)
+            except EnsembleError as err:
+                raise EnsembleError(f"member {name}: {err}") from None
+
+
 def read_header(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -140,12 +151,13 @@ class Runner:
         return as_numpy_outputs(outputs)
 
     def predict(self, plan: TaskPlan, task: str, examples: list[Example]) -> TaskOutputs:
-        """The plan's outputs on ``examples``: its members' outputs, weighted."""
+        """The plan's outputs on ``examples``: its members' outputs, weighted; EnsembleError when a member's
+        are NaN or infinite (finite weights can still overflow)."""
         outputs = [self(model_dir, task, examples) for model_dir in plan.model_dirs]
         scales = plan.scales or [None] * len(outputs)
         for out, scale, name, model_dir in zip(outputs, scales, plan.names, plan.model_dirs, strict=True):
             if not np.isfinite(out[task]["values"]).all():  # one bad member would silently spoil the average
-                raise EnsembleError(f"member {name} ({model_dir}): its {task} outputs contain NaN or inf")
+                raise EnsembleError(f"member {name} ({model_dir / 'model.safetensors'}): NaN or infinite outputs on {task}")
             out[task]["values"] = apply_scale(out[task]["values"], scale)
         return average_outputs(align_outputs(plan.names, outputs, "input"), plan.weights)[task]
 
@@ -174,27 +186,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What one prediction wrote: the file, the task, and the metric when the examples had labels.
 Written = tuple[Path, str, float | None]
-
-
-def predict_examples(runner: Runner, plan: TaskPlan, task: str, examples: list[Example], output: Path) -> Written:
-    outputs = runner.predict(plan, task, examples)
-    write_predictions(output, task, outputs["ids"], outputs["values"])
-    labels = [e.label for e in examples]
-    return output, task, None if None in labels else task_metric(task, outputs["values"], labels)
+# One prediction to make: the task, its examples and the file its CSV goes to.
+Job = tuple[str, list[Example], Path]
 
 
 def predict(args: argparse.Namespace) -> list[Written]:
-    """Write the predictions of ``--input`` or of every covered task's ``--splits``."""
+    """Write the predictions of ``--input`` or of every covered task's ``--splits``: every member is
+    checked and every output computed before the first CSV is written, so an error leaves none."""
     predictor = find_predictor(args.ensemble)
     plans = load_plans(predictor)
+    jobs = prediction_jobs(args, predictor, plans)
+    check_plans({task: plans[task] for task, _, _ in jobs})
     runner = Runner(args.device)
+    computed = [(task, examples, output, runner.predict(plans[task], task, examples)) for task, examples, output in jobs]
+    written = []
+    for task, examples, output, outputs in computed:
+        write_predictions(output, task, outputs["ids"], outputs["values"])
+        labels = [e.label for e in examples]
+        written.append((output, task, None if None in labels else task_metric(task, outputs["values"], labels)))
+    return written
+
+
+def prediction_jobs(args: argparse.Namespace, predictor: Path, plans: dict[str, TaskPlan]) -> list[Job]:
+    """The predictions that ``--input`` or ``--splits`` asks for."""
     if args.splits:
         output_dir = args.output_dir or args.ensemble / "predict"
         return [
-            predict_examples(
-                runner, plan, task, load_examples(task, split, args.data_dir), output_dir / f"{task}-{split}-out.csv"
-            )
-            for task, plan in plans.items()
+            (task, load_examples(task, split, args.data_dir), output_dir / f"{task}-{split}-out.csv")
+            for task in plans
             for split in args.splits
         ]
     header = read_header(args.input)
@@ -203,7 +222,7 @@ def predict(args: argparse.Namespace) -> list[Written]:
         raise EnsembleError(f"the ensemble in {predictor} predicts {sorted(plans)}, not {task!r} (the task of {args.input})")
     spec = TASKS[task]
     examples = read_file(args.input, spec, labelled=spec.label_column in header)
-    return [predict_examples(runner, plans[task], task, examples, args.output or default_output(args.ensemble, args.input, task))]
+    return [(task, examples, args.output or default_output(args.ensemble, args.input, task))]
 
 
 def main(argv: list[str] | None = None) -> int:

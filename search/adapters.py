@@ -3,6 +3,7 @@ module of the project that reaches into library internals.
 
 Written against ray 2.60.0 and optuna 5.0.0 (pyproject.toml pins both). It uses:
   optuna   Study._storage, Study._study_id       (no public way to address a trial by number)
+           RDBStorage.engine, table study_user_attributes (study_id, key, value_json)   (no compare-and-set)
   ray      OptunaSearch._ot_study, ._ot_trials, ._completed_trials   (the searcher's trial table)
            SearchGenerator._finished                                 (reset on restore)
            ASHAScheduler._brackets, bracket._rungs, ._metric_op      (the rung records ASHA ranks by)
@@ -14,18 +15,21 @@ searcher knows exactly which Optuna trials Ray will continue. Any other trial st
 storage was started after that checkpoint, or ended after it without Optuna hearing how; Ray will
 never continue it. Such orphans are adopted:
 the searcher's next suggestions hand them out again (same number, params and folder, so the trainer
-resumes from its checkpoint) before it asks Optuna for new trials, and the sampler is reseeded, since
-its restored random state would draw the orphans' params again. No trial is lost or duplicated.
+resumes from its checkpoint) before it asks Optuna for new trials. Whenever the study holds trials drawn
+after Ray's checkpoint (orphans, or trials that ended since), the sampler is reseeded, since its restored
+random state would draw their params again. No trial is lost or duplicated.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher, SearchGenerator
@@ -55,6 +59,42 @@ def optuna_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
 def storage_trial_id(study: optuna.Study, number: int) -> int:
     """The storage's id of trial ``number`` (Optuna has no public lookup; ``_study_id`` is private)."""
     return optuna_storage(study).get_trial_id_from_study_id_trial_number(study._study_id, number)
+
+
+# Optuna's table of study user attributes (optuna/storages/_rdb/models.py), for a compare-and-set.
+STUDY_USER_ATTRS = sqlalchemy.table(
+    "study_user_attributes", sqlalchemy.column("study_id"), sqlalchemy.column("key"), sqlalchemy.column("value_json")
+)
+
+
+def _study_attr_row(storage: optuna.storages.RDBStorage, study_name: str, key: str) -> Any:
+    study_id = storage.get_study_id_from_name(study_name)
+    return (STUDY_USER_ATTRS.c.study_id == study_id) & (STUDY_USER_ATTRS.c.key == key)
+
+
+def read_study_user_attr(storage: optuna.storages.RDBStorage, study_name: str, key: str) -> str | None:
+    """The stored JSON text of a study user attribute (None when absent), as ``swap_study_user_attr`` compares it."""
+    where = _study_attr_row(storage, study_name, key)
+    with storage.engine.connect() as connection:
+        return connection.execute(sqlalchemy.select(STUDY_USER_ATTRS.c.value_json).where(where)).scalar_one_or_none()
+
+
+def swap_study_user_attr(
+    storage: optuna.storages.RDBStorage, study_name: str, key: str, expected: str | None, value: Any
+) -> str | None:
+    """Set a study user attribute to ``value`` only if its stored JSON text is still ``expected`` (None:
+    absent), in one transaction of the database; the new text, or None when another writer came first."""
+    text, where = json.dumps(value), _study_attr_row(storage, study_name, key)
+    try:
+        with storage.engine.begin() as connection:
+            if expected is None:  # the unique (study_id, key) makes a second insert fail
+                study_id = storage.get_study_id_from_name(study_name)
+                connection.execute(sqlalchemy.insert(STUDY_USER_ATTRS).values(study_id=study_id, key=key, value_json=text))
+                return text
+            update = sqlalchemy.update(STUDY_USER_ATTRS).where(where & (STUDY_USER_ATTRS.c.value_json == expected))
+            return text if connection.execute(update.values(value_json=text)).rowcount == 1 else None
+    except sqlalchemy.exc.IntegrityError:
+        return None
 
 
 def suggest(trial: optuna.trial.Trial, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
@@ -163,9 +203,11 @@ class RecordingOptunaSearch(OptunaSearch):
 
     def _adopt(self, trial_id: str, number: int) -> dict:
         """Hand out the RUNNING Optuna trial ``number`` again, under the Ray trial ``trial_id``."""
+        # Optuna's cached storage writes a param only for a trial it has read: a new driver's has read none.
+        self._ot_study.get_trials(deepcopy=False)
         ot_trial = optuna.trial.Trial(self._ot_study, storage_trial_id(self._ot_study, number))
-        # A driver killed in the middle of Optuna's ask left some params unset: sample (or take from
-        # the queued start point) the missing ones now.
+        # A driver killed in the middle of Optuna's ask left some (or all) params unset: re-ask them now,
+        # sampled or taken from the queued start point's fixed params.
         for name, distribution in self._distributions.items():
             if name not in ot_trial.params:
                 suggest(ot_trial, name, distribution)
@@ -183,14 +225,14 @@ class RecordingOptunaSearch(OptunaSearch):
         # and those that Ray's list says ended although Optuna never heard how (the driver died between
         # the two). Their folders hold their checkpoints, so the trainer resumes them (a trial whose
         # epochs were all done only writes what is missing) and the recorder then tells Optuna the truth.
-        self._adoptable = [
-            t.number for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number not in resumed
-        ]
-        if any(number not in known for number in self._adoptable):
-            # The restored random state is the one before the orphans were drawn: it would draw them again.
-            drawn = len([t for t in self._ot_study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+        trials = self._ot_study.get_trials(deepcopy=False)
+        self._adoptable = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in resumed]
+        drawn = [t for t in trials if t.state != TrialState.WAITING]
+        if any(t.number not in known for t in drawn):
+            # The restored random state is the one before the trials drawn after Ray's checkpoint (running
+            # or ended since): it would draw their params again. Seeds differ per count of trials drawn.
             self._ot_study.sampler = optuna.samplers.TPESampler(
-                seed=self._sampler_seed + drawn, n_startup_trials=self._startup_trials
+                seed=self._sampler_seed + len(drawn), n_startup_trials=self._startup_trials
             )
 
 

@@ -7,11 +7,16 @@ process beside it (in its own session, so that a kill of the driver's process gr
 notes the driver's descendants every half second. When its stdin closes without the driver having
 written "done" first, the driver died: it kills those descendants that are still alive (the same
 processes: their start times must match, since pids are reused).
+
+A worker that starts after the reaper's last look is not among those: each trial's worker therefore also
+asks the kernel to kill it when its parent (the raylet) dies (``die_with_parent``), rather than noticing
+by itself, tens of seconds later, that its raylet is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -47,6 +52,17 @@ def reaping() -> Iterator[None]:
             reaper.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             reaper.wait(timeout=5)
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process as soon as its parent dies (Linux; elsewhere a no-op)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):  # no libc to call: the reaper alone then
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def process_table() -> dict[int, tuple[int, int]]:

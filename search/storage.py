@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import tempfile
 from pathlib import Path
 
 import optuna
@@ -95,6 +96,37 @@ def storage_failure(error: BaseException) -> BaseException | None:
     return None
 
 
+def check_sqlite_folder(url: str, path: Path) -> None:
+    """The folder of a SQLite database must exist: only the default storage's is created (a typo in a
+    path the user typed must not become a tree of new folders, even for root)."""
+    folder = path.parent
+    if folder.is_dir():
+        return
+    if folder.exists():
+        raise StorageError(f"{masked_url(url)}: {folder} is not a folder")
+    if path.resolve() != DEFAULT_DB_PATH.resolve():
+        raise StorageError(f"{masked_url(url)}: the folder {folder} does not exist; create it first, or give another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(f"{masked_url(url)}: cannot create its folder: {error}") from None
+
+
+def check_storage(url: str) -> None:
+    """StorageError now, before a run starts Ray or writes anything, when the storage cannot be opened,
+    or (a SQLite file not there yet) created; the file itself is not created."""
+    path = sqlite_file(url)
+    if path is None or path.is_file():
+        open_storage(url, create=False)
+        return
+    check_sqlite_folder(url, path)
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as error:
+        raise StorageError(f"{masked_url(url)}: cannot create a file in {path.parent}: {error.strerror}") from None
+
+
 def open_storage(url: str = DEFAULT_STORAGE_URL, create: bool = True) -> optuna.storages.RDBStorage:
     """Open the Optuna RDB storage at a SQLAlchemy URL; ``create=False`` never creates a SQLite file.
 
@@ -105,10 +137,7 @@ def open_storage(url: str = DEFAULT_STORAGE_URL, create: bool = True) -> optuna.
     if path is not None:
         if not create and not path.is_file():
             raise StorageError(f"{masked_url(url)}: no such database file")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise StorageError(f"{masked_url(url)}: cannot create its folder: {error}") from None
+        check_sqlite_folder(url, path)
         engine_kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_S}
     elif url.startswith(("postgresql", "postgres")):
         # An unreachable server must fail within seconds, not after the OS's TCP timeout.

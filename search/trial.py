@@ -14,6 +14,7 @@ from typing import Any
 from model.runtime import release_free_memory
 from model.train import train
 from search.adapters import TRIAL_NUMBER_KEY, artifact_dir_for
+from search.reaper import die_with_parent
 from search.records import DiskFullError
 from search.spec import StudySpec
 from search.storage import TRIAL_STOPPED_FOR_TIME
@@ -45,6 +46,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     """Ray Tune function trainable: train one sampled config, reporting each epoch's dev metrics."""
     from ray import tune
 
+    die_with_parent()  # this worker ends with its raylet, which ends with the driver
     number = config[TRIAL_NUMBER_KEY]
     output_dir = artifact_dir_for(job.artifacts_root, number)
     history = read_history(output_dir / "metrics.json")

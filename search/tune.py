@@ -28,7 +28,7 @@ from search.options import SearchOptions, command_line, results_root
 from search.paths import StudyPaths
 from search.reaper import reaping
 from search.spec import RAY_MODE, Budget, StudyError, StudySpec
-from search.storage import StorageError, masked_url, open_storage, study_in_storage
+from search.storage import StorageError, check_storage, masked_url, open_storage, study_in_storage
 from search.study import load_spec
 from search.summary import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_REFUSED, Outcome, best_ray_result, summarize
 from search.timebudget import TIME_BUDGET, format_duration
@@ -106,6 +106,7 @@ def run_search(options: SearchOptions) -> Outcome:
         time_s=options.time_budget,  # a resumed run may take a new time budget
     )
     data_dir = check_data(study, options.data_dir)
+    check_storage(options.storage)  # before Ray starts and anything is written: a refusal leaves nothing behind
     return execute(study, options, paths, data_dir)
 
 

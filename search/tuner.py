@@ -36,10 +36,9 @@ CLUSTER_WAIT_S = 60
 
 
 def prepare_optuna_study(study: StudySpec, url: str, paths: StudyPaths, options: SearchOptions) -> optuna.Study:
-    """Create (or load) the Optuna study with its attributes; queue the start points of a new one."""
-    storage = open_storage(url)
-    existing = study.name in optuna.study.get_all_study_names(storage)
-    ot_study = optuna.create_study(study_name=study.name, storage=storage, direction=OPTUNA_DIRECTION, load_if_exists=True)
+    """Write the Optuna study's attributes; queue the start points of a study without trials. Only under
+    the study's lease: two drivers starting it at once would queue them twice."""
+    ot_study = optuna.load_study(study_name=study.name, storage=open_storage(url))
     attrs = {
         names.STUDY_METRIC: study.metric,
         names.STUDY_TASKS: list(study.tasks),
@@ -51,7 +50,7 @@ def prepare_optuna_study(study: StudySpec, url: str, paths: StudyPaths, options:
         ot_study.set_user_attr(key, value)
     if not options.resume:
         ot_study.set_user_attr("early_stopping", options.early_stopping)
-    if not existing:
+    if not ot_study.get_trials(deepcopy=False):
         for point in study.start_points:
             ot_study.enqueue_trial(point)
     return ot_study
@@ -70,8 +69,10 @@ def run_on_ray(study: StudySpec, options: SearchOptions, paths: StudyPaths, data
             paths.root.mkdir(parents=True, exist_ok=True)
             if not paths.snapshot.is_file():
                 atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
-            prepare_optuna_study(study, options.storage, paths, options)
-            with DriverLease(study.name, open_storage(options.storage)), storage_failures_in_one_line(options):
+            storage = open_storage(options.storage)
+            optuna.create_study(study_name=study.name, storage=storage, direction=OPTUNA_DIRECTION, load_if_exists=True)
+            with DriverLease(study.name, storage), storage_failures_in_one_line(options):
+                prepare_optuna_study(study, options.storage, paths, options)
                 grid, stop = fit(study, options, paths, data_dir)
     finally:
         ray.shutdown()

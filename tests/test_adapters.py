@@ -10,7 +10,14 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from search.adapters import TRIAL_NUMBER_KEY, RecordingOptunaSearch, optuna_storage, storage_trial_id
+from search.adapters import (
+    TRIAL_NUMBER_KEY,
+    RecordingOptunaSearch,
+    optuna_storage,
+    read_study_user_attr,
+    storage_trial_id,
+    swap_study_user_attr,
+)
 from search.storage import open_storage
 
 
@@ -44,30 +51,35 @@ def test_ray_asha_keeps_its_rungs(mode, sign):
     assert all(isinstance(recorded, dict) for _, recorded in brackets[0]._rungs)
 
 
+X = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+
+
+def new_searcher(tmp_path, max_trials: int, space: dict = X, seed: int = 0, **kwargs) -> RecordingOptunaSearch:
+    """A driver's searcher on the study "s" of tmp_path/o.db, with its own connection."""
+    return RecordingOptunaSearch(
+        space=space,
+        metric="m",
+        mode="max",
+        study_name="s",
+        storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"),
+        sampler=optuna.samplers.TPESampler(seed=seed),
+        artifacts_root=tmp_path,
+        sampler_seed=seed,
+        max_trials=max_trials,
+        **kwargs,
+    )
+
+
 def test_restore_adopts_a_trial_that_ray_saw_end_and_optuna_never_heard_of(tmp_path):
     """The driver died after Ray's checkpoint noted a trial's end but before Optuna was told: the trial
     is handed out again under its own number and params (its folder resumes), not failed and replaced."""
     url = f"sqlite:///{tmp_path / 'o.db'}"
-    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
-
-    def searcher() -> RecordingOptunaSearch:
-        return RecordingOptunaSearch(
-            space=space,
-            metric="m",
-            mode="max",
-            study_name="s",
-            storage=open_storage(url),
-            sampler=optuna.samplers.TPESampler(seed=0),
-            artifacts_root=tmp_path,
-            max_trials=3,
-        )
-
-    first = searcher()
+    first = new_searcher(tmp_path, max_trials=3)
     ended, running = first.suggest("ray-a"), first.suggest("ray-b")
     first.on_trial_complete("ray-a", {"m": 0.5})  # in Ray's list as ended; Optuna still says RUNNING
     first.save(str(tmp_path / "searcher.pkl"))
 
-    resumed = searcher()
+    resumed = new_searcher(tmp_path, max_trials=3)
     resumed.restore(str(tmp_path / "searcher.pkl"))
     study = optuna.load_study(study_name="s", storage=url)
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.RUNNING]  # nothing failed
@@ -98,3 +110,55 @@ def test_asha_never_stops_a_start_point_early(tmp_path):
     assert scheduler.on_trial_result(None, trials[0], {"epoch": 1, "m": 0.1}) == scheduler.CONTINUE
     assert scheduler.on_trial_result(None, trials[2], {"epoch": 1, "m": 0.1}) == scheduler.STOP
     assert scheduler.on_trial_result(None, trials[0], {"epoch": 4, "m": 0.2}) == scheduler.STOP  # its end
+
+
+@pytest.mark.parametrize("start_point", [{"x": 0.25}, None], ids=["start-point", "sampled"])
+def test_a_trial_killed_before_its_params_were_recorded_is_re_asked(tmp_path, start_point):
+    """The driver died inside Optuna's ask: the trial is RUNNING with no params (only a start point's
+    fixed params, if it was one). A new driver's searcher hands it out again with the start point's
+    params, or freshly sampled ones, under its own number; nothing is failed or counted twice."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    if start_point:
+        study.enqueue_trial(start_point)
+    asked = study.ask()  # RUNNING, no params: what the kill left
+    assert asked.params == {} and study.trials[0].state == TrialState.RUNNING
+
+    searcher = new_searcher(tmp_path, max_trials=2, seed=1, adopt=[0])  # a new driver's connection
+    config = searcher.suggest("ray-a")
+    assert config[TRIAL_NUMBER_KEY] == 0 and (start_point is None or config["x"] == start_point["x"])
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    assert len(trials) == 1 and trials[0].params == {"x": config["x"]}
+
+
+def test_a_study_user_attribute_can_be_compared_and_set(tmp_path):
+    """Optuna's study_user_attributes table, written as Optuna reads it (the driver lease's compare-and-set)."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    storage = open_storage(url)
+    optuna.create_study(study_name="s", storage=storage)
+    assert swap_study_user_attr(storage, "s", "k", None, {"a": 1}) == '{"a": 1}'
+    assert swap_study_user_attr(storage, "s", "k", None, 2) is None  # already there
+    assert swap_study_user_attr(storage, "s", "k", "2", 3) is None  # not what was read
+    assert swap_study_user_attr(storage, "s", "k", '{"a": 1}', 3) == "3"
+    assert read_study_user_attr(storage, "s", "k") == "3" and read_study_user_attr(storage, "s", "absent") is None
+    assert optuna.load_study(study_name="s", storage=url).user_attrs == {"k": 3}
+
+
+def test_a_restored_searcher_never_repeats_a_trial_that_ended_after_its_checkpoint(tmp_path):
+    """Ray's checkpoint saw two trials asked; a third was asked and ended before the driver died. The
+    restored sampler state is the one before that third draw: it must not draw the same params."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    space = {**X, "y": optuna.distributions.IntDistribution(0, 1000)}
+    first = new_searcher(tmp_path, max_trials=6, space=space)
+    first.suggest("ray-a"), first.suggest("ray-b")
+    first.save(str(tmp_path / "searcher.pkl"))
+    after_checkpoint = first.suggest("ray-c")
+    study = optuna.load_study(study_name="s", storage=url)
+    study.tell(after_checkpoint[TRIAL_NUMBER_KEY], 0.5)  # it ended; Ray's checkpoint never heard of it
+
+    resumed = new_searcher(tmp_path, max_trials=6, space=space)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    drawn = [resumed.suggest(f"ray-{n}") for n in range(3)]
+    done = [t.params for t in optuna.load_study(study_name="s", storage=url).trials if t.number < 3]
+    for config in drawn:
+        assert {k: config[k] for k in space} not in done, (config, done)

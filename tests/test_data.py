@@ -3,8 +3,10 @@ files' row counts and data.fetch."""
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
+import stat
 import time
 
 import pytest
@@ -12,6 +14,7 @@ import torch
 from tiny_model import DATA_DIR, needs_data
 
 from data import fetch as fetch_module
+from data.atomic import atomic_write_text
 from data.batching import BatchStream, batch_indices, iterate_batches, make_batch, pad
 from data.files import SPLITS, TASKS, DataError, Example, load_examples
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode
@@ -380,3 +383,14 @@ def test_interrupted_fetch_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         fetch_module.fetch(dest, source)
     assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
+    """Not the temporary file's 0600: other nodes of a cluster read the results over NFS."""
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode

@@ -395,3 +395,48 @@ def test_soup_evaluations_are_cached_per_device_and_precision(tmp_path, runs, mo
         monkeypatch.setattr(model.runtime, "cpu_has_bf16_matmul", lambda bf16_cpu=bf16_cpu: bf16_cpu)
         with pytest.raises(AssertionError, match="the model ran"):
             SoupEvaluator(DATA_DIR, device, cache)(members)
+
+
+def poisoned_copy(run: Path, target: Path, value: float) -> Path:
+    """A copy of a trained run whose first weight tensor was set to ``value`` after the build."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(run, target)
+    tensors = load_file(str(target / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], value)
+    save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["labelled", "unlabelled"])
+@pytest.mark.parametrize("kind", ["one-model", "logit-average"])
+def test_predict_refuses_a_member_that_turned_non_finite(tmp_path, runs, kind, labelled, capsys):
+    """A member's weights became NaN after the build: one line naming the member and its file, exit 1,
+    no CSV (before: a CSV of nan and exit 0, or a traceback)."""
+    bad = poisoned_copy(runs[1], tmp_path / "bad-member", float("nan"))
+    predictor = bad
+    if kind == "logit-average":
+        predictor = tmp_path / "predictor"
+        predictor.mkdir()
+        members = [{"trial": n, "artifact_dir": str(d), "weight": 0.5} for n, d in enumerate((runs[0], bad))]
+        (predictor / "manifest.json").write_text(json.dumps({"tasks": TASKS, "members": members}))
+    new_file = tmp_path / "pairs-sts.csv"
+    head_of(DATA_DIR / ("sts-dev.csv" if labelled else "sts-test-student.csv"), new_file, 5)
+    output = tmp_path / "out.csv"
+    assert ensemble_predict.main(["--ensemble", str(predictor), "--input", str(new_file), "--output", str(output)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad / "model.safetensors") in err and "non-finite weights" in err, err
+    assert not output.exists()
+
+
+def test_predict_refuses_non_finite_outputs(tmp_path, runs, capsys):
+    """Finite weights whose outputs overflow: named, exit 1, no CSV."""
+    huge = poisoned_copy(runs[0], tmp_path / "huge", 3e38)
+    new_file = tmp_path / "pairs-sts.csv"
+    head_of(DATA_DIR / "sts-test-student.csv", new_file, 5)
+    output = tmp_path / "out.csv"
+    assert ensemble_predict.main(["--ensemble", str(huge), "--input", str(new_file), "--output", str(output)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "huge" in err and "NaN or infinite outputs" in err, err
+    assert not output.exists()

@@ -34,7 +34,7 @@ from tiny_model import DATA_DIR, TINY_BERT, needs_data
 
 from search import storage as names
 from search.adapters import ORPHAN_ERROR
-from search.storage import PROJECT_ROOT
+from search.storage import PROJECT_ROOT, open_storage
 from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, main_exit, run_search
 
@@ -81,7 +81,7 @@ dropout = 0.0
 ORPHAN_PARAMS = {"lr": 1e30, "dropout": 0.05}
 
 
-def optuna_trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+def optuna_trials(url: str | optuna.storages.BaseStorage, name: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name=name, storage=url).get_trials()
 
 
@@ -126,16 +126,23 @@ class DriverRun:
     returncode: int
     log: str
     leftovers: list[str]
+    linger_s: float  # how long Ray's processes outlived the driver
 
 
-def run_driver(tmp: Path, args: list[str], label: str, when: Any, sig: int, group: bool, seconds: float = 150) -> DriverRun:
+def run_driver(
+    tmp: Path, args: list[str], label: str, when: Any, sig: int, group: bool, seconds: float = 150, kill_at: str | None = None
+) -> DriverRun:
     """Run run_search.py in its own process group; send ``sig`` once ``when(optuna trials, log)`` is truthy
-    (to the whole group, as a crashed machine leaves it, or to the driver alone, as `kill` does)."""
+    (to the whole group, as a crashed machine leaves it, or to the driver alone, as `kill` does).
+    ``kill_at``: a point of tests/kill_at.py where the driver SIGKILLs itself (returncode -9)."""
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "PYTHONUNBUFFERED": "1", MARK: label}  # the log is polled
-    url = args[args.index("--storage") + 1]
+    # One connection for every poll: a new one each time (schema check, on PostgreSQL a login) is slow
+    # enough to miss the short moments polled for.
+    storage = open_storage(args[args.index("--storage") + 1])
+    program = [str(PROJECT_ROOT / "run_search.py")] if kill_at is None else [str(Path(__file__).parent / "kill_at.py"), kill_at]
     with open(tmp / f"{label}.log", "w") as log:
         driver = subprocess.Popen(
-            [sys.executable, str(PROJECT_ROOT / "run_search.py"), *args],
+            [sys.executable, *program, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -146,7 +153,7 @@ def run_driver(tmp: Path, args: list[str], label: str, when: Any, sig: int, grou
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline and driver.poll() is None:
                 try:
-                    fired = when(optuna_trials(url, "tiny"), (tmp / f"{label}.log").read_text())
+                    fired = when(optuna_trials(storage, "tiny"), (tmp / f"{label}.log").read_text())
                 except KeyError:  # the study is not created yet
                     fired = None
                 if fired is not None and fired != []:
@@ -160,9 +167,10 @@ def run_driver(tmp: Path, args: list[str], label: str, when: Any, sig: int, grou
             if driver.poll() is None:
                 os.killpg(driver.pid, signal.SIGKILL)
                 driver.wait()
+    ended = time.monotonic()
     leftovers = leftovers_after_wait(label, driver.pid)
     assert not leftovers, leftovers
-    return DriverRun(fired, driver.returncode, (tmp / f"{label}.log").read_text(), leftovers)
+    return DriverRun(fired, driver.returncode, (tmp / f"{label}.log").read_text(), leftovers, time.monotonic() - ended)
 
 
 @pytest.fixture(scope="module")

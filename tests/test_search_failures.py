@@ -3,9 +3,13 @@ the check does not need it: bad data, bad storage, a cluster too small, a second
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,8 +22,9 @@ from tiny_model import DATA_DIR, needs_data
 from data.files import DataError, load_examples
 from model.metrics import NonFiniteMetricError, pearson, task_metric
 from search.cluster import ClusterError, check_resources
-from search.lease import LEASE_ATTR, DriverLease, LeaseError, current_holder
-from search.storage import StorageError, masked_url, open_storage
+from search.lease import LEASE_ATTR, DriverLease, Holder, LeaseError, current_holder, machine_id
+from search.storage import PROJECT_ROOT, StorageError, masked_url, open_storage
+from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, command_line, main_exit, run_search
 
 
@@ -93,6 +98,43 @@ def test_storage_errors_are_one_line_with_the_password_masked(study_setup, capsy
     assert masked_url("postgresql+psycopg://u:p@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
 
 
+def test_ensemble_build_reports_a_storage_error_in_one_line(capsys):
+    from ensemble import build
+
+    assert build.main(["--study", "sts", "--storage", "postgresql://bob:s3cret@127.0.0.1:9/optuna"]) == 1
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "postgresql://bob:***@127.0.0.1:9/optuna" in err
+
+
+@pytest.mark.parametrize(
+    "where, says",
+    [
+        ("a-file/x.db", "a-file is not a folder"),
+        ("no/such/folder/x.db", "the folder {tmp}/no/such/folder does not exist"),
+        ("/proc/x.db", "cannot create a file in /proc"),
+    ],
+)
+def test_an_unusable_sqlite_path_is_refused_before_anything_is_written(study_setup, where, says, capsys):
+    """Named in one line before Ray starts: no results folder (it would block the study later), no
+    folder created for a path the user typed."""
+    options, tmp_path = study_setup
+    (tmp_path / "a-file").write_text("")
+    options.storage = f"sqlite:///{tmp_path / where}"
+    assert main_exit(options) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and says.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "no").exists()
+
+
+def test_the_default_storage_folder_is_created(tmp_path, monkeypatch):
+    import search.storage
+
+    monkeypatch.setattr(search.storage, "DEFAULT_DB_PATH", tmp_path / "studies" / "optuna.db")
+    open_storage(f"sqlite:///{tmp_path / 'studies' / 'optuna.db'}")
+    assert (tmp_path / "studies" / "optuna.db").is_file()
+
+
 def test_refused_commands_create_no_database(study_setup, capsys):
     options, tmp_path = study_setup
     options.resume = True
@@ -141,10 +183,7 @@ def lease_study(tmp_path):
     return storage
 
 
-def test_a_second_driver_is_refused_naming_the_holder(tmp_path, monkeypatch):
-    import search.lease
-
-    monkeypatch.setattr(search.lease, "SETTLE_SECONDS", 0.0)
+def test_a_second_driver_is_refused_naming_the_holder(tmp_path):
     storage = lease_study(tmp_path)
     with DriverLease("s", storage, interval=0.2) as first:
         time.sleep(0.5)  # a few beats: the lease stays live
@@ -155,16 +194,18 @@ def test_a_second_driver_is_refused_naming_the_holder(tmp_path, monkeypatch):
     assert current_holder(optuna.load_study(study_name="s", storage=storage)) is None  # released on exit
 
 
-def test_a_dead_drivers_lease_does_not_block(tmp_path, monkeypatch):
-    import search.lease
-
-    monkeypatch.setattr(search.lease, "SETTLE_SECONDS", 0.0)
+def test_a_dead_drivers_lease_does_not_block(tmp_path):
     storage = lease_study(tmp_path)
     study = optuna.load_study(study_name="s", storage=storage)
-    # Killed on this host: its pid is gone (pid 2**22 + 1 is above Linux's pid_max).
-    study.set_user_attr(
-        LEASE_ATTR, {"host": socket.gethostname(), "pid": 2**22 + 1, "token": "x", "beat": time.time(), "interval": 10}
-    )
+    # Killed on this machine: its pid is gone (pid 2**22 + 1 is above Linux's pid_max).
+    here = {"host": socket.gethostname(), "machine": machine_id(), "pid": 2**22 + 1, "token": "x", "interval": 10}
+    study.set_user_attr(LEASE_ATTR, {**here, "beat": time.time()})
+    assert current_holder(study) is None
+    # Another container of the same host name (its own PID namespace): its pids are not ours to look up,
+    # so its lease holds until it misses three beats.
+    study.set_user_attr(LEASE_ATTR, {**here, "machine": f"{machine_id()}-other", "beat": time.time()})
+    assert current_holder(study) is not None
+    study.set_user_attr(LEASE_ATTR, {**here, "machine": f"{machine_id()}-other", "beat": time.time() - 31})
     assert current_holder(study) is None
     # Killed on another machine: live until it misses three beats.
     study.set_user_attr(LEASE_ATTR, {"host": "elsewhere", "pid": 1, "token": "y", "beat": time.time() - 5, "interval": 10})
@@ -173,6 +214,56 @@ def test_a_dead_drivers_lease_does_not_block(tmp_path, monkeypatch):
     assert current_holder(study) is None
     with DriverLease("s", storage):
         assert current_holder(study).pid != 1
+
+
+def assert_one_driver_wins_a_race(url: str, before: dict | None) -> None:
+    """Driver B reads the lease free (``before``: never written, or a released one); driver A takes it
+    before B writes: B must be refused (with a read, write, sleep, read, both went on until A's next
+    heartbeat)."""
+    storage = open_storage(url)
+    study = optuna.create_study(study_name="race", storage=storage)
+    if before is not None:
+        study.set_user_attr(LEASE_ATTR, before)
+    first, second = DriverLease("race", storage), DriverLease("race", open_storage(url))
+    parse, raced = Holder.from_attr.__func__, []
+
+    def from_attr(cls, value):
+        holder = parse(cls, value)
+        if not raced:  # B has just read the lease: A takes it now
+            raced.append(True)
+            first.acquire()
+        return holder
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Holder, "from_attr", classmethod(from_attr))
+        with pytest.raises(LeaseError, match="another driver took it at the same moment"):
+            second.acquire()
+    try:
+        assert raced and current_holder(optuna.load_study(study_name="race", storage=storage)).token == first.token
+    finally:
+        first.release()
+        second.release()
+
+
+@pytest.mark.parametrize("before", [None, {"released": 1.0}], ids=["never-held", "released"])
+def test_two_drivers_never_hold_the_lease_at_once(tmp_path, before):
+    assert_one_driver_wins_a_race(f"sqlite:///{tmp_path / 'race.db'}", before)
+
+
+def test_start_points_are_queued_only_under_the_lease(study_setup, monkeypatch):
+    """Two drivers start a new study at once; B looked for it just before A created it and took the
+    lease. B, refused the lease, has added nothing (before: it queued the start points a second time)."""
+    import search.tuner
+
+    options, tmp_path = study_setup
+    monkeypatch.setattr(search.tuner, "start_ray", lambda *args: None)
+    monkeypatch.setattr(search.tuner, "wait_for_resources", lambda *args: None)
+    monkeypatch.setattr(optuna.study, "get_all_study_names", lambda storage: [])  # what B saw
+    study = optuna.create_study(study_name="tiny", storage=open_storage(options.storage))
+    study.set_user_attr(LEASE_ATTR, {"host": "gpu-7", "pid": 4242, "token": "z", "beat": time.time(), "interval": 10})
+    with pytest.raises(LeaseError):
+        search.tuner.run_on_ray(load_spec(options.study), options, StudyPaths(tmp_path / "r" / "tiny"), DATA_DIR)
+    assert study.get_trials() == []
 
 
 def test_resume_and_fresh_are_refused_while_a_driver_runs(study_setup, capsys):
@@ -281,6 +372,35 @@ def test_a_killed_drivers_processes_die_with_it():
     assert not alive(child)
 
 
+PARENT = """
+import subprocess, sys, time
+worker = "from search.reaper import die_with_parent; die_with_parent(); print('ready', flush=True); import time; time.sleep(120)"
+child = subprocess.Popen([sys.executable, "-c", worker], start_new_session=True, stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline() == "ready\\n"
+print(child.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_trial_worker_dies_with_its_raylet_at_once():
+    """A worker that the reaper never saw (it started after its last look) still ends with its parent."""
+    import subprocess
+    import sys
+
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, cwd=PROJECT_ROOT)
+    worker = int(parent.stdout.readline())
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 2
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        assert not alive(worker)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_a_driver_that_ends_normally_leaves_its_processes_alone():
     import os
     import signal
@@ -336,3 +456,20 @@ def test_cluster_join_errors_say_what_to_do(monkeypatch, tmp_path):
     assert "RAY_AUTH_MODE" not in os.environ
     prepare_token_auth("10.0.0.1:6379")
     assert os.environ["RAY_AUTH_MODE"] == "token" and cluster.token_available()
+
+
+def test_ctrl_c_while_starting_is_one_line_and_exit_130(tmp_path):
+    """SIGINT while run_search.py imports its libraries (the first seconds): no traceback."""
+    command = [sys.executable, "-X", "importtime", str(PROJECT_ROOT / "run_search.py"), "--study", "sts"]
+    command += ["--storage", f"sqlite:///{tmp_path / 'o.db'}", "--results-dir", str(tmp_path / "r")]
+    driver = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    said = []
+    for line in driver.stderr:  # -X importtime writes a line per module imported: wait until optuna's
+        said.append(line)
+        if line.startswith("import time:") and line.split("|")[-1].strip() == "optuna":
+            driver.send_signal(signal.SIGINT)
+            break
+    said += driver.stderr.readlines()
+    assert driver.wait(timeout=60) == 130
+    told = [line for line in said if line.strip() and not line.startswith("import time:")]
+    assert told == ["Interrupted while starting; nothing was run.\n"], told

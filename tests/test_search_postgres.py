@@ -23,6 +23,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 from test_search import STUDY_TOML
+from test_search_failures import assert_one_driver_wins_a_race
 from tiny_model import DATA_DIR
 
 from search.lease import DriverLease, LeaseError, current_holder
@@ -121,6 +122,13 @@ def test_the_lease_holds_across_connections(postgres_url):
         with pytest.raises(LeaseError, match="being run by driver pid"):
             DriverLease("leased", open_storage(postgres_url)).acquire()
     assert current_holder(optuna.load_study(study_name="leased", storage=storage)) is None
+
+
+@pytest.mark.parametrize("before", [None, {"released": 1.0}], ids=["never-held", "released"])
+def test_two_drivers_never_hold_the_lease_at_once(postgres_url, before):
+    if "race" in optuna.study.get_all_study_names(postgres_url):
+        optuna.delete_study(study_name="race", storage=postgres_url)
+    assert_one_driver_wins_a_race(postgres_url, before)
 
 
 def wait_for_port(port: int, seconds: float) -> None:
