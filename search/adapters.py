@@ -169,7 +169,9 @@ class RecordingOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if not TIME_BUDGET.may_start_trial():
-            return None  # not now, nor later in this run: the stopper ends it once no trial runs
+            # No trial can finish in time: wait for the running ones to end, then end the run (Ray would
+            # otherwise block for 10 minutes asking for a trial). A restored run may start trials again.
+            return None if TIME_BUDGET.running else Searcher.FINISHED
         if self._adoptable:
             params = self._adopt(trial_id, self._adoptable.pop(0))
         elif trial_id not in self._ot_trials and self._budget_spent():
@@ -282,9 +284,9 @@ class ResumableASHA(ASHAScheduler):
 class ResumableSearchGenerator(SearchGenerator):
     """Ray's SearchGenerator, but a restored one may hand out trials again.
 
-    Ray saves the generator's ``_finished`` flag, which its stopper sets when it ends an experiment: a
-    run that its time budget ended would then resume with no trial left to start. Our searcher says
-    FINISHED itself once the study holds its trial budget, so forgetting the flag loses nothing."""
+    Ray saves the generator's ``_finished`` flag, set once the searcher said FINISHED: a run that its
+    time budget ended would then resume with no trial left to start. Our searcher says FINISHED again
+    at once when the study already holds its trial budget, so forgetting the flag loses nothing."""
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)

@@ -40,7 +40,6 @@ from ray import tune
 from search import storage as names
 from search.adapters import TRIAL_NUMBER_KEY, fail_trial, optuna_storage, storage_trial_id
 from search.storage import open_storage
-from search.timebudget import TIME_BUDGET
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +67,6 @@ class StudyStop(threading.Event):
 
 # Process-wide, because Ray restores the callbacks from its saved state: a new object could not reach them.
 STUDY_STOP = StudyStop()
-
-
-class TimeBudgetStopper(tune.Stopper):
-    """Ends the experiment once the time budget is spent (search.timebudget): no trial runs and none
-    may start. Trials stop themselves at an epoch's end (search.trial), so this stops none of them."""
-
-    def __call__(self, trial_id: str, result: dict) -> bool:
-        return False
-
-    def stop_all(self) -> bool:
-        return TIME_BUDGET.spent
 
 
 class OptunaRecorder(tune.Callback):

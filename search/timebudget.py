@@ -6,13 +6,15 @@ one run of the study, measured from the driver's start.
 - Running trials stop in time: after each epoch, a trial whose next epoch would end past the deadline
   stops there. It ends with fewer epochs than max_epochs and is recorded PRUNED, as an early-stopped
   trial, with its epochs (and ``stopped_for_time``); its folder is a usable ensemble member.
-- Once no trial runs and none can start, the run ends. The study is then unfinished, not failed:
+- Once no trial runs and none can start, the searcher says it has finished and the run ends (a
+  restored run may start trials again: search.adapters.ResumableSearchGenerator). The study is then
+  unfinished, not failed:
   ``--resume`` (with a new ``--time-budget``, or the same) continues it with the trials left.
 
 The deadline can be overrun by as much as one epoch takes longer than the slowest one before it.
-The driver's side (the searcher in search.adapters, the stopper in search.tuner) reads the
-process-wide ``TIME_BUDGET``, because Ray restores both from its saved experiment on resume: only a
-module-level object reaches the restored copies. Ray-free, so that study files parse without Ray.
+The driver's side (the searcher, search.adapters) reads the process-wide ``TIME_BUDGET``, because Ray
+restores the searcher from its saved experiment on resume: only a module-level object reaches the
+restored copy. Ray-free, so that study files parse without Ray.
 """
 
 from __future__ import annotations

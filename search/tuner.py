@@ -25,7 +25,7 @@ from search.cluster import ClusterError, check_resources, join_error, prepare_to
 from search.lease import DriverLease
 from search.options import SearchOptions, command_line
 from search.paths import EXPERIMENT_NAME, StudyPaths
-from search.records import STUDY_STOP, OptunaRecorder, StudyStop, TimeBudgetStopper
+from search.records import STUDY_STOP, OptunaRecorder, StudyStop
 from search.spec import OPTUNA_DIRECTION, RAY_MODE, Budget, StudySpec
 from search.storage import PROJECT_ROOT, StorageError, describe_error, open_storage, storage_failure
 from search.timebudget import TIME_BUDGET
@@ -250,7 +250,6 @@ def new_tuner(
         ),
         run_config=tune.RunConfig(
             name=EXPERIMENT_NAME,
-            stop=TimeBudgetStopper(),
             storage_path=str(paths.root),
             callbacks=[OptunaRecorder(options.storage, study.name, study.metric, study.budget.max_epochs)],
             failure_config=tune.FailureConfig(max_failures=0),

@@ -265,7 +265,7 @@ BAD_INPUTS = {
     "non-finite teacher": (
         lambda tmp, run: make_predictor(tmp, copy_member(run, tmp / "member", nan_in="sst")),
         [],
-        r"member tiny/trial 0 \(.*member\): its sst outputs contain NaN or inf",
+        r"member tiny/trial 0 \(.*member/model.safetensors\): NaN or infinite outputs on sst",
     ),
 }
 
