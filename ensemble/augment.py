@@ -45,13 +45,22 @@ def nearest_pairs(embeddings: np.ndarray, k: int, chunk: int = 1024) -> list[tup
     return pairs
 
 
-def pair_rows(examples: list[Example], count: int, seed: int, embed: Embed, pool: int = 4000, neighbours: int = 3) -> list[Row]:
+def pair_rows(
+    examples: list[Example],
+    count: int,
+    seed: int,
+    embed: Embed,
+    pool: int = 4000,
+    neighbours: int = 3,
+    exclude: set[frozenset] | frozenset = frozenset(),
+) -> list[Row]:
     """``count`` new pairs of the sentences of ``examples``: half nearest neighbours among ``pool``
-    sentences drawn at random (each with its ``neighbours`` nearest), the rest random pairs."""
+    sentences drawn at random (each with its ``neighbours`` nearest), the rest random pairs; never a
+    pair of ``examples`` or of ``exclude`` (e.g. the dev and test pairs)."""
     sentences = list(dict.fromkeys(text for e in examples for text in e.texts))
     if len(sentences) < 2 or count < 1:
         return []
-    known = {frozenset(e.texts) for e in examples}
+    known = {frozenset(e.texts) for e in examples} | set(exclude)
     chosen: dict[frozenset, Row] = {}
     rng = random.Random(seed)
 

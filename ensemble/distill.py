@@ -52,7 +52,7 @@ from ensemble.augment import base_embedder, pair_rows, sentence_rows, source_fil
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, halves
 from ensemble.members import EnsembleError
 from ensemble.output import BASELINE
-from ensemble.predict import Runner, TaskPlan, find_predictor, load_plans
+from ensemble.predict import Runner, TaskPlan, check_plans, find_predictor, load_plans
 from ensemble.report import Row, write_summary
 from ensemble.taskpool import checked_metric, encoder_passes
 from model.config import TrainConfig
@@ -66,18 +66,11 @@ LABEL_CHUNK = 512  # rows per call of the teacher: the progress bar's step
 
 
 def teacher_plans(ensemble: Path) -> tuple[Path, dict[str, TaskPlan]]:
-    """The predictor folder and its per-task plans, every member folder checked to hold a config and weights."""
+    """The predictor folder and its per-task plans, every member's config and weights checked (finite)
+    before anything is labelled or written."""
     predictor = find_predictor(ensemble)
     plans = load_plans(predictor)
-    for task, plan in plans.items():
-        for name, model_dir in zip(plan.names, plan.model_dirs, strict=True):
-            run = RunDir(model_dir)
-            try:
-                run.read_config()
-            except RunFileError as err:
-                raise EnsembleError(f"teacher {task} member {name}: {err}") from err
-            if not run.weights_file.is_file():
-                raise EnsembleError(f"teacher {task} member {name}: {run.weights_file} not found (deleted or half-written?)")
+    check_plans(plans)
     return predictor, plans
 
 
@@ -186,7 +179,10 @@ def new_rows(task: str, cfg: TrainConfig, gold: list[Example], settings: Setting
         return []
     if TASKS[task].is_pair:
         embed = base_embedder(cfg, settings.device)
-        rows = pair_rows(gold, settings.augment, settings.seed, embed, settings.pool, settings.neighbours)
+        # A new pair must not be a dev or test pair (Quora questions recur across its split): the teacher
+        # would label a row the student is scored on.
+        held_out = {frozenset(e.texts) for split in ("dev", "test") for e in load_examples(task, split, cfg.data_dir)}
+        rows = pair_rows(gold, settings.augment, settings.seed, embed, settings.pool, settings.neighbours, held_out)
     else:
         rows = sentence_rows(task, settings.augment, settings.seed, cfg.data_dir)
     return [Example(f"aug-{task}-{k}", row, None) for k, row in enumerate(rows)]
@@ -247,7 +243,10 @@ def write_transfer(directory: Path, transfers: dict[str, Transfer]) -> None:
         writer = csv.writer(text, delimiter="\t", lineterminator="\n")
         writer.writerow(["id", *TASKS[task].text_columns])
         writer.writerows([e.id, *e.texts] for e in transfer.augmented)
-        atomic_write_text(augment_file(directory, task), text.getvalue())
+        if transfer.augmented:
+            atomic_write_text(augment_file(directory, task), text.getvalue())
+        else:  # no new rows (--augment 0, or too few sentences): no file, as model/distill.py expects
+            augment_file(directory, task).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ student

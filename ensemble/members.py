@@ -164,12 +164,12 @@ def check_checkpoint(artifact_dir: Path) -> dict:
     return config
 
 
-def read_epoch_outputs(artifact_dir: Path, task: str) -> dict[int, TaskOutputs]:
-    """A member's dev outputs after each epoch, where the trainer kept them. An unreadable file is an
-    error; an epoch with non-finite outputs is left out (its weights were never a candidate either:
-    the trainer stops on a non-finite loss)."""
+def read_epoch_outputs(artifact_dir: Path, task: str, epochs: list[int]) -> dict[int, TaskOutputs]:
+    """A member's dev outputs after each of ``epochs`` (its history's), where the trainer kept them. An
+    unreadable file is an error; an epoch with non-finite outputs is left out (its weights were never
+    a candidate either: the trainer stops on a non-finite loss)."""
     run, kept = RunDir(artifact_dir), {}
-    for epoch in run.output_epochs(task):
+    for epoch in sorted(set(run.output_epochs(task)) & set(epochs)):
         try:
             outputs = run.read_epoch_outputs(task, epoch)
         except RunFileError as err:
@@ -196,6 +196,7 @@ def load_member(study: str, trial: FrozenTrial, artifact_dir: Path) -> Member:
         metrics = run.read_metrics() if run.metrics_file.is_file() else {}
     except RunFileError as err:
         raise MemberArtifactError(str(err)) from err
+    history = list(metrics.get("history", []))
     return Member(
         study,
         trial.number,
@@ -205,8 +206,8 @@ def load_member(study: str, trial: FrozenTrial, artifact_dir: Path) -> Member:
         dict(trial.params),
         config,
         outputs,
-        epoch_outputs={t: read_epoch_outputs(artifact_dir, t) for t in tasks},
-        history=list(metrics.get("history", [])),
+        epoch_outputs={t: read_epoch_outputs(artifact_dir, t, [int(r["epoch"]) for r in history]) for t in tasks},
+        history=history,
         best_epoch=metrics.get("best_epoch"),
     )
 

@@ -21,7 +21,9 @@ from ensemble.taskpool import TaskPool, encoder_passes
 from model.metrics import write_predictions
 from model.rundir import TaskOutputs
 
-MANIFEST_FORMAT = 2
+# 3: STS members carry the "scale" that puts them on the labels' 0-5 scale; an older reader would
+# average them unscaled, so ensemble.predict refuses a format newer than it knows.
+MANIFEST_FORMAT = 3
 BASELINE = "baseline (usual recipe)"
 SEED_AVERAGE = "usual recipe x seeds"  # the uniform average of the baseline's seed runs
 
@@ -178,6 +180,8 @@ def write_build(root: Path, methods: tuple[str, ...], results: dict[str, TaskRes
         f"{header['settings']['splits']} random halves: mean ± the standard deviation over those overlapping halves, "
         "which is close to the full dev set's standard error (not a half-size set's). Gain: paired with the baseline "
         "on the same halves, its ± the same spread of the paired differences. Passes: encoder passes per example. "
-        "Training: trial-epochs and minutes of training steps (a dev-selected row needed the whole pool).\n\n"
+        "Training: trial-epochs and minutes of training steps (a dev-selected row needed the whole pool). "
+        "Left inside the halves: a soup of several members and a multitask member keep the epoch chosen on all "
+        "of dev (no weights exist for another), a small leak.\n\n"
     )
     return write_summary(root, f"Ensembles of {' + '.join(header['studies'])}", header, rows, preamble)

@@ -35,6 +35,7 @@ import numpy as np
 from data.files import TASKS, DataError, Example, load_examples, read_file
 from ensemble.logits import Outputs, align_outputs, average_outputs
 from ensemble.members import EnsembleError, check_checkpoint
+from ensemble.output import MANIFEST_FORMAT
 from ensemble.soup import as_numpy_outputs
 from ensemble.taskpool import Scale, apply_scale
 from model.metrics import task_metric, write_predictions
@@ -81,6 +82,10 @@ def load_plans(predictor: Path) -> dict[str, TaskPlan]:
             tasks = json.loads((predictor / "config.json").read_text())["train"]["tasks"]
             return {t: TaskPlan("soup", [predictor], [1.0], [predictor.name]) for t in tasks}
         manifest = json.loads(manifest_file.read_text())
+        if manifest.get("format", 1) > MANIFEST_FORMAT:
+            raise EnsembleError(
+                f"{manifest_file}: format {manifest['format']} is newer than this code reads ({MANIFEST_FORMAT}); update it"
+            )
         if "format" not in manifest:  # one logit average for every task (built before per-task selection)
             return {t: member_plan(manifest["members"]) for t in manifest["tasks"]}
         plans = {}

@@ -128,7 +128,10 @@ class Selector:
     # ------------------------------------------------------------------------------------- soups
 
     def soup_values(self, indexes: list[int]) -> np.ndarray:
-        """Dev outputs of the soup of these pool members (a member alone: its saved outputs)."""
+        """Dev outputs of the soup of these pool members (a member alone: its outputs as the pool was prepared,
+        epoch and scale fitted on the selection rows). A soup of several is run with the saved weights,
+        whose epochs were chosen on all of dev, and on its own scale: a small leak into the soups'
+        estimates, which the build's summary notes."""
         key = tuple(sorted(indexes))
         if len(key) == 1:  # not cached: a member's outputs depend on the rows the pool was prepared for
             return self.pool.values[key[0]]

@@ -3,8 +3,10 @@ one row order, the gold labels, and the task's own metric on any subset of rows.
 
 Every choice that looks at dev is made on the selection rows only (``TaskPool.prepared``), so that the
 out-of-selection estimates (ensemble.estimate) repeat it on each half:
-- each member's epoch: the one whose dev outputs score best on the rows (the trainer keeps every
-  epoch's dev outputs; on all of dev this is the epoch the trainer itself kept);
+- each single-task member's epoch: the one whose dev outputs score best on the rows (the trainer
+  keeps every epoch's dev outputs; on all of dev this is the epoch the trainer itself kept). A
+  multitask member keeps the epoch the trainer chose on all of dev (best mean over its tasks): no
+  weights exist for a per-task choice, so that small leak stays, as it does for soups;
 - for STS, each member's scale: members differ in output scale (5 cos, a regression head, CoSENT,
   which fixes only the order), so each is mapped to the labels' 0-5 scale by a least-squares line
   fitted on the rows before any averaging.
@@ -105,7 +107,7 @@ class TaskPool:
         the saved epoch, the trainer's own choice on all of dev, whose weights exist. For a score task
         (STS) each member is then put on the labels' scale by a line fitted on ``rows``."""
         key = np.asarray(rows).tobytes()
-        if key not in self._prepared:
+        if key not in self._prepared:  # only the last rows are kept: the estimates prepare each half once
             values = self.values
             if len(rows) < len(self.labels):
                 values = np.stack([self._best_epoch_values(i, rows) for i in range(len(self.members))])
@@ -154,6 +156,14 @@ class TaskPool:
         return align_to(reference, outputs, where, f"{self.members[0].outputs_file(self.task, 'dev')}")
 
 
+def epoch_chosen_on_rows(member: Member, task: str) -> bool:
+    """Whether a selection on part of dev may choose this member's epoch: only when its saved epoch is
+    among its kept ones (else a half could never pick it), and only for a single-task member. A
+    multitask trial kept the epoch best on all its tasks together, and no weights exist for a per-task
+    choice, so it keeps its saved epoch in the halves too."""
+    return member.best_epoch in member.epoch_outputs.get(task, {}) and len(member.tasks) == 1
+
+
 def task_pool(pool: Pool, task: str) -> TaskPool:
     """The members of ``pool`` that train ``task``, their dev outputs aligned to the first one's ids."""
     members = [m for m in pool.members if task in m.tasks]
@@ -170,11 +180,9 @@ def task_pool(pool: Pool, task: str) -> TaskPool:
     for member in members:
         stacked.append(aligned(member, member.outputs["dev"][task], member.outputs_file(task, "dev")))
         kept = member.epoch_outputs.get(task, {})
-        # Usable only when the saved epoch is among them: otherwise a half could never pick it.
-        usable = member.best_epoch in kept
         epochs.append(
             np.stack([aligned(member, out, member.run.epoch_outputs_file(task, e)) for e, out in sorted(kept.items())])
-            if usable
+            if epoch_chosen_on_rows(member, task)
             else None
         )
     shapes = {v.shape for v in stacked} | {v.shape[1:] for v in epochs if v is not None}

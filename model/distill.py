@@ -154,15 +154,17 @@ def distill_loss(
     rows, weighted by their share of the batch. With ``sts_loss="cosent"`` the STS soft loss is CoSENT
     on the teacher's scores (the student's scores then have no fixed scale to match)."""
     soft = targets.values[index].to(output.device)
-    gold = targets.gold[index].to(output.device)
+    gold_cpu = targets.gold[index]  # counted and indexed on the host: no device sync per batch
+    gold = gold_cpu.to(output.device)
     alpha = cfg.distill_alpha
     weights = 1.0 - (1.0 - alpha) * gold.float()  # alpha on gold rows, 1 on augmented ones
     if TASKS[task].label_kind == "score" and cfg.sts_loss == "cosent":
         loss = weights.mean() * cosent_loss(output.float(), soft)
     else:
         loss = (weights * soft_loss(task, output, soft, cfg.distill_temperature)).mean()
-    gold_rows = int(gold.sum())
-    if gold_rows and alpha < 1.0:  # alpha 1: the gold labels are not used at all
-        hard = task_loss(task, output[gold], labels[gold], cfg.sts_loss, cfg.sst_loss)
-        loss = loss + (1.0 - alpha) * gold_rows / len(gold) * hard
+    rows = torch.nonzero(gold_cpu).squeeze(-1)
+    if len(rows) and alpha < 1.0:  # alpha 1: the gold labels are not used at all
+        rows = rows.to(output.device)
+        hard = task_loss(task, output[rows], labels[rows], cfg.sts_loss, cfg.sst_loss)
+        loss = loss + (1.0 - alpha) * len(rows) / len(gold_cpu) * hard
     return loss

@@ -87,6 +87,10 @@ class RunDir:
         for task, out in outputs.items():
             write_npz_outputs(self.epoch_outputs_file(task, epoch), out)
 
+    def clear_epoch_outputs(self) -> None:
+        for path in self.path.glob("outputs/epochs/*.npz"):
+            path.unlink()
+
     # --- reading
 
     def read_json(self, path: Path) -> dict:

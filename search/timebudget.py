@@ -31,10 +31,13 @@ TRIAL_START_SECONDS = 20.0
 
 def parse_duration(text: str | float | int) -> float:
     """Seconds in "90", "90s", "15m", "1.5h" or "1h30m"; ValueError naming the text otherwise."""
+    number = r"(\d+(?:\.\d+)?)"
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         seconds = float(text)
-    else:
-        parts = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s?)?\s*", str(text))
+    elif re.fullmatch(rf"\s*{number}\s*", str(text)):
+        seconds = float(text)  # a bare number: seconds
+    else:  # every part with its unit: "1h30" is refused rather than guessed
+        parts = re.fullmatch(rf"\s*(?:{number}\s*h)?\s*(?:{number}\s*m)?\s*(?:{number}\s*s)?\s*", str(text))
         if not parts or not any(parts.groups()):
             raise ValueError(f"{text!r} is not a duration; write it as 90s, 15m, 1.5h or 1h30m")
         hours, minutes, seconds_part = (float(g) if g else 0.0 for g in parts.groups())

@@ -21,10 +21,10 @@ from ensemble import predict as ensemble_predict
 from ensemble.taskpool import apply_scale
 from model.build import load_trained
 from model.config import TrainConfig
-from model.distill import SoftTargets, distill_digest, distill_loss, soft_loss, teacher_file
+from model.distill import SoftTargets, augment_file, distill_digest, distill_loss, soft_loss, teacher_file
 from model.evaluation import evaluate_model, predict_values
 from model.multitask import task_loss
-from model.rundir import RunFileError, write_npz_outputs
+from model.rundir import RunDir, RunFileError, write_npz_outputs
 from model.splits import load_split
 from model.train import train
 
@@ -158,7 +158,7 @@ def make_predictor(root: Path, member: Path, tasks: list[str] = ALL, scale: list
         if task == "sts":
             described["scale"] = scale
         entries[task] = {"method": "caruana", "kind": "logits", "members": [described], "inference_cost": 1, "dev": 0.5}
-    manifest = {"format": 2, "method": "caruana", "studies": ["tiny"], "tasks": entries}
+    manifest = {"format": 3, "method": "caruana", "studies": ["tiny"], "tasks": entries}
     (method / "predictor").mkdir(parents=True, exist_ok=True)
     (method / "predictor" / "manifest.json").write_text(json.dumps(manifest))
     return method
@@ -254,7 +254,7 @@ BAD_INPUTS = {
     "member without weights": (
         lambda tmp, run: make_predictor(tmp, copy_member(run, tmp / "member", weights=False)),
         [],
-        "teacher sst member tiny/trial 0: .*member/model.safetensors not found",
+        "member tiny/trial 0: .*member/model.safetensors: missing",
     ),
     "task not covered": (
         lambda tmp, run: make_predictor(tmp, run, ["sst", "para"]),
@@ -265,7 +265,7 @@ BAD_INPUTS = {
     "non-finite teacher": (
         lambda tmp, run: make_predictor(tmp, copy_member(run, tmp / "member", nan_in="sst")),
         [],
-        r"member tiny/trial 0 \(.*member/model.safetensors\): NaN or infinite outputs on sst",
+        r"member tiny/trial 0: .*member/model.safetensors: non-finite weights",  # checked before any labelling
     ),
 }
 
@@ -320,3 +320,24 @@ def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path,
     argv = ["--ensemble", str(method), "--augment", "6", "--data-dir", str(DATA_DIR), "--set", *STUDENT, "epochs=2"]
     assert ensemble_distill.main(argv) == 1
     assert "different config (distill_digest" in capsys.readouterr().err
+
+
+@needs_data
+def test_distillation_without_new_rows_trains_on_the_training_rows_alone(tmp_path, teacher_run):
+    """--augment 0: no augment file is written (an empty one would be an error), and the student trains."""
+    method = make_predictor(tmp_path, teacher_run, tasks=["sts"])
+    out = tmp_path / "out"
+    argv = ["--ensemble", str(method), "--augment", "0", "--data-dir", str(DATA_DIR), "--output-dir", str(out)]
+    assert ensemble_distill.main([*argv, "--set", *STUDENT]) == 0
+    assert not augment_file(out / "transfer", "sts").exists()
+    assert len(np.load(teacher_file(out / "transfer", "sts"))["values"]) == 24
+    assert RunDir(out / "student").weights_file.is_file()
+
+
+def test_new_pairs_are_never_training_or_held_out_pairs():
+    from ensemble.augment import pair_rows
+
+    examples = [Example(str(i), (f"s{i}", f"s{i + 1}"), 1.0) for i in range(6)]
+    held_out = {frozenset((f"s{i}", f"s{j}")) for i in range(7) for j in range(7) if (i + j) % 2}
+    rows = pair_rows(examples, 10, seed=0, embed=lambda texts: np.eye(len(texts)), exclude=held_out)
+    assert rows and all(frozenset(row) not in held_out | {frozenset(e.texts) for e in examples} for row in rows)

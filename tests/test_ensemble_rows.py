@@ -11,7 +11,7 @@ from scipy.stats import pearsonr
 from ensemble.estimate import halves, out_of_selection
 from ensemble.members import Member
 from ensemble.selection import Selector, Settings
-from ensemble.taskpool import TaskPool
+from ensemble.taskpool import TaskPool, epoch_chosen_on_rows
 
 ROWS = 200
 rng = np.random.default_rng(0)
@@ -81,3 +81,32 @@ def test_classification_members_are_not_rescaled():
     labels = rng.integers(0, 5, ROWS)
     pool = pool_of("sst", labels, [one_hot(labels)])
     assert pool.prepared(np.arange(ROWS // 2)).scales is None
+
+
+def test_only_a_single_task_members_epoch_is_chosen_on_the_rows():
+    """The trainer chose a multitask member's epoch on all its tasks together; no weights exist for a
+    per-task choice, so the halves keep its saved epoch rather than simulate one the build cannot use."""
+
+    def member(tasks: list[str], best_epoch: int | None, epochs: list[int]) -> Member:
+        config = {"train": {"tasks": tasks}, "bert": {}}
+        kept = {task: {e: {} for e in epochs} for task in tasks}
+        return Member("made-up", 0, None, Path("/nowhere"), False, {}, config, epoch_outputs=kept, best_epoch=best_epoch)
+
+    assert epoch_chosen_on_rows(member(["sst"], 2, [1, 2, 3]), "sst")
+    assert not epoch_chosen_on_rows(member(["sst", "sts"], 2, [1, 2, 3]), "sst")
+    assert not epoch_chosen_on_rows(member(["sst"], 2, [1, 3]), "sst")  # the saved epoch's outputs are missing
+    assert not epoch_chosen_on_rows(member(["sst"], None, []), "sst")  # a run that kept no epochs
+
+
+def test_a_manifest_newer_than_the_code_is_refused(tmp_path):
+    import json
+
+    import pytest
+
+    from ensemble.members import EnsembleError
+    from ensemble.output import MANIFEST_FORMAT
+    from ensemble.predict import load_plans
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT + 1, "tasks": {}}))
+    with pytest.raises(EnsembleError, match="newer than this code reads"):
+        load_plans(tmp_path)

@@ -26,7 +26,7 @@ def test_durations(text, seconds):
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["soon", "", "15 minutes", "0", "-5m", "m"])
+@pytest.mark.parametrize("text", ["soon", "", "15 minutes", "0", "-5m", "m", "1h30"])
 def test_bad_durations_say_how_to_write_one(text):
     with pytest.raises(ValueError, match="duration|positive"):
         parse_duration(text)
@@ -111,3 +111,36 @@ def test_a_study_stops_within_its_time_budget_and_resumes_with_a_new_one(tmp_pat
     trials = study.get_trials(deepcopy=False)
     assert len([t for t in trials if t.state.is_finished()]) == 3
     assert StudyPaths(tmp_path / "r" / "tiny").finished.is_file()
+
+
+def test_a_trial_reports_its_epoch_time_and_stops_when_the_next_epoch_cannot_fit(tmp_path, monkeypatch):
+    """run_trial around a stand-in trainer whose epochs take 0.2 s, with 0.3 s left: epoch 1 is
+    reported with its wall time and the flag, and the trial ends there without an error."""
+    import time
+
+    import ray.tune
+
+    import search.trial
+    from search.adapters import TRIAL_NUMBER_KEY
+    from search.trial import TrialJob, run_trial
+
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    reports, trained = [], []
+
+    def fake_train(config, output_dir, report, data_dir=None):
+        for epoch in (1, 2, 3):
+            time.sleep(0.2)
+            trained.append(epoch)
+            report({"epoch": epoch, "sts": 0.5})
+
+    monkeypatch.setattr(search.trial, "train", fake_train)
+    monkeypatch.setattr(ray.tune, "report", lambda metrics: reports.append(metrics))
+    job = TrialJob(study=load_spec(study_file), artifacts_root=str(tmp_path / "trials"), deadline=time.time() + 0.3)
+    run_trial({TRIAL_NUMBER_KEY: 1, "lr": 1e-3, "dropout": 0.0}, job)
+    assert trained == [1] and [r["epoch"] for r in reports] == [1]
+    assert reports[0][names.TRIAL_STOPPED_FOR_TIME] is True and reports[0]["epoch_seconds"] >= 0.2
+    # Without a deadline every epoch runs, and none says it stopped for time.
+    reports.clear(), trained.clear()
+    run_trial({TRIAL_NUMBER_KEY: 2, "lr": 1e-3, "dropout": 0.0}, TrialJob(study=job.study, artifacts_root=job.artifacts_root))
+    assert trained == [1, 2, 3] and not any(names.TRIAL_STOPPED_FOR_TIME in r for r in reports)

@@ -297,3 +297,9 @@ def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path):
     assert words.grad is None and torch.equal(words, before)
     assert all(words is not p for group in trainer.optimizer.param_groups for p in group["params"])
     assert build_parser().parse_args(["--output-dir", "x", "--freeze-word-embeddings"]).freeze_word_embeddings
+
+
+def test_a_fresh_run_leaves_no_epoch_of_the_run_it_replaces(tmp_path):
+    train(tiny_config(epochs=2, tasks=["sts"], predict_test=False), tmp_path)
+    train(tiny_config(epochs=1, tasks=["sts"], predict_test=False), tmp_path, fresh=True)
+    assert RunDir(tmp_path).output_epochs("sts") == [1]
