@@ -8,8 +8,9 @@ non-finite weights or outputs is skipped with a warning; a corrupt file stops th
 Selection is per task (sst, para, sts, cfimdb): the pool of a task is the members whose config trains
 it, and the criterion is the task's own dev metric (accuracy, or Pearson r for sts). Methods
 (``--method``, several allowed; default ``all`` = caruana top-k uniform-soup greedy-soup):
-  caruana       Caruana et al. 2004 ensemble selection with replacement (the default logit method):
-                sorted initialisation with the best ``--caruana-init`` members, ``--caruana-rounds``
+  caruana       Caruana et al. 2004 ensemble selection with replacement (the default logit method),
+                maximising the gold labels' log-likelihood for SST and paraphrase (``--caruana-criterion``)
+                and Pearson r for STS: sorted initialisation with the best ``--caruana-init`` members, ``--caruana-rounds``
                 greedy additions, the best prefix kept; weights = selection counts / ensemble size.
   top-k         the mean of the ``--top-k`` best members' saved outputs (``logits`` is an alias).
   fitted        (also added by ``--fit-weights``) the top-k members with weights fitted on dev, kept
@@ -144,6 +145,7 @@ def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], no
             "top_k": args.top_k,
             "caruana_init": args.caruana_init,
             "caruana_rounds": args.caruana_rounds,
+            "caruana_criterion": args.caruana_criterion,
             "folds": args.folds,
             "splits": args.splits,
             "seed": args.seed,
@@ -181,7 +183,7 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     # Where the members were trained is the best guess when neither --data-dir nor $MINBERT_DATA says.
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or pool.members[0].config["train"].get("data_dir")
     evaluate = SoupEvaluator(data_dir, args.device, None if args.no_cache else root / ".cache")
-    settings = Settings(args.top_k, args.caruana_init, args.caruana_rounds, args.folds)
+    settings = Settings(args.top_k, args.caruana_init, args.caruana_rounds, args.folds, args.caruana_criterion)
     results: dict[str, TaskResult] = {}
     for task, task_pool in task_pools(pool).items():
         print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)
@@ -229,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--caruana-rounds", type=int, default=DEFAULT_ROUNDS, help=f"Caruana: greedy additions (default {DEFAULT_ROUNDS})"
+    )
+    parser.add_argument(
+        "--caruana-criterion",
+        choices=("likelihood", "metric"),
+        default="likelihood",
+        help="what Caruana's greedy steps maximise for SST and paraphrase: the gold labels' log-likelihood (default: "
+        "smooth, harder to overfit on part of dev) or the task's accuracy; STS always uses Pearson r",
     )
     parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fitted weights (default 5)")

@@ -62,6 +62,7 @@ class Settings:
     caruana_init: int = DEFAULT_INIT_SIZE
     caruana_rounds: int = DEFAULT_ROUNDS
     folds: int = 5
+    caruana_criterion: str = "likelihood"  # or "metric" (TaskPool.selection_scorer)
 
 
 class Selector:
@@ -121,7 +122,8 @@ class Selector:
 
     def caruana(self, rows: np.ndarray) -> Choice:
         s = self.settings
-        result = caruana_select(self.pool.values, self.pool.scorer("caruana"), rows, s.caruana_init, s.caruana_rounds)
+        scorer = self.pool.selection_scorer(s.caruana_criterion, "caruana")
+        result = caruana_select(self.pool.values, scorer, rows, s.caruana_init, s.caruana_rounds)
         chosen = [i for i, c in enumerate(result.counts) if c > 0]
         return self.logits("caruana", chosen, [result.weights[i] for i in chosen], counts=result.counts, history=result.history)
 

@@ -135,6 +135,26 @@ class TaskPool:
         """score(values, rows) for selection code that knows nothing of tasks."""
         return lambda values, rows: self.score(values, rows, who)
 
+    def log_likelihood(self, values: np.ndarray, rows: np.ndarray) -> float:
+        """Mean log-probability of the gold labels on ``rows`` (sentiment: class probabilities;
+        paraphrase: P(duplicate)); probabilities are clipped at 1e-9 (log 0 is no score)."""
+        if TASKS[self.task].label_kind == "score":
+            raise ValueError(f"{self.task} outputs are scores, not probabilities: no likelihood")
+        gold = self.labels[rows]
+        if values.ndim == 2:
+            p = values[rows, gold.astype(int)]
+        else:
+            p = np.where(gold > 0.5, values[rows], 1.0 - values[rows])
+        return float(np.mean(np.log(np.clip(p, 1e-9, 1.0))))
+
+    def selection_scorer(self, criterion: str, who: str):
+        """What a greedy selection maximises: the task's metric, or (``likelihood``, classification
+        tasks) the gold labels' log-likelihood, a smooth proper score that a few hundred rows of 0/1
+        accuracy cannot be overfitted by as easily; STS has no likelihood and keeps its metric."""
+        if criterion == "likelihood" and TASKS[self.task].label_kind != "score":
+            return self.log_likelihood
+        return self.scorer(who)
+
     def member_scores(self, rows: np.ndarray | None = None) -> list[float]:
         return [self.score(v, rows, m.name) for m, v in zip(self.members, self.values, strict=True)]
 

@@ -110,3 +110,22 @@ def test_a_manifest_newer_than_the_code_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT + 1, "tasks": {}}))
     with pytest.raises(EnsembleError, match="newer than this code reads"):
         load_plans(tmp_path)
+
+
+def test_caruana_on_likelihood_tells_apart_what_accuracy_cannot():
+    """Two members right on every row, one barely (p = 0.21 on the gold class), one surely (0.9):
+    accuracy ties them, the log-likelihood prefers the sure one. STS keeps Pearson r."""
+    labels = rng.integers(0, 5, ROWS)
+    barely = np.full((ROWS, 5), 0.1975)
+    barely[np.arange(ROWS), labels] = 0.21
+    surely = np.full((ROWS, 5), 0.025)
+    surely[np.arange(ROWS), labels] = 0.9
+    pool = pool_of("sst", labels, [barely, surely])
+    rows = np.arange(ROWS)
+    assert pool.log_likelihood(surely, rows) == np.mean(np.log(np.full(ROWS, 0.9)))
+    by_metric = Selector(pool, None, Settings(caruana_criterion="metric")).procedures(("caruana",))["caruana"](rows)
+    by_likelihood = Selector(pool, None, Settings()).procedures(("caruana",))["caruana"](rows)
+    assert by_metric.members == [0] and by_likelihood.members == [1]
+    gold = rng.uniform(0, 5, ROWS)
+    sts = pool_of("sts", gold, [gold])
+    assert sts.selection_scorer("likelihood", "x")(gold, rows) == 1.0  # Pearson r
