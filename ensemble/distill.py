@@ -51,7 +51,7 @@ from data.files import DATA_DIR_ENV, TASKS, DataError, Example, load_examples, r
 from ensemble.augment import base_embedder, pair_rows, sentence_rows, source_files
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, halves
 from ensemble.members import EnsembleError
-from ensemble.output import BASELINE
+from ensemble.output import BASELINE, history_training
 from ensemble.predict import Runner, TaskPlan, check_plans, find_predictor, load_plans
 from ensemble.report import Row, write_summary
 from ensemble.taskpool import checked_metric, encoder_passes
@@ -340,7 +340,7 @@ def student_row(run: RunDir, task: str, baseline: Row | None, teacher_ids: list[
         estimate |= {"gain_mean": float(np.mean(gains)), "gain_sd": float(np.std(gains, ddof=1)), "gains": gains}
     elif baseline:
         note += "; no paired gain: the student's dev rows are not the build's"
-    training = {"trial_epochs": len(history), "train_seconds": sum(r.get("train_seconds", 0.0) for r in history)}
+    training = history_training(history)
     passes = encoder_passes(run.read_config(), task)
     return Row(task, "student (distilled)", "student", [run.path.name], passes, metrics["best"][task], estimate, None, note,
                training=training)  # fmt: skip

@@ -66,11 +66,6 @@ class Member:
     best_epoch: int | None = None  # the epoch whose weights and outputs were saved
 
     @property
-    def train_seconds(self) -> float:
-        """Seconds spent in training steps over every epoch run (evaluation not included)."""
-        return float(sum(record.get("train_seconds", 0.0) for record in self.history))
-
-    @property
     def name(self) -> str:
         return f"{self.study}/trial {self.trial_number}"
 

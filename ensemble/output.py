@@ -47,9 +47,15 @@ class TaskResult:
         return [self.pool.members[i] for i in choice.members]
 
 
+def history_training(history: list[dict]) -> dict:
+    """The training a run's per-epoch records took: epochs run and seconds of training steps (evaluation
+    not included)."""
+    return {"trial_epochs": len(history), "train_seconds": float(sum(r.get("train_seconds", 0.0) for r in history))}
+
+
 def training(members: list[Member]) -> dict:
-    """The training these members took: epochs run and seconds of training steps, summed."""
-    return {"trial_epochs": sum(len(m.history) for m in members), "train_seconds": sum(m.train_seconds for m in members)}
+    """The training these members took, summed."""
+    return history_training([record for m in members for record in m.history])
 
 
 def member_row(pool: TaskPool, index: int, name: str, kind: str, **fields) -> Row:
