@@ -111,6 +111,7 @@ def label(runner: Runner, plan: TaskPlan, task: str, examples: list[Example]) ->
                 raise EnsembleError(f"teacher {task}: its outputs came back in another row order")
             parts.append(np.asarray(out["values"], dtype=np.float64))
             bar.update(len(chunk))
+    print(f"teacher labelled {len(examples)} {task} rows ({len(plan.names)} member(s))", file=sys.stderr, flush=True)
     return np.concatenate(parts)
 
 
@@ -327,7 +328,15 @@ def teacher_row(predictor: Path, plan: TaskPlan, task: str) -> Row:
     return Row(task, "teacher (one run)", "member", plan.names, encoder_passes(run.read_config(), task), best[task])
 
 
-def student_row(run: RunDir, task: str, baseline: Row | None, teacher_ids: list[str] | None, settings: dict) -> Row:
+def student_row(
+    run: RunDir,
+    task: str,
+    baseline: Row | None,
+    teacher_ids: list[str] | None,
+    settings: dict,
+    name: str = "student (distilled)",
+) -> Row:
+    """A trained run's row (the student, or a run compared with it), estimated as the student is."""
     metrics = run.read_metrics()
     history = metrics["history"]
     splits, seed = settings.get("splits", DEFAULT_SPLITS), settings.get("seed", DEFAULT_SEED)
@@ -342,8 +351,7 @@ def student_row(run: RunDir, task: str, baseline: Row | None, teacher_ids: list[
         note += "; no paired gain: the student's dev rows are not the build's"
     training = history_training(history)
     passes = encoder_passes(run.read_config(), task)
-    return Row(task, "student (distilled)", "student", [run.path.name], passes, metrics["best"][task], estimate, None, note,
-               training=training)  # fmt: skip
+    return Row(task, name, "student", [run.path.name], passes, metrics["best"][task], estimate, None, note, training=training)
 
 
 def kept_gain(teacher: Row, student: Row) -> str:
@@ -361,8 +369,28 @@ def prediction_ids(path: Path) -> list[str] | None:
         return [row[0].strip() for row in list(csv.reader(fp))[1:]]
 
 
+def compared_runs(paths: list[Path], tasks: list[str]) -> list[RunDir]:
+    """The runs of ``--compare``, checked before anything is trained: each has finished epochs with dev
+    outputs for every distilled task (RunFileError naming the folder otherwise)."""
+    runs = []
+    for path in paths:
+        run = RunDir(path)
+        if not run.metrics_file.is_file():
+            raise RunFileError(f"--compare {path}: no metrics.json (not a trained run folder)")
+        missing = [task for task in tasks if not run.output_epochs(task)]
+        if missing:
+            raise RunFileError(f"--compare {path}: no per-epoch dev outputs for {missing} (train it on those tasks)")
+        runs.append(run)
+    return runs
+
+
 def write_report(
-    output_dir: Path, predictor: Path, plans: dict[str, TaskPlan], transfers: dict[str, Transfer], seconds: float
+    output_dir: Path,
+    predictor: Path,
+    plans: dict[str, TaskPlan],
+    transfers: dict[str, Transfer],
+    seconds: float,
+    compared: list[RunDir] = (),
 ) -> str:
     run = RunDir(output_dir / "student")
     rows, header_transfer = [], {}
@@ -375,7 +403,10 @@ def write_report(
         student = student_row(run, task, baseline, teacher_ids, settings)
         teacher = next(r for r in built if r.kind != "baseline")
         student.note += kept_gain(teacher, student)
-        rows += [*built, student]
+        others = [
+            student_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared
+        ]
+        rows += [*built, student, *others]
         header_transfer[task] = {
             "gold_rows": len(transfer.gold),
             "augmented_rows": len(transfer.augmented),
@@ -385,6 +416,7 @@ def write_report(
         }
     config = run.read_config()["train"]
     header = {"teacher": str(predictor), "student": str(run.path), "config": config, "transfer": header_transfer}
+    header["compared"] = [str(other.path) for other in compared]
     header["seconds"] = {"this_run_wall": round(seconds, 1)}
     lines = [
         f"- {task}: {t['gold_rows']} gold + {t['augmented_rows']} new rows; augmentation {t['augment_seconds']:.0f} s, "
@@ -415,6 +447,7 @@ def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = No
     predictor, plans = teacher_plans(args.ensemble)
     output_dir = (args.output_dir or default_output_dir(predictor)).resolve()  # absolute: a study's trials run elsewhere
     cfg = student_config(args, list(plans), output_dir / "transfer")
+    compared = compared_runs(args.compare or [], cfg.tasks)
     if args.augment < 0:
         raise ValueError(f"--augment must be >= 0, not {args.augment}")
     settings = Settings(args.augment, args.seed, args.neighbour_pool, args.neighbours, args.device)
@@ -425,7 +458,7 @@ def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = No
         print(f"wrote {output_dir / 'transfer'} (a study's distill_dir)", file=sys.stderr)
         return {}
     metrics = train(cfg, output_dir / "student", report=report, fresh=args.fresh, progress=True)
-    print(write_report(output_dir, predictor, plans, transfers, time.perf_counter() - started))
+    print(write_report(output_dir, predictor, plans, transfers, time.perf_counter() - started, compared))
     print(f"wrote {output_dir} (the student: {output_dir / 'student'})", file=sys.stderr)
     return metrics
 
@@ -455,6 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="train the student from scratch even if OUTPUT/student holds last.pt"
     )
     parser.add_argument("--label-only", action="store_true", help="stop after writing OUTPUT/transfer")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        action="extend",
+        metavar="RUN",
+        help="trained run folders reported beside the student, estimated as it is (e.g. the multitask usual recipe)",
+    )
     return parser
 
 

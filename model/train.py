@@ -52,6 +52,12 @@ def progress_bar(iterable: Iterable | None = None, *, total: int, desc: str, uni
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, disable=disable, file=sys.stderr, dynamic_ncols=True)
 
 
+def epoch_line(record: dict) -> str:
+    """An epoch's record as one short line: ``train_loss 0.4123, sst 0.4950, ..., 581 s``."""
+    parts = [f"{key} {value:.4f}" for key, value in record.items() if key not in ("epoch", "train_seconds")]
+    return ", ".join(parts) + f", {record['train_seconds']:.0f} s of training"
+
+
 class Trainer:
     """Holds the state of one training run; ``run()`` trains the remaining epochs."""
 
@@ -276,6 +282,8 @@ class Trainer:
             record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
             record["train_seconds"] = round(train_seconds, 2)
             self.history.append(record)
+            if self.progress:  # one line per epoch: what a log file shows, where the bar does not
+                print(f"epoch {self.epoch}/{cfg.epochs}: {epoch_line(record)}", file=sys.stderr, flush=True)
             self.run_dir.write_epoch_outputs(self.epoch, dev_outputs)
             if self.best is None or record["overall"] > self.best["overall"]:
                 self._new_best(record, dev_outputs)

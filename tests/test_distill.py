@@ -262,6 +262,11 @@ BAD_INPUTS = {
         r"covers \['sst', 'para'\], not \['sts'\]",
     ),
     "refused student": (lambda tmp, run: make_predictor(tmp, run), ["--set", "pair_encoding=cross"], "sts_head 'cosine' needs"),
+    "compared run not trained": (
+        lambda tmp, run: make_predictor(tmp, run),
+        ["--compare", "/no-run"],
+        "--compare /no-run: no metrics",
+    ),
     "non-finite teacher": (
         lambda tmp, run: make_predictor(tmp, copy_member(run, tmp / "member", nan_in="sst")),
         [],
@@ -315,6 +320,18 @@ def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path,
     capsys.readouterr()
     assert ensemble_predict.main(["--ensemble", str(out / "student"), "--input", str(DATA_DIR / "sts-dev.csv")]) == 0
     assert "Pearson r" in capsys.readouterr().out
+    # Rerun with --compare: nothing is trained or labelled again, and the compared run gets the
+    # student's kind of row (its epoch chosen on half A, paired with the usual recipe).
+    run_distill(method, None, "--set", "epochs=2", "--compare", str(teacher_run), report=lambda m: seen.append(m["epoch"]))
+    assert seen == [1, 2] and count_labelling == ALL
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compared"] == [str(teacher_run)]
+    compared = {r["task"]: r for r in summary["rows"] if r["name"] == "run (compared)"}
+    assert set(compared) == set(ALL)
+    for task, row in compared.items():
+        scores = ensemble_distill.student_estimate(RunDir(teacher_run), task, 20, 0)[0]
+        assert row["estimate"]["scores"] == pytest.approx(scores)
+        assert row["estimate"]["gain_mean"] == pytest.approx(np.mean(scores) - 0.2)
     # A changed teacher is a changed config: the student's folder is not silently resumed with it.
     make_predictor(tmp_path, teacher_run, scale=[0.0, 1.0])
     argv = ["--ensemble", str(method), "--augment", "6", "--data-dir", str(DATA_DIR), "--set", *STUDENT, "epochs=2"]
