@@ -1,9 +1,10 @@
 """The benchmark scripts' arithmetic: the FLOP formula against torch's FLOP counter, the peak
-estimate's rules, and the machine description."""
+estimate's rules, the machine description, and the budget curve's table."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from model.optimizer import AdamW, param_groups
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is not an installed package
 
 from scripts.benchmark_speed import TrainerStep, apply_levers, train_flops  # noqa: E402
+from scripts.budget_curve import main as budget_curve  # noqa: E402
 from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, fp32_flops_per_cycle, machine  # noqa: E402
 from scripts.speed_timing import FROZEN_WORD_EMBEDDINGS, Step, case_ratios, ratio  # noqa: E402
 
@@ -106,3 +108,28 @@ def test_the_multitask_step_is_timed_after_the_gpu_finished_it(monkeypatch):
     setup.recorders, setup.config = {}, BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
     setup.step()
     assert events == ["synchronize", "step", "synchronize"]
+
+
+def build_summary(path: Path, base: float, caruana: float, gain: float) -> Path:
+    rows = [
+        {"task": "sts", "name": "baseline (usual recipe)", "kind": "baseline", "estimate": {"mean": base, "sd": 0.01}},
+        {"task": "sts", "name": "caruana", "kind": "selected", "training": {"trial_epochs": 7, "train_seconds": 60.0}}
+        | {"estimate": {"mean": caruana, "sd": 0.01, "gain_mean": gain, "gain_sd": 0.002}},
+        {"task": "sst", "name": "caruana", "kind": "selected", "estimate": {"mean": 0.5, "sd": 0.01, "gain_mean": 0.9}},
+    ]
+    path.write_text(json.dumps({"rows": rows}))
+    return path
+
+
+def test_budget_curve_tabulates_each_runs_gain_and_names_a_bad_summary(tmp_path, capsys):
+    short, long = build_summary(tmp_path / "a.json", 0.88, 0.883, 0.003), build_summary(tmp_path / "b.json", 0.88, 0.889, 0.009)
+    png = tmp_path / "curve.png"
+    assert budget_curve(["--task", "sts", "--point", f"10m=12:{short}", "--point", f"40m=25.5:{long}", "--output", str(png)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| 10m | 12.0 | 7 | 0.8800 ± 0.0100 | 0.8830, +0.0030 ± 0.0020 | n/a |"
+    assert lines[3].startswith("| 40m | 25.5 | 7 | 0.8800 ± 0.0100 | 0.8890, +0.0090 ± 0.0020 |")
+    assert png.stat().st_size > 0
+    assert budget_curve(["--task", "para", "--point", f"10m=12:{short}"]) == 1  # no para baseline there
+    assert "a.json: no baseline row for para" in capsys.readouterr().err
+    assert budget_curve(["--task", "sts", "--point", f"10m:{short}"]) == 1
+    assert "expected LABEL=MINUTES:SUMMARY_JSON" in capsys.readouterr().err
