@@ -40,7 +40,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,7 +328,7 @@ def teacher_row(predictor: Path, plan: TaskPlan, task: str) -> Row:
     return Row(task, "teacher (one run)", "member", plan.names, encoder_passes(run.read_config(), task), best[task])
 
 
-def student_row(
+def run_row(
     run: RunDir,
     task: str,
     baseline: Row | None,
@@ -390,7 +390,7 @@ def write_report(
     plans: dict[str, TaskPlan],
     transfers: dict[str, Transfer],
     seconds: float,
-    compared: list[RunDir] = (),
+    compared: Sequence[RunDir] = (),
 ) -> str:
     run = RunDir(output_dir / "student")
     rows, header_transfer = [], {}
@@ -400,12 +400,10 @@ def write_report(
         if not any(r.kind == "selected" for r in built):
             built.append(teacher_row(predictor, plans[task], task))
         teacher_ids = prediction_ids(predictor.parent / "predictions" / f"{task}-dev-out.csv")
-        student = student_row(run, task, baseline, teacher_ids, settings)
+        student = run_row(run, task, baseline, teacher_ids, settings)
         teacher = next(r for r in built if r.kind != "baseline")
         student.note += kept_gain(teacher, student)
-        others = [
-            student_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared
-        ]
+        others = [run_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared]
         rows += [*built, student, *others]
         header_transfer[task] = {
             "gold_rows": len(transfer.gold),

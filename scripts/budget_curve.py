@@ -18,6 +18,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the project's packages
+
+from ensemble.report import format_number, format_spread  # noqa: E402
+
 BASELINE_KIND = "baseline"
 
 
@@ -62,13 +66,11 @@ def table(points: list[Point], methods: list[str]) -> str:
         base = next(row for row in p.rows.values() if row["kind"] == BASELINE_KIND)
         cells = [p.label, f"{p.minutes:.1f}"]
         pool = max((row.get("training") or {}).get("trial_epochs", 0) for row in p.rows.values())
-        cells += [str(pool), f"{estimate(base)['mean']:.4f} ± {estimate(base)['sd']:.4f}"]
+        cells += [str(pool), format_spread(estimate(base)["mean"], estimate(base)["sd"])]
         for method in methods:
             e = estimate(p.rows.get(method, {}))
-            if "gain_mean" not in e:
-                cells.append("n/a")
-                continue
-            cells.append(f"{e['mean']:.4f}, {e['gain_mean']:+.4f} ± {e['gain_sd']:.4f}")
+            gain = format_spread(e["gain_mean"], e["gain_sd"], signed=True) if "gain_mean" in e else ""
+            cells.append(f"{format_number(e['mean'])}, {gain}" if gain else "n/a")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
