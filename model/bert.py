@@ -91,14 +91,14 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p in (0.0, 1.0) or x.device.type != "cpu":
             return super().forward(x)
-        return x * keep_mask(x.shape, self.p) * (1.0 / (1.0 - self.p))
+        return x * keep_mask(x.shape, self.p, x.device) * (1.0 / (1.0 - self.p))
 
 
-def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
-    """Bernoulli(1 - p) booleans of ``shape`` from torch's CPU generator, 16 random bits each."""
+def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Bernoulli(1 - p) booleans of ``shape`` on ``device`` (a CPU) from its generator, 16 random bits each."""
     numel = math.prod(shape)
     # random_(int64 min, None) fills all 64 bits (random_() alone leaves the sign bit 0).
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     lanes = words.view(torch.int16)[:numel].view(shape)
     return lanes < round((1.0 - p) * 2**16) - 2**15
 
