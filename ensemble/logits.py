@@ -140,9 +140,7 @@ def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(np.arange(n) % folds)
 
 
-def fit_weights(
-    outputs: Sequence[Outputs], tasks: Sequence[str], metric: str, folds: int = 5, seed: int = 0
-) -> WeightFit:
+def fit_weights(outputs: Sequence[Outputs], tasks: Sequence[str], metric: str, folds: int = 5, seed: int = 0) -> WeightFit:
     """Fit member weights on dev, guarded by k-fold cross-validation within dev."""
     count = len(outputs)
     uniform = [1.0 / count] * count

@@ -41,6 +41,9 @@ from model.smart import smart_loss
 from model.splits import load_split
 from model.surgery import gradvac, pcgrad, random_orders
 
+# How often a run with a ``threads`` callback asks it for its thread count (a file read in a study).
+THREADS_POLL_SECONDS = 2.0
+
 
 class NonFiniteLossError(RuntimeError):
     """A training loss became NaN or infinite; the run stops (a search records the trial as failed)."""
@@ -62,11 +65,18 @@ class Trainer:
     """Holds the state of one training run; ``run()`` trains the remaining epochs."""
 
     def __init__(
-        self, cfg: TrainConfig, output_dir: Path, report: Callable[[dict], None] | None, fresh: bool, progress: bool = False
+        self,
+        cfg: TrainConfig,
+        output_dir: Path,
+        report: Callable[[dict], None] | None,
+        fresh: bool,
+        progress: bool = False,
+        threads: Callable[[], int] | None = None,
     ):
         self.cfg, self.run_dir, self.report, self.progress = cfg, RunDir(output_dir), report, progress
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
+        self.threads, self._threads_polled = threads, -math.inf
         self.device = resolve_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
@@ -271,12 +281,14 @@ class Trainer:
             )
             with bar:
                 for _ in range(self.steps_per_epoch):
+                    self._follow_threads()
                     losses.append(self._train_step(step_tasks(cfg, probabilities, self.rng)))
                     bar.update()
                     if not bar.disable:
                         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
                 train_seconds = time.perf_counter() - started
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}: dev evaluation", refresh=True)
+                self._follow_threads()
                 metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16)
             self.epoch += 1
             record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
@@ -302,6 +314,18 @@ class Trainer:
             self._predict_test()
         return self._write_metrics()
 
+    def _follow_threads(self) -> None:
+        """Take the thread count that ``threads()`` gives now (a study's spare cores, search.spare);
+        asked every few seconds, not every step."""
+        now = time.monotonic()
+        if self.threads is None or now - self._threads_polled < THREADS_POLL_SECONDS:
+            return
+        self._threads_polled = now
+        wanted = self.threads()
+        if wanted != torch.get_num_threads():
+            print(f"{self.run_dir.path}: {wanted} threads from now on", file=sys.stderr, flush=True)
+            torch.set_num_threads(wanted)
+
     @property
     def _test_predicted(self) -> bool:
         return self.run_dir.has_outputs(self.cfg.tasks, "test")
@@ -325,6 +349,7 @@ def train(
     data_dir: str | Path | None = None,
     fresh: bool = False,
     progress: bool = False,
+    threads: Callable[[], int] | None = None,
 ) -> dict:
     """Train, evaluating on dev after every epoch; returns metrics.json's content
     {"best_epoch", "best", "history"}. ``report(metrics)`` is called after each epoch's evaluation
@@ -332,7 +357,8 @@ def train(
     loss, SMART/MNRL terms included), <task metrics>, "overall", "train_seconds"}; an
     exception it raises propagates. An ``output_dir`` holding a ``last.pt`` of the same config is
     resumed; ``fresh=True`` starts over instead. ``progress=True`` shows a progress bar of each
-    epoch's steps on a terminal (stderr)."""
+    epoch's steps on a terminal (stderr). ``threads()``, when given, is asked every few seconds how
+    many torch threads to use from then on (a study hands a trial its idle cores: search.spare)."""
     cfg = as_config(config)
     if data_dir is not None:
         cfg = dataclasses.replace(cfg, data_dir=str(data_dir))
@@ -341,7 +367,7 @@ def train(
     cfg = with_distill_digest(cfg)  # recorded in config.json: a resumed run refuses a changed teacher
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, output_dir, report, fresh, progress).run()
+    return Trainer(cfg, output_dir, report, fresh, progress, threads).run()
 
 
 # -------------------------------------------------------------------------------------------- CLI

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,11 @@ logger = logging.getLogger(__name__)
 
 # Config key through which the searcher tells the trainable its Optuna trial number.
 TRIAL_NUMBER_KEY = "optuna_trial_number"
+# Set once no more trials will start in this run (the budget spent, or no trial fits the time budget
+# any more: that only gets truer as time passes); search.spare then shares out the idle
+# cores. Process-wide, because Ray restores the searcher and the callbacks from its saved experiment.
+SEARCH_FINISHED = threading.Event()
 ORPHAN_ERROR = "interrupted: the driver stopped before Ray's experiment checkpoint recorded this trial, so Ray does not resume it"
-
 
 
 def artifact_dir_for(artifacts_root: str | Path, number: int) -> Path:
@@ -171,6 +175,7 @@ class RecordingOptunaSearch(OptunaSearch):
         if not TIME_BUDGET.may_start_trial():
             # No trial can finish in time: wait for the running ones to end, then end the run (Ray would
             # otherwise block for 10 minutes asking for a trial). A restored run may start trials again.
+            SEARCH_FINISHED.set()
             return None if TIME_BUDGET.running else Searcher.FINISHED
         if self._adoptable:
             params = self._adopt(trial_id, self._adoptable.pop(0))
@@ -292,3 +297,8 @@ class ResumableSearchGenerator(SearchGenerator):
         super().set_state(state)
         self._finished = False
 
+    def next_trial(self) -> Any:
+        trial = super().next_trial()
+        if self.is_finished():  # the searcher said FINISHED, or Ray's count reached num_samples
+            SEARCH_FINISHED.set()
+        return trial

@@ -4,6 +4,7 @@
   ray-tmp/        Ray's temp/session dir for a local cluster (a short /tmp path when this one is too long)
   study.toml      the study file as the run started; a resumed run uses this copy
   finished.json   written when every trial of the budget ended; a rerun without --resume/--fresh then stops
+  threads.json    torch threads per running trial while cores are spare (search.spare; local runs only)
 The Optuna study (named after the study) lives in the storage (default: SQLite studies/optuna.db).
 """
 
@@ -22,7 +23,6 @@ EXPERIMENT_NAME = "ray"
 MAX_RAY_TEMP_DIR_CHARS = 40
 
 
-
 @dataclass
 class StudyPaths:
     root: Path
@@ -30,6 +30,7 @@ class StudyPaths:
     trials: Path = field(init=False)
     snapshot: Path = field(init=False)
     finished: Path = field(init=False)
+    threads: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -37,6 +38,7 @@ class StudyPaths:
         self.trials = self.root / "trials"
         self.snapshot = self.root / "study.toml"
         self.finished = self.root / "finished.json"
+        self.threads = self.root / "threads.json"
 
     def has_run(self) -> bool:
         """Whether a run started here (Ray's temp dir alone, left by a refused start, does not count)."""

@@ -43,6 +43,7 @@ from search.storage import open_storage
 
 logger = logging.getLogger(__name__)
 
+
 class DiskFullError(RuntimeError):
     """A trial could not write its files: the device is full (or the quota spent)."""
 
@@ -164,5 +165,3 @@ def error_message(trial: Any) -> str:
     path = trial.error_file
     text = Path(path).read_text().strip() if path and Path(path).is_file() else ""
     return text.splitlines()[-1] if text else "the trial failed without an error message"
-
-

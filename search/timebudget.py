@@ -104,4 +104,3 @@ class TimeBudget:
 
 
 TIME_BUDGET = TimeBudget()
-

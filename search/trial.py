@@ -4,6 +4,7 @@ model.train and reports each epoch's dev metrics."""
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import time
@@ -16,6 +17,7 @@ from model.train import train
 from search.adapters import TRIAL_NUMBER_KEY, artifact_dir_for
 from search.reaper import die_with_parent
 from search.records import DiskFullError
+from search.spare import threads_for
 from search.spec import StudySpec
 from search.storage import TRIAL_STOPPED_FOR_TIME
 from search.timebudget import next_epoch_fits
@@ -33,6 +35,8 @@ class TrialJob:
     ended_trials: frozenset[int] = frozenset()
     # time.time() by which the run must end (search.timebudget); None: no time budget.
     deadline: float | None = None
+    # Where the driver shares out spare cores (search.spare); None: each trial keeps its own threads.
+    threads_file: str | None = None
 
 
 class OutOfTime(Exception):
@@ -63,6 +67,9 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
         # Given a GPU, train on it or fail saying why CUDA is unusable (resolve_device), never
         # quietly on the CPU: a CPU-only torch in the venv and a broken driver look alike otherwise.
         train_config.setdefault("device", "cuda")
+    threads = None
+    if job.threads_file is not None:
+        threads = functools.partial(threads_for, job.threads_file, number, train_config["threads"])
     reported: set[int] = set()
 
     def replay(record: dict) -> None:
@@ -94,7 +101,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
             raise OutOfTime(f"trial {number}: no time left for epoch {epoch + 1}")
 
     try:
-        train(train_config, output_dir, report=report, data_dir=job.data_dir)
+        train(train_config, output_dir, report=report, data_dir=job.data_dir, threads=threads)
     except OutOfTime:
         return  # its epochs are reported and checkpointed; the recorder marks it PRUNED (stopped early)
     except OSError as error:

@@ -20,12 +20,20 @@ from optuna.trial import TrialState
 
 from data.atomic import atomic_write_text
 from search import storage as names
-from search.adapters import RecordingOptunaSearch, ResumableASHA, ResumableSearchGenerator, ended_trials, fail_running_trials
+from search.adapters import (
+    SEARCH_FINISHED,
+    RecordingOptunaSearch,
+    ResumableASHA,
+    ResumableSearchGenerator,
+    ended_trials,
+    fail_running_trials,
+)
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
 from search.lease import DriverLease
 from search.options import SearchOptions, command_line
 from search.paths import EXPERIMENT_NAME, StudyPaths
 from search.records import STUDY_STOP, OptunaRecorder, StudyStop
+from search.spare import SpareCores
 from search.spec import OPTUNA_DIRECTION, RAY_MODE, Budget, StudySpec
 from search.storage import PROJECT_ROOT, StorageError, describe_error, open_storage, storage_failure
 from search.timebudget import TIME_BUDGET
@@ -86,11 +94,19 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
     trials = ot_study.get_trials(deepcopy=False)
     ended = frozenset(t.number for t in trials if t.state.is_finished())
+    share_cores = shares_spare_cores(study.budget, options)
     job = TrialJob(
-        study=study, artifacts_root=str(paths.trials), data_dir=str(data_dir), ended_trials=ended, deadline=TIME_BUDGET.deadline
+        study=study,
+        artifacts_root=str(paths.trials),
+        data_dir=str(data_dir),
+        ended_trials=ended,
+        deadline=TIME_BUDGET.deadline,
+        threads_file=str(paths.threads) if share_cores else None,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), trial_resources(study.budget))
     STUDY_STOP.reset()
+    SEARCH_FINISHED.clear()
+    paths.threads.unlink(missing_ok=True)  # an earlier run's shares do not hold for this one
     if options.resume and ray_experiment_saved(paths.experiment):
         print(f"Resuming {paths.experiment}")
         tuner = tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
@@ -107,6 +123,19 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     drawn = [t for t in trials if t.state != TrialState.WAITING]  # WAITING: start points not yet run
     tuner = new_tuner(study, options, paths, trainable, adopt=adopt, seed_offset=len(drawn))
     return tuner.fit(), STUDY_STOP
+
+
+def spare_cores(budget: Budget, paths: StudyPaths) -> SpareCores:
+    import ray
+
+    total = int(ray.cluster_resources().get("CPU", 0))
+    return SpareCores(paths.threads, total, int(budget.cpus_per_trial), budget.max_concurrent)
+
+
+def shares_spare_cores(budget: Budget, options: SearchOptions) -> bool:
+    """Whether idle cores go to running trials (search.spare): CPU trials on a local Ray only (on a
+    cluster the driver does not see the other nodes' free cores)."""
+    return not options.address and budget.gpus_per_trial == 0
 
 
 def trial_resources(budget: Budget) -> dict[str, float]:
@@ -251,9 +280,9 @@ def new_tuner(
         run_config=tune.RunConfig(
             name=EXPERIMENT_NAME,
             storage_path=str(paths.root),
-            callbacks=[OptunaRecorder(options.storage, study.name, study.metric, study.budget.max_epochs)],
+            callbacks=[OptunaRecorder(options.storage, study.name, study.metric, study.budget.max_epochs)]
+            + ([spare_cores(study.budget, paths)] if shares_spare_cores(study.budget, options) else []),
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
     )
-

@@ -58,9 +58,7 @@ eval_limit = 24
 max_length = 32
 batch_size = 8
 steps_per_epoch = 4
-""" + "".join(
-    "\n[[start_points]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in point.items()) for point in START_POINTS
-)
+""" + "".join("\n[[start_points]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in point.items()) for point in START_POINTS)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 from tiny_model import DATA_DIR, TINY_BERT, needs_data
 
 from search import storage as names
-from search.adapters import ORPHAN_ERROR
+from search.adapters import ORPHAN_ERROR, SEARCH_FINISHED
 from search.storage import PROJECT_ROOT, open_storage
 from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, main_exit, run_search
@@ -236,6 +236,7 @@ def scenario(tmp_path_factory):
         outcome = run_search(options)
     finally:
         del os.environ[MARK]
+    search_finished = SEARCH_FINISHED.is_set()
     leftovers_after = leftovers_after_wait("resume", os.getpgid(0))
     rerun = run_search(SearchOptions(study=str(study_file), storage=url, results_dir=results))
     # The fallback Ray temp dir is under /tmp, outside tmp_path: remove it (its processes are gone).
@@ -253,7 +254,16 @@ def scenario(tmp_path_factory):
         "first_log": first_log,
         "terminated": terminated,
         "second_driver": second_driver,
+        "search_finished": search_finished,
     }
+
+
+@needs_data
+def test_spare_cores_go_to_the_running_trial(scenario):
+    """Once the budget is spent the driver knows that no trial will start (search.spare shares out
+    the idle cores then); at the end no trial holds a share."""
+    assert scenario["search_finished"]
+    assert json.loads(scenario["paths"].threads.read_text()) == {}
 
 
 @needs_data

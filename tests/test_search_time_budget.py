@@ -128,7 +128,7 @@ def test_a_trial_reports_its_epoch_time_and_stops_when_the_next_epoch_cannot_fit
     study_file.write_text(STUDY_TOML)
     reports, trained = [], []
 
-    def fake_train(config, output_dir, report, data_dir=None):
+    def fake_train(config, output_dir, report, data_dir=None, threads=None):
         for epoch in (1, 2, 3):
             time.sleep(0.2)
             trained.append(epoch)
