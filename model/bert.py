@@ -103,6 +103,22 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     return lanes < round((1.0 - p) * 2**16) - 2**15
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that keeps autocast's lower precision. Under bf16 autocast torch runs layer_norm
+    in fp32 and returns fp32, so the residual stream (adds, dropout, GELU) stayed fp32 and every Linear
+    cast its input to bf16 again, q, k and v each their own copy; backward cast every such gradient
+    back. Here the norm's output is the autocast dtype (the kernel still accumulates in fp32), so the
+    stream between the norms is bf16 and the Linears take it as it is. Outside autocast: nn.LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+
+
 class BertEmbeddings(nn.Module):
     """word + position + token type embeddings, then LayerNorm and dropout."""
 
@@ -111,7 +127,7 @@ class BertEmbeddings(nn.Module):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -173,7 +189,7 @@ class BertSelfOutput(nn.Module):
     def __init__(self, config: BertConfig, in_size: int):
         super().__init__()
         self.dense = nn.Linear(in_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -273,6 +289,8 @@ class BertModel(nn.Module):
         # (B, 1, 1, T) broadcasts over heads and queries.
         bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         hidden = self.encoder(hidden, bias)
+        # Under autocast the stream is bf16 (LayerNorm); what the heads pool and compare is fp32 again.
+        hidden = hidden.to(self.embeddings.LayerNorm.weight.dtype)
         return {"last_hidden_state": hidden, "pooler_output": self.pooler(hidden)}
 
     @classmethod

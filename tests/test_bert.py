@@ -238,3 +238,25 @@ def test_config_ignores_unknown_fields_and_round_trips(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(TINY.to_dict() | {"architectures": ["BertModel"], "use_cache": True}))
     assert BertConfig.from_json(path) == TINY
+
+
+def test_under_bf16_autocast_the_residual_stream_is_bf16_and_the_output_fp32():
+    """LayerNorm returns autocast's dtype (the stream between the norms stays bf16, no Linear casts
+    its input again), close to the fp32 norm; the encoder's output is fp32 again for the heads."""
+    model = tiny_model()
+    norm = model.encoder.layer[0].output.LayerNorm
+    x = torch.randn(4, 9, TINY.hidden_size) * 3 + 1
+    seen = []
+    handle = norm.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    ids, mask, types = padded_batch()
+    with torch.no_grad():
+        reference = model(ids, mask, types)["last_hidden_state"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            normed = norm(x)
+            out = model(ids, mask, types)
+    handle.remove()
+    assert normed.dtype == torch.bfloat16 and seen[-1] == torch.bfloat16
+    torch.testing.assert_close(normed.float(), norm(x), atol=0.02, rtol=0.01)  # bf16 keeps 8 bits: 2^-8 relative
+    assert out["last_hidden_state"].dtype == torch.float32
+    torch.testing.assert_close(out["last_hidden_state"], reference, atol=0.05, rtol=0.02)
+    assert norm(x).dtype == torch.float32  # outside autocast: nn.LayerNorm
