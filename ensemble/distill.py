@@ -53,7 +53,7 @@ from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, halves
 from ensemble.members import EnsembleError
 from ensemble.output import BASELINE, history_training
 from ensemble.predict import Runner, TaskPlan, check_plans, find_predictor, load_plans
-from ensemble.report import Row, write_summary
+from ensemble.report import BASELINE_ROW, MEMBER_ROW, SELECTED_ROW, Row, write_summary
 from ensemble.taskpool import checked_metric, encoder_passes
 from model.config import TrainConfig
 from model.distill import augment_file, teacher_file
@@ -322,10 +322,10 @@ def teacher_row(predictor: Path, plan: TaskPlan, task: str) -> Row:
         entry = entry.get(task, {}) if isinstance(entry, dict) else {}  # an older manifest has no per-task entry
         name = f"teacher ({entry.get('method', 'ensemble')})"
         cost, dev = entry.get("inference_cost", 0), entry.get("dev", float("nan"))
-        return Row(task, name, "selected", plan.names, cost, dev, None, plan.weights)
+        return Row(task, name, SELECTED_ROW, plan.names, cost, dev, None, plan.weights)
     run = RunDir(predictor)
     best = run.read_metrics()["best"]
-    return Row(task, "teacher (one run)", "member", plan.names, encoder_passes(run.read_config(), task), best[task])
+    return Row(task, "teacher (one run)", MEMBER_ROW, plan.names, encoder_passes(run.read_config(), task), best[task])
 
 
 def run_row(
@@ -396,12 +396,12 @@ def write_report(
     rows, header_transfer = [], {}
     for task, transfer in transfers.items():
         built, settings = build_rows(predictor, task)
-        baseline = next((r for r in built if r.kind == "baseline"), None)
-        if not any(r.kind == "selected" for r in built):
+        baseline = next((r for r in built if r.kind == BASELINE_ROW), None)
+        if not any(r.kind == SELECTED_ROW for r in built):
             built.append(teacher_row(predictor, plans[task], task))
         teacher_ids = prediction_ids(predictor.parent / "predictions" / f"{task}-dev-out.csv")
         student = run_row(run, task, baseline, teacher_ids, settings)
-        teacher = next(r for r in built if r.kind != "baseline")
+        teacher = next(r for r in built if r.kind != BASELINE_ROW)
         student.note += kept_gain(teacher, student)
         others = [run_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared]
         rows += [*built, student, *others]

@@ -14,7 +14,16 @@ from data.atomic import atomic_write_text
 from data.files import TASKS
 from ensemble.estimate import Estimate
 from ensemble.members import Member
-from ensemble.report import Curve, Row, plot_score_vs_size, plot_sts_scatter, write_summary
+from ensemble.report import (
+    BASELINE_ROW,
+    MEMBER_ROW,
+    SELECTED_ROW,
+    Curve,
+    Row,
+    plot_score_vs_size,
+    plot_sts_scatter,
+    write_summary,
+)
 from ensemble.selection import Choice
 from ensemble.soup import write_soup_predictor
 from ensemble.taskpool import TaskPool, encoder_passes
@@ -88,13 +97,13 @@ def rows_of(result: TaskResult) -> list[Row]:
     pool, rows = result.pool, []
     if result.baseline is not None:
         estimate = result.estimates["baseline"].to_dict() | {"gain_mean": None, "gain_sd": None}
-        rows.append(member_row(pool, result.baseline, BASELINE, "baseline", estimate=estimate, note="not selected"))
+        rows.append(member_row(pool, result.baseline, BASELINE, BASELINE_ROW, estimate=estimate, note="not selected"))
     for name, choice in result.fixed.items():
         dev = pool.score(choice.values, who=f"{pool.task} {name}")
         members = result.members(choice)
         note = f"{len(members)} seeds averaged uniformly; not selected"
         rows.append(
-            Row(pool.task, name, "baseline", result.names(choice), choice.cost(pool), dev, result.estimates[name].to_dict(),
+            Row(pool.task, name, BASELINE_ROW, result.names(choice), choice.cost(pool), dev, result.estimates[name].to_dict(),
                 choice.weights, note, training=training(members))
         )  # fmt: skip
     everything = training(pool.members)  # a dev-selected predictor needed the whole pool trained
@@ -103,13 +112,13 @@ def rows_of(result: TaskResult) -> list[Row]:
         estimate = result.estimates[name].to_dict()
         note = choice_note(choice)
         rows.append(
-            Row(pool.task, name, "selected", result.names(choice), choice.cost(pool), dev, estimate, choice.weights,
+            Row(pool.task, name, SELECTED_ROW, result.names(choice), choice.cost(pool), dev, estimate, choice.weights,
                 note, {"details": choice.details}, training=everything)
         )  # fmt: skip
     rows += [Row(pool.task, name, "refused", [], 0, float("nan"), note=short_reason(why)) for name, why in result.refused.items()]
     for index in pool.ranking():
         note = "early-stopped" if pool.members[index].early_stopped else ""
-        rows.append(member_row(pool, index, pool.members[index].name, "member", note=note))
+        rows.append(member_row(pool, index, pool.members[index].name, MEMBER_ROW, note=note))
     return rows
 
 

@@ -20,9 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the project's packages
 
-from ensemble.report import format_number, format_spread  # noqa: E402
-
-BASELINE_KIND = "baseline"
+from ensemble.report import BASELINE_ROW, format_number, format_spread  # noqa: E402
 
 
 @dataclass
@@ -48,7 +46,7 @@ def parse_point(text: str, task: str) -> Point:
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{summary}: not a summary.json of ensemble.build ({err})") from err
     by_name = {row["name"]: row for row in rows if row["task"] == task}
-    if not any(row["kind"] == BASELINE_KIND for row in by_name.values()):
+    if not any(row["kind"] == BASELINE_ROW for row in by_name.values()):
         raise ValueError(f"{summary}: no baseline row for {task}")
     return Point(label, wall, summary, by_name)
 
@@ -63,7 +61,7 @@ def table(points: list[Point], methods: list[str]) -> str:
         "|---|---|---|---|" + "---|" * len(methods),
     ]
     for p in points:
-        base = next(row for row in p.rows.values() if row["kind"] == BASELINE_KIND)
+        base = next(row for row in p.rows.values() if row["kind"] == BASELINE_ROW)
         cells = [p.label, f"{p.minutes:.1f}"]
         pool = max((row.get("training") or {}).get("trial_epochs", 0) for row in p.rows.values())
         cells += [str(pool), format_spread(estimate(base)["mean"], estimate(base)["sd"])]
