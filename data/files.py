@@ -29,6 +29,7 @@ class Task:
     label_kind: str  # "class" (integers 0..num_classes-1), "binary" (0/1 floats), "score" (0..5 float)
     prediction_column: str  # the leaderboard CSV's header
     num_classes: int = 0
+    domain: str = ""  # where its texts come from: unlabelled text of the same domain suits it best
 
     @property
     def is_pair(self) -> bool:
@@ -45,10 +46,10 @@ class Task:
 
 
 TASKS = {
-    "sst": Task("ids-sst", ("sentence",), "sentiment", "class", "Predicted_Sentiment", 5),
-    "para": Task("quora", ("sentence1", "sentence2"), "is_duplicate", "binary", "Predicted_Is_Paraphrase"),
-    "sts": Task("sts", ("sentence1", "sentence2"), "similarity", "score", "Predicted_Similarity"),
-    "cfimdb": Task("ids-cfimdb", ("sentence",), "sentiment", "class", "Predicted_Sentiment", 2),
+    "sst": Task("ids-sst", ("sentence",), "sentiment", "class", "Predicted_Sentiment", 5, "movie reviews"),
+    "para": Task("quora", ("sentence1", "sentence2"), "is_duplicate", "binary", "Predicted_Is_Paraphrase", 0, "Quora questions"),
+    "sts": Task("sts", ("sentence1", "sentence2"), "similarity", "score", "Predicted_Similarity", 0, "captions, news, forums"),
+    "cfimdb": Task("ids-cfimdb", ("sentence",), "sentiment", "class", "Predicted_Sentiment", 2, "movie reviews"),
 }
 SPLITS = ("train", "dev", "test")
 

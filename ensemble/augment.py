@@ -7,8 +7,11 @@ unrelated: low scores, non-duplicates) and half nearest neighbours by the cosine
 mean-pooled embeddings (related pairs, which random sampling almost never draws). Pairs of the training
 file (in either order) and pairs of one sentence with itself are left out.
 
-Single sentences (SST): the other tasks' training sentences, deduplicated, none of them in any of the
-task's own files (train, dev, test), so no dev or test row is ever labelled by the teacher.
+Single sentences (SST): sentences of the other tasks' training files (their multi-sentence texts, the
+CFIMDB reviews, split at sentence ends), deduplicated, none of them in any of the task's own files
+(train, dev, test), so no dev or test row is ever labelled by the teacher. Sentences of the task's own
+domain come first (``Task.domain``: for SST the 14.5k sentences of the CFIMDB movie reviews, as long
+as SST's), then the rest: a sentiment teacher says little that is useful about a Quora question.
 
 Every choice is seeded, and the rows come out shuffled, so any prefix (``augment_limit``) mixes both kinds.
 """
@@ -16,6 +19,7 @@ Every choice is seeded, and the rows come out shuffled, so any prefix (``augment
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -27,6 +31,12 @@ from data.tokenize import EncodedSplit
 from model.config import TrainConfig
 
 Row = tuple[str, ...]  # the texts of one new row: one sentence, or a pair
+# The way new rows are drawn, in the teacher cache's key: bump it when that changes, so that a cache of
+# rows drawn the old way is stale. 2: sentences split out of reviews, the task's own domain first.
+AUGMENT_METHOD = 2
+# A sentence ends at ., ! or ? followed by a space (the CS224N files are tokenised: " . " between sentences).
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+MIN_SENTENCE_WORDS = 4
 Embed = Callable[[list[str]], np.ndarray]
 
 
@@ -89,14 +99,32 @@ def normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def sentences(text: str) -> list[str]:
+    """The sentences of a text of at least MIN_SENTENCE_WORDS words (a question or caption is one)."""
+    return [part.strip() for part in SENTENCE_END.split(text) if len(part.split()) >= MIN_SENTENCE_WORDS]
+
+
 def sentence_rows(task: str, count: int, seed: int, data_dir: str | None) -> list[Row]:
-    """``count`` sentences of the other tasks' training files that appear in none of ``task``'s files."""
+    """``count`` sentences of the other tasks' training files that appear in none of ``task``'s files:
+    those of ``task``'s domain first, each group in a seeded random order."""
     own = {normalised(t) for split in SPLITS for e in load_examples(task, split, data_dir) for t in e.texts}
-    others = [t for t in TASKS if t != task and TASKS[t].path("train", data_dir).is_file()]
-    pool = {normalised(text): text for other in others for e in load_examples(other, "train", data_dir) for text in e.texts}
-    candidates = [text for key, text in pool.items() if key not in own and key]
+    others = sorted(t for t in TASKS if t != task and TASKS[t].path("train", data_dir).is_file())
     rng = random.Random(seed)
-    return [(text,) for text in rng.sample(candidates, min(count, len(candidates)))]
+    rows: list[Row] = []
+    seen = set(own)
+    for same_domain in (True, False):
+        group: list[str] = []
+        for other in others:
+            if (TASKS[other].domain == TASKS[task].domain) != same_domain:
+                continue
+            for example in load_examples(other, "train", data_dir):
+                for sentence in (s for text in example.texts for s in sentences(text)):
+                    key = normalised(sentence)
+                    if key not in seen:
+                        seen.add(key)
+                        group.append(sentence)
+        rows += [(text,) for text in rng.sample(group, min(count - len(rows), len(group)))]
+    return rows
 
 
 def source_files(task: str, data_dir: str | None) -> list:

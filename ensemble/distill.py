@@ -48,7 +48,7 @@ import numpy as np
 
 from data.atomic import atomic_write_text
 from data.files import DATA_DIR_ENV, TASKS, DataError, Example, load_examples, resolve_data_dir
-from ensemble.augment import base_embedder, pair_rows, sentence_rows, source_files
+from ensemble.augment import AUGMENT_METHOD, base_embedder, pair_rows, sentence_rows, source_files
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, halves
 from ensemble.members import EnsembleError
 from ensemble.output import BASELINE, history_training
@@ -166,7 +166,7 @@ def read_cache(path: Path) -> dict | None:
 
 def augment_key(task: str, cfg: TrainConfig, gold: list[Example], settings: Settings) -> str:
     """What the new rows depend on: the settings, the base encoder and the files they are drawn from."""
-    used = {"task": task, "augment": settings.augment, "seed": settings.seed, "pool": settings.pool}
+    used = {"task": task, "augment": settings.augment, "seed": settings.seed, "pool": settings.pool, "method": AUGMENT_METHOD}
     used |= {"neighbours": settings.neighbours, "model_path": cfg.model_path, "model_config": cfg.model_config}
     used |= {"max_length": cfg.max_length, "gold": rows_digest(gold)}
     digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode())

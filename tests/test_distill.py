@@ -358,3 +358,45 @@ def test_new_pairs_are_never_training_or_held_out_pairs():
     held_out = {frozenset((f"s{i}", f"s{j}")) for i in range(7) for j in range(7) if (i + j) % 2}
     rows = pair_rows(examples, 10, seed=0, embed=lambda texts: np.eye(len(texts)), exclude=held_out)
     assert rows and all(frozenset(row) not in held_out | {frozenset(e.texts) for e in examples} for row in rows)
+
+
+def test_new_sentences_come_from_the_tasks_domain_first_and_never_from_its_files(tmp_path):
+    """SST's new rows are sentences split out of the CFIMDB reviews (movie reviews, like SST) before any
+    Quora question or STS sentence; none is a sentence of SST's own train, dev or test file."""
+    from ensemble.augment import sentence_rows
+
+    def write(name: str, columns: list[str], rows: list[list[str]]) -> None:
+        lines = ["\t".join(columns)] + ["\t".join(row) for row in rows]
+        (tmp_path / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    sst = ["id", "sentence", "sentiment"]
+    write("ids-sst-train.csv", sst, [["a1", "a fine film with a great cast .", "4"]])
+    write("ids-sst-dev.csv", sst, [["a2", "The plot is thin and the jokes are old .", "1"]])
+    write("ids-sst-test-student.csv", ["id", "sentence"], [["a3", "an hour too long for its own good ."]])
+    reviews = [
+        ["c1", "I loved every minute of this one . The plot is thin and the jokes are old . Go !", "1"],
+        ["c2", "What a waste of two hours ! The lead is wooden and the music is worse .", "0"],
+    ]
+    write("ids-cfimdb-train.csv", sst, reviews)
+    write(
+        "quora-train.csv",
+        ["id", "sentence1", "sentence2", "is_duplicate"],
+        [["q1", "How do I learn to cook rice ?", "What is the best rice cooker ?", "0"]],
+    )
+    write(
+        "sts-train.csv",
+        ["id", "sentence1", "sentence2", "similarity"],
+        [["s1", "A man is playing a guitar .", "A man plays the guitar on stage .", "4.2"]],
+    )
+
+    in_domain = {
+        "I loved every minute of this one .",
+        "What a waste of two hours !",
+        "The lead is wooden and the music is worse .",
+    }
+    first = sentence_rows("sst", 3, seed=0, data_dir=str(tmp_path))
+    assert {row[0] for row in first} == in_domain  # split at sentence ends; SST's dev sentence and "Go !" left out
+    every = sentence_rows("sst", 100, seed=0, data_dir=str(tmp_path))
+    assert {row[0] for row in every[:3]} == in_domain and len(every) == 3 + 4  # then the questions and STS sentences
+    assert sentence_rows("sst", 100, seed=0, data_dir=str(tmp_path)) == every  # seeded
+    assert not {row[0] for row in every} & {"The plot is thin and the jokes are old ."}
