@@ -115,8 +115,10 @@ class LayerNorm(nn.LayerNorm):
         if not torch.is_autocast_enabled(device):
             return super().forward(x)
         dtype = torch.get_autocast_dtype(device)
+        # The CPU kernel takes fp32 weights with a bf16 input (their gradients stay fp32); CUDA's wants one dtype.
+        weight, bias = (self.weight, self.bias) if device == "cpu" else (self.weight.to(dtype), self.bias.to(dtype))
         with torch.autocast(device, enabled=False):
-            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype), self.eps)
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
 
 
 class BertEmbeddings(nn.Module):

@@ -297,8 +297,10 @@ class ResumableSearchGenerator(SearchGenerator):
         super().set_state(state)
         self._finished = False
 
-    def next_trial(self) -> Any:
-        trial = super().next_trial()
-        if self.is_finished():  # the searcher said FINISHED, or Ray's count reached num_samples
+    def is_finished(self) -> bool:
+        # Asked by Ray's loop before each next_trial; a restored run whose count already reached
+        # num_samples never calls next_trial again, so this is where the end of the search is seen.
+        finished = super().is_finished()  # the searcher said FINISHED, or Ray's count reached num_samples
+        if finished:
             SEARCH_FINISHED.set()
-        return trial
+        return finished

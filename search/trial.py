@@ -17,7 +17,7 @@ from model.train import train
 from search.adapters import TRIAL_NUMBER_KEY, artifact_dir_for
 from search.reaper import die_with_parent
 from search.records import DiskFullError
-from search.spare import threads_for
+from search.spare import threads_for, trial_threads
 from search.spec import StudySpec
 from search.storage import TRIAL_STOPPED_FOR_TIME
 from search.timebudget import next_epoch_fits
@@ -61,8 +61,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
         return
     params = {k: v for k, v in config.items() if k != TRIAL_NUMBER_KEY}
     train_config = job.study.train_config(params, number)
-    # One torch thread per reserved CPU, so that concurrent trials do not fight over the cores.
-    train_config.setdefault("threads", max(1, int(job.study.budget.cpus_per_trial)))
+    train_config.setdefault("threads", trial_threads(job.study.budget))
     if job.study.budget.gpus_per_trial > 0:
         # Given a GPU, train on it or fail saying why CUDA is unusable (resolve_device), never
         # quietly on the CPU: a CPU-only torch in the venv and a broken driver look alike otherwise.

@@ -125,13 +125,6 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     return tuner.fit(), STUDY_STOP
 
 
-def spare_cores(budget: Budget, paths: StudyPaths) -> SpareCores:
-    import ray
-
-    total = int(ray.cluster_resources().get("CPU", 0))
-    return SpareCores(paths.threads, total, int(budget.cpus_per_trial), budget.max_concurrent)
-
-
 def shares_spare_cores(budget: Budget, options: SearchOptions) -> bool:
     """Whether idle cores go to running trials (search.spare): CPU trials on a local Ray only (on a
     cluster the driver does not see the other nodes' free cores)."""
@@ -281,7 +274,7 @@ def new_tuner(
             name=EXPERIMENT_NAME,
             storage_path=str(paths.root),
             callbacks=[OptunaRecorder(options.storage, study.name, study.metric, study.budget.max_epochs)]
-            + ([spare_cores(study.budget, paths)] if shares_spare_cores(study.budget, options) else []),
+            + ([SpareCores(paths.threads, study.budget)] if shares_spare_cores(study.budget, options) else []),
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=1,
         ),
