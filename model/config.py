@@ -74,6 +74,13 @@ class TrainConfig:
     )
     lr: float = field(**_help("AdamW learning rate", default=5e-5))
     weight_decay: float = field(**_help("AdamW decoupled weight decay", default=0.01))
+    layer_lr_decay: float = field(
+        **_help(
+            "layer-wise learning-rate decay: heads at lr, the top encoder layer at lr x this, each layer below x this "
+            "again, the embeddings lowest (1: one rate everywhere)",
+            default=1.0,
+        )
+    )
     dropout: float = field(
         **_help("dropout of the encoder's hidden layers and of the heads (attention dropout stays the model's)", default=0.1)
     )
@@ -205,6 +212,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, not {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+        if not 0.0 < self.layer_lr_decay <= 1.0:
+            raise ValueError(f"layer_lr_decay must be in (0, 1], not {self.layer_lr_decay!r}")
         if not 0.0 < self.gradvac_beta <= 1.0:
             raise ValueError(f"gradvac_beta must be in (0, 1], not {self.gradvac_beta!r}")
         if not 0.0 <= self.distill_alpha <= 1.0:

@@ -22,6 +22,7 @@ weight matrices and embeddings, none on biases and LayerNorm weights.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -41,18 +42,44 @@ def decays(name: str) -> bool:
     return not (name.endswith("bias") or "norm" in name.lower())
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """The trainable parameters of ``model`` in two optimizer groups, as in the usual BERT recipe
+LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
+
+
+def layer_depths(names: list[str]) -> dict[str, int]:
+    """How many layers below the top each parameter sits: 0 for the heads and the pooler, L - i for
+    encoder layer i of L, L + 1 for the embeddings."""
+    layers = [int(m.group(1)) for name in names if (m := LAYER.search(name))]
+    count = max(layers, default=-1) + 1
+    depths = {}
+    for name in names:
+        layer = LAYER.search(name)
+        depths[name] = count - int(layer.group(1)) if layer else count + 1 if EMBEDDINGS.search(name) else 0
+    return depths
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:
+    """The trainable parameters of ``model`` in optimizer groups, as in the usual BERT recipe
     (Devlin et al.'s ``exclude_from_weight_decay``): ``weight_decay`` on the others, 0 on biases and
-    LayerNorm weights, which set a scale and an offset and should not be pulled towards 0. Each
-    group keeps ``named_parameters`` order; an empty group is left out. Pass the result as the
-    optimizer's ``params``; a group's own ``weight_decay`` overrides the optimizer's."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if decays(name) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]
+    LayerNorm weights, which set a scale and an offset and should not be pulled towards 0.
+
+    ``layer_lr_decay`` < 1 (layer-wise learning-rate decay; Howard & Ruder 2018, Sun et al. 2019)
+    gives each group an ``lr_scale`` of decay^depth (``layer_depths``): the heads and the pooler learn
+    at the full rate, the top encoder layer at decay times it, each layer below at decay times the one
+    above, the embeddings at the lowest; lower layers hold the more general features and move less.
+    At 1 there are the usual two groups. Each group keeps ``named_parameters`` order; an empty group is
+    left out. Pass the result as the optimizer's ``params``; a group's own ``weight_decay`` overrides
+    the optimizer's, and ``model.schedules.set_learning_rate`` multiplies its rate by ``lr_scale``."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    depths = layer_depths([name for name, _ in named]) if layer_lr_decay != 1.0 else {}
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, p in named:
+        decayed, depth = decays(name), depths.get(name, 0)
+        group = groups.setdefault(
+            (decayed, depth), {"params": [], "weight_decay": weight_decay if decayed else 0.0, "lr_scale": layer_lr_decay**depth}
+        )
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups, key=lambda key: (key[1], not key[0]))]
 
 
 @dataclass

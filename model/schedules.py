@@ -54,5 +54,6 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: TrainConfig, step: int, total_steps: int) -> None:
+    rate = learning_rate(cfg, step, total_steps)
     for group in optimizer.param_groups:
-        group["lr"] = learning_rate(cfg, step, total_steps)
+        group["lr"] = rate * group.get("lr_scale", 1.0)  # layer-wise decay (model.optimizer.param_groups)

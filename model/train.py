@@ -113,7 +113,8 @@ class Trainer:
     def _optimizer(self) -> torch.optim.Optimizer:
         from model.optimizer import AdamW, param_groups
 
-        return AdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        groups = param_groups(self.model, self.cfg.weight_decay, self.cfg.layer_lr_decay)
+        return AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     # --- checkpoints
 

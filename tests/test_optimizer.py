@@ -249,6 +249,37 @@ def test_param_groups_exclude_biases_and_layer_norm_weights_of_the_embedded_mode
     assert decay == [n for n in trainable if n in set(decay)] and no_decay == [n for n in trainable if n in set(no_decay)]
 
 
+def test_layer_wise_decay_scales_each_layers_rate_below_the_heads():
+    """Heads at the full rate, the top of L layers at decay, layer i at decay^(L - i), the
+    embeddings at decay^(L + 1); weight decay still only on the weight matrices; the schedule's rate
+    is multiplied by each group's scale."""
+    from model.bert import BertConfig, BertModel
+    from model.config import TrainConfig
+    from model.multitask import MultitaskBert
+    from model.schedules import learning_rate, set_learning_rate
+
+    bert_config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    model = MultitaskBert(BertModel(bert_config), ["sst", "sts"])
+    groups = param_groups(model, 0.01, layer_lr_decay=0.5)
+    names = {id(p): n for n, p in model.named_parameters()}
+    scale_of = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    decay_of = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
+    assert sorted(scale_of) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert scale_of["bert.encoder.layer.2.output.dense.weight"] == 0.5
+    assert scale_of["bert.encoder.layer.0.attention.self.query.weight"] == 0.5**3
+    assert scale_of["bert.embeddings.word_embeddings.weight"] == 0.5**4
+    assert all(scale == 1.0 for name, scale in scale_of.items() if name.startswith("heads."))
+    assert decay_of["bert.encoder.layer.0.attention.self.query.bias"] == 0.0
+    assert decay_of["bert.embeddings.word_embeddings.weight"] == 0.01
+    assert [g["lr_scale"] for g in param_groups(model, 0.01)] == [1.0, 1.0]  # no decay: the usual two groups
+
+    cfg = TrainConfig(tasks=["sst"], lr=1e-3, layer_lr_decay=0.5)
+    optimizer = AdamW(groups, lr=cfg.lr)
+    set_learning_rate(optimizer, cfg, step=50, total_steps=100)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(learning_rate(cfg, 50, 100) * group["lr_scale"])
+
+
 def test_decay_by_parameter_name():
     assert decays("heads.sst.net.1.weight") and decays("encoder.layer.0.attention.self.key.weight")
     assert not decays("heads.sts.linear.bias")
