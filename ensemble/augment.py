@@ -32,11 +32,13 @@ from model.config import TrainConfig
 
 Row = tuple[str, ...]  # the texts of one new row: one sentence, or a pair
 # The way new rows are drawn, in the teacher cache's key: bump it when that changes, so that a cache of
-# rows drawn the old way is stale. 2: sentences split out of reviews, the task's own domain first.
-AUGMENT_METHOD = 2
+# rows drawn the old way is stale. 2: sentences split out of reviews, the task's own domain first;
+# 3: <br /> ends a sentence.
+AUGMENT_METHOD = 3
 # A sentence ends at ., ! or ? followed by a space (the CS224N files are tokenised: " . " between sentences).
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 MIN_SENTENCE_WORDS = 4
+LINE_BREAK = re.compile(r"\s*<br\s*/?>\s*", re.IGNORECASE)
 Embed = Callable[[list[str]], np.ndarray]
 
 
@@ -100,8 +102,11 @@ def normalised(text: str) -> str:
 
 
 def sentences(text: str) -> list[str]:
-    """The sentences of a text of at least MIN_SENTENCE_WORDS words (a question or caption is one)."""
-    return [part.strip() for part in SENTENCE_END.split(text) if len(part.split()) >= MIN_SENTENCE_WORDS]
+    """The sentences of a text of at least MIN_SENTENCE_WORDS words (a question or caption is one);
+    the IMDb reviews' HTML line breaks (``<br />``) end a sentence too."""
+    text = LINE_BREAK.sub(" . ", text)
+    parts = (part.strip(" .") for part in SENTENCE_END.split(text))
+    return [part + " ." if part and part[-1] not in ".!?" else part for part in parts if len(part.split()) >= MIN_SENTENCE_WORDS]
 
 
 def sentence_rows(task: str, count: int, seed: int, data_dir: str | None) -> list[Row]:

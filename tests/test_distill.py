@@ -361,8 +361,9 @@ def test_new_pairs_are_never_training_or_held_out_pairs():
 
 
 def test_new_sentences_come_from_the_tasks_domain_first_and_never_from_its_files(tmp_path):
-    """SST's new rows are sentences split out of the CFIMDB reviews (movie reviews, like SST) before any
-    Quora question or STS sentence; none is a sentence of SST's own train, dev or test file."""
+    """SST's new rows are sentences split out of the CFIMDB reviews (at sentence ends and at their HTML
+    line breaks; movie reviews, like SST) before any Quora question or STS sentence; none is a sentence
+    of SST's own train, dev or test file."""
     from ensemble.augment import sentence_rows
 
     def write(name: str, columns: list[str], rows: list[list[str]]) -> None:
@@ -375,7 +376,7 @@ def test_new_sentences_come_from_the_tasks_domain_first_and_never_from_its_files
     write("ids-sst-test-student.csv", ["id", "sentence"], [["a3", "an hour too long for its own good ."]])
     reviews = [
         ["c1", "I loved every minute of this one . The plot is thin and the jokes are old . Go !", "1"],
-        ["c2", "What a waste of two hours ! The lead is wooden and the music is worse .", "0"],
+        ["c2", "What a waste of two hours !<br /><br />The lead is wooden and the music is worse", "0"],
     ]
     write("ids-cfimdb-train.csv", sst, reviews)
     write(
