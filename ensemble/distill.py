@@ -53,7 +53,7 @@ from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, halves
 from ensemble.members import EnsembleError
 from ensemble.output import BASELINE, history_training
 from ensemble.predict import Runner, TaskPlan, check_plans, find_predictor, load_plans
-from ensemble.report import BASELINE_ROW, MEMBER_ROW, SELECTED_ROW, Row, write_summary
+from ensemble.report import BASELINE_ROW, MEMBER_ROW, SELECTED_ROW, STUDENT_ROW, Row, write_summary
 from ensemble.taskpool import checked_metric, encoder_passes
 from model.config import TrainConfig
 from model.distill import augment_file, teacher_file
@@ -351,7 +351,7 @@ def run_row(
         note += "; no paired gain: the student's dev rows are not the build's"
     training = history_training(history)
     passes = encoder_passes(run.read_config(), task)
-    return Row(task, name, "student", [run.path.name], passes, metrics["best"][task], estimate, None, note, training=training)
+    return Row(task, name, STUDENT_ROW, [run.path.name], passes, metrics["best"][task], estimate, None, note, training=training)
 
 
 def kept_gain(teacher: Row, student: Row) -> str:
@@ -359,6 +359,9 @@ def kept_gain(teacher: Row, student: Row) -> str:
     gains = [(row.estimate or {}).get("gain_mean") for row in (teacher, student)]
     if None in gains or gains[0] <= 0:
         return ""
+    spread = (teacher.estimate or {}).get("gain_sd") or 0.0
+    if gains[0] <= spread:  # a share of a gain within noise (e.g. -3060% of +0.0005 ± 0.0129) says nothing
+        return "; the teacher's own gain is within its spread: no share of it to keep"
     return f"; keeps {gains[1] / gains[0]:.0%} of the teacher's gain"
 
 

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from data.atomic import atomic_write, atomic_write_text  # noqa: E402
 
 # What a row of a task's table is (Row.kind).
-BASELINE_ROW, MEMBER_ROW, SELECTED_ROW = "baseline", "member", "selected"
+BASELINE_ROW, MEMBER_ROW, SELECTED_ROW, STUDENT_ROW = "baseline", "member", "selected", "student"
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Row:
 
     task: str
     name: str
-    kind: str  # BASELINE_ROW, MEMBER_ROW or SELECTED_ROW
+    kind: str  # BASELINE_ROW, MEMBER_ROW, SELECTED_ROW or STUDENT_ROW (ensemble.distill)
     members: list[str]  # member names ("<study>/trial <n>")
     cost: int  # encoder passes per example
     dev: float  # in-sample dev score (the task's metric on all of dev)

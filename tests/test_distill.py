@@ -401,3 +401,15 @@ def test_new_sentences_come_from_the_tasks_domain_first_and_never_from_its_files
     assert {row[0] for row in every[:3]} == in_domain and len(every) == 3 + 4  # then the questions and STS sentences
     assert sentence_rows("sst", 100, seed=0, data_dir=str(tmp_path)) == every  # seeded
     assert not {row[0] for row in every} & {"The plot is thin and the jokes are old ."}
+
+
+def test_no_share_of_a_teacher_gain_within_noise_is_claimed():
+    from ensemble.distill import kept_gain
+    from ensemble.report import Row
+
+    def row(kind: str, gain: float, sd: float) -> Row:
+        return Row("sst", kind, kind, [], 1, 0.5, {"gain_mean": gain, "gain_sd": sd})
+
+    assert kept_gain(row("selected", 0.0096, 0.0050), row("student", 0.0030, 0.0104)) == "; keeps 31% of the teacher's gain"
+    assert "within its spread" in kept_gain(row("selected", 0.0005, 0.0129), row("student", -0.0139, 0.0135))
+    assert kept_gain(row("selected", -0.002, 0.001), row("student", 0.001, 0.001)) == ""
