@@ -49,13 +49,10 @@ EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
 def layer_depths(names: list[str]) -> dict[str, int]:
     """How many layers below the top each parameter sits: 0 for the heads and the pooler, L - i for
     encoder layer i of L, L + 1 for the embeddings."""
-    layers = [int(m.group(1)) for name in names if (m := LAYER.search(name))]
-    count = max(layers, default=-1) + 1
-    depths = {}
-    for name in names:
-        layer = LAYER.search(name)
-        depths[name] = count - int(layer.group(1)) if layer else count + 1 if EMBEDDINGS.search(name) else 0
-    return depths
+    layer_of = {name: int(m.group(1)) for name in names if (m := LAYER.search(name))}
+    count = max(layer_of.values(), default=-1) + 1
+    top_down = {name: count - layer for name, layer in layer_of.items()}
+    return {name: top_down.get(name, count + 1 if EMBEDDINGS.search(name) else 0) for name in names}
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, layer_lr_decay: float = 1.0) -> list[dict]:

@@ -94,19 +94,17 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     ot_study = optuna.load_study(study_name=study.name, storage=open_storage(options.storage))
     trials = ot_study.get_trials(deepcopy=False)
     ended = frozenset(t.number for t in trials if t.state.is_finished())
-    share_cores = shares_spare_cores(study.budget, options)
     job = TrialJob(
         study=study,
         artifacts_root=str(paths.trials),
         data_dir=str(data_dir),
         ended_trials=ended,
         deadline=TIME_BUDGET.deadline,
-        threads_file=str(paths.threads) if share_cores else None,
+        threads_file=str(paths.threads) if shares_spare_cores(study.budget, options) else None,
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), trial_resources(study.budget))
     STUDY_STOP.reset()
     SEARCH_FINISHED.clear()
-    paths.threads.unlink(missing_ok=True)  # an earlier run's shares do not hold for this one
     if options.resume and ray_experiment_saved(paths.experiment):
         print(f"Resuming {paths.experiment}")
         tuner = tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
