@@ -55,7 +55,7 @@ from ensemble.output import BASELINE, history_training
 from ensemble.predict import Runner, TaskPlan, check_plans, find_predictor, load_plans
 from ensemble.report import BASELINE_ROW, MEMBER_ROW, SELECTED_ROW, STUDENT_ROW, Row, write_summary
 from ensemble.taskpool import checked_metric, encoder_passes
-from model.config import TrainConfig
+from model.config import TrainConfig, value_for_task
 from model.distill import augment_file, teacher_file
 from model.rundir import RunDir, RunFileError, write_npz_outputs
 
@@ -408,9 +408,11 @@ def write_report(
         student.note += kept_gain(teacher, student)
         others = [run_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared]
         rows += [*built, student, *others]
+        limit = value_for_task(run.read_config()["train"]["augment_limit"], task)
         header_transfer[task] = {
             "gold_rows": len(transfer.gold),
             "augmented_rows": len(transfer.augmented),
+            "student_augmented_rows": len(transfer.augmented) if limit is None else min(limit, len(transfer.augmented)),
             "augment_seconds": round(transfer.seconds["augment"], 1),
             "label_seconds": round(transfer.seconds["label"], 1),
             "cached": transfer.cached,
@@ -420,7 +422,8 @@ def write_report(
     header["compared"] = [str(other.path) for other in compared]
     header["seconds"] = {"this_run_wall": round(seconds, 1)}
     lines = [
-        f"- {task}: {t['gold_rows']} gold + {t['augmented_rows']} new rows; augmentation {t['augment_seconds']:.0f} s, "
+        f"- {task}: {t['gold_rows']} gold + {t['augmented_rows']} new rows (the student uses {t['student_augmented_rows']}); "
+        f"augmentation {t['augment_seconds']:.0f} s, "
         f"teacher labelling {t['label_seconds']:.0f} s" + (f" (cached: {', '.join(t['cached'])})" if t["cached"] else "")
         for task, t in header_transfer.items()
     ]

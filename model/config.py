@@ -2,8 +2,8 @@
 
 Torch-free, so that study files (search/study.py) can be checked without loading the trainer. Every
 field is a command-line flag of ``python -m model.train`` and a key of a study file's [fixed] or
-[search] tables. ``batch_size``, ``pair_encoding`` and ``pooling`` take one value for every task or a
-{task: value} table.
+[search] tables. ``batch_size``, ``pair_encoding``, ``pooling`` and ``augment_limit`` take one value for
+every task or a {task: value} table.
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ CHOICE_FIELDS = {
 DEFAULT_PAIR_ENCODING = {"para": "cross", "sts": "bi"}
 # Fields that take one value for every task or a {task: value} table; a table covers every trained
 # task the field applies to (pair_encoding: the pair tasks only).
-PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling")
+PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling", "augment_limit")
+# The per-task fields whose values are ints (the others are names).
+INT_PER_TASK_FIELDS = ("batch_size", "augment_limit")
 # Fields that change how a run executes but not what it computes; a resumed run may change them.
 RUNTIME_FIELDS = ("threads", "device", "predict_test", "cache_dir", "data_dir")
 
@@ -168,7 +170,9 @@ class TrainConfig:
     distill_temperature: float = field(
         **_help("sentiment: temperature of the KL between softened teacher and student distributions (times T^2)", default=1.0)
     )
-    augment_limit: int | None = field(**_help("use at most this many augmented rows per task (default: all)", default=None))
+    augment_limit: int | dict[str, int] | None = field(
+        **_help("use at most this many augmented rows: one int, or per task as task=int pairs (default: all)", default=None)
+    )
     distill_digest: str | None = field(
         **_help("digest of distill_dir's files, filled in by the trainer (a resumed run refuses a changed teacher)", default=None)
     )
@@ -220,8 +224,9 @@ class TrainConfig:
             raise ValueError(f"distill_alpha must be in [0, 1], not {self.distill_alpha!r}")
         if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
             raise ValueError(f"distill_temperature must be a finite number > 0, not {self.distill_temperature!r}")
-        if self.augment_limit is not None and (not isinstance(self.augment_limit, int) or self.augment_limit < 0):
-            raise ValueError(f"augment_limit must be an int >= 0 or None, not {self.augment_limit!r}")
+        limits = [v for v in self.values_of("augment_limit") if v is not None]
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in limits):
+            raise ValueError(f"augment_limit must be an int >= 0, task=int pairs or None, not {self.augment_limit!r}")
         if self.distill_dir is not None:
             self.distill_dir = str(self.distill_dir)
         if self.model_config is not None:
@@ -251,7 +256,7 @@ class TrainConfig:
         return list(value.values()) if isinstance(value, dict) else [value]
 
     def task_value(self, name: str, task: str):
-        """The value of a per-task field (batch_size, pair_encoding, pooling) for one task."""
+        """The value of a per-task field (batch_size, pair_encoding, pooling, augment_limit) for one task."""
         value = getattr(self, name)
         if isinstance(value, dict) and task not in value:
             raise KeyError(f"{name} gives no value for task {task!r} (it has {sorted(value)})")

@@ -101,8 +101,9 @@ def transfer_split(cfg: TrainConfig, task: str, gold: EncodedSplit) -> tuple[Enc
     """The task's transfer split (gold rows, then at most ``augment_limit`` augmented rows) and its soft targets."""
     split = gold
     extra_file = augment_file(cfg.distill_dir, task)
-    if extra_file.is_file() and cfg.augment_limit != 0:
-        extra = load_file(cfg, task, extra_file, labelled=False, limit=cfg.augment_limit)
+    limit = cfg.task_value("augment_limit", task)
+    if extra_file.is_file() and limit != 0:
+        extra = load_file(cfg, task, extra_file, labelled=False, limit=limit)
         clash = set(extra.ids) & set(gold.ids)
         if clash:
             raise ValueError(f"{extra_file}: {len(clash)} id(s) are also training ids (e.g. {sorted(clash)[:3]})")

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from data.batching import Batch, BatchStream, make_batch
 from data.files import TASKS, resolve_data_dir
 from model.build import build_model
-from model.config import CHOICE_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainConfig, as_config
+from model.config import CHOICE_FIELDS, INT_PER_TASK_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainConfig, as_config
 from model.distill import distill_loss, transfer_splits, with_distill_digest
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "tasks":
             parser.add_argument(flag, nargs="+", choices=list(TASKS), default=default, help=helptext)
         elif f.name in PER_TASK_FIELDS:
-            metavar = "N|TASK=N" if f.name == "batch_size" else "VALUE|TASK=VALUE"
+            metavar = "N|TASK=N" if f.name in INT_PER_TASK_FIELDS else "VALUE|TASK=VALUE"
             given = [f"{t}={v}" for t, v in default.items()] if isinstance(default, dict) else [str(default)]
+            given = None if default is None else given
             parser.add_argument(flag, nargs="+", default=given, metavar=metavar, help=helptext)
         elif f.name == "model_config":
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
@@ -414,19 +415,25 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, choices=CHOICE_FIELDS[f.name], default=default, help=helptext)
         else:
             kind = float if isinstance(default, float) else int if isinstance(default, int) else str
-            if f.name in ("steps_per_epoch", "train_limit", "eval_limit", "threads", "augment_limit"):
+            if f.name in ("steps_per_epoch", "train_limit", "eval_limit", "threads"):
                 kind = int
             parser.add_argument(flag, type=kind, default=default, help=helptext)
     return parser
 
 
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig that parsed command-line flags describe (ValueError or ArgumentTypeError if none)."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    for name in PER_TASK_FIELDS:
+        if values[name] is not None:
+            values[name] = parse_per_task(name, values[name], int if name in INT_PER_TASK_FIELDS else str)
+    return TrainConfig.from_dict(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     try:
-        for name in PER_TASK_FIELDS:
-            values[name] = parse_per_task(name, values[name], int if name == "batch_size" else str)
-        cfg = TrainConfig.from_dict(values)
+        cfg = config_from_args(args)
     except (ValueError, argparse.ArgumentTypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

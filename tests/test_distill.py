@@ -26,7 +26,7 @@ from model.evaluation import evaluate_model, predict_values
 from model.multitask import task_loss
 from model.rundir import RunDir, RunFileError, write_npz_outputs
 from model.splits import load_split
-from model.train import train
+from model.train import build_parser, config_from_args, train
 
 ALL = ["sst", "para", "sts"]
 STS_SCALE = [0.5, 0.8]  # the teacher's map of its member's STS outputs to the 0-5 scale
@@ -82,8 +82,31 @@ def test_distill_settings_are_checked():
     for bad, match in (({"distill_alpha": 1.5}, "distill_alpha"), ({"distill_temperature": 0.0}, "distill_temperature")):
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
-    with pytest.raises(ValueError, match="augment_limit"):
-        TrainConfig(augment_limit=-1)
+    for bad in (-1, {"sst": 0}, {"sst": 0, "para": 1, "sts": -2}):  # a table covers every task
+        with pytest.raises(ValueError, match="augment_limit"):
+            TrainConfig(augment_limit=bad)
+
+
+@needs_data
+def test_augment_limit_per_task_caps_each_tasks_new_rows(tmp_path):
+    """SST's new sentences can be left out while the pair tasks keep theirs (augment_limit sst=0)."""
+    from model.distill import transfer_split
+
+    write_teacher(tmp_path, 24, opposite)
+    cfg = TrainConfig(**tiny_config(distill_dir=str(tmp_path), augment_limit={"sst": 0, "para": 3, "sts": 5}))
+    for task in ALL:  # new rows: the first 6 dev rows stand in for them, labelled by the made-up teacher too
+        new = load_examples(task, "dev", DATA_DIR)[:6]
+        lines = ["\t".join(["id", *TASKS[task].text_columns])] + ["\t".join([e.id, *e.texts]) for e in new]
+        augment_file(tmp_path, task).write_text("\n".join(lines) + "\n")
+        teacher = np.load(teacher_file(tmp_path, task))
+        extra = opposite(task, np.array([e.label for e in new], dtype=np.float64))
+        ids = np.concatenate([teacher["ids"], [e.id for e in new]])
+        write_npz_outputs(teacher_file(tmp_path, task), {"ids": ids, "values": np.concatenate([teacher["values"], extra])})
+    sizes = {task: len(transfer_split(cfg, task, load_split(cfg, task, "train", 24))[0].ids) for task in ALL}
+    assert sizes == {"sst": 24, "para": 27, "sts": 29}
+    args = build_parser().parse_args(["--output-dir", "x", "--augment-limit", "sst=0", "para=3", "sts=5"])
+    assert config_from_args(args).augment_limit == {"sst": 0, "para": 3, "sts": 5}
+    assert config_from_args(build_parser().parse_args(["--output-dir", "x"])).augment_limit is None
 
 
 # ------------------------------------------------------------------------- a student and its teacher
@@ -314,7 +337,8 @@ def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path,
         gains = np.array(student["estimate"]["scores"]) - 0.2
         assert student["estimate"]["gain_mean"] == pytest.approx(gains.mean())
         assert f"keeps {gains.mean() / 0.1:.0%} of the teacher's gain" in student["note"]
-    assert summary["transfer"]["sts"] == summary["transfer"]["sts"] | {"gold_rows": 24, "augmented_rows": 6}
+    transfer = {"gold_rows": 24, "augmented_rows": 6, "student_augmented_rows": 6}
+    assert summary["transfer"]["sts"] == summary["transfer"]["sts"] | transfer
     for task in ALL:  # the student's leaderboard CSVs, written by the trainer
         assert (out / "student" / "predictions" / f"{task}-test-out.csv").is_file()
     capsys.readouterr()

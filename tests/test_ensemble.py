@@ -50,6 +50,16 @@ def build_args(tmp_path: Path, url: str, study: str, *extra: str):
     return ensemble_build.build_parser().parse_args(argv)
 
 
+def test_the_greedy_soup_is_built_on_request_only():
+    def chosen(*extra: str) -> tuple[str, ...]:
+        return ensemble_build.chosen_methods(build_args(Path("."), "sqlite://", "s", *extra))
+
+    assert chosen() == ("caruana", "top-k", "uniform-soup")
+    assert chosen("--method", "all") == ("caruana", "top-k", "uniform-soup", "greedy-soup")
+    assert chosen("--method", "greedy-soup", "logits") == ("top-k", "greedy-soup")
+    assert chosen("--method", "default", "--fit-weights") == ("caruana", "top-k", "fitted", "uniform-soup")
+
+
 def tiny_study(url: str, name: str, dirs: list[Path]) -> optuna.Study:
     study = new_study(url, name, TASKS)
     for index, run in enumerate(dirs):
