@@ -288,13 +288,18 @@ def test_the_trainer_decays_weights_but_not_biases_or_layer_norms(tmp_path):
     assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)] for p in decayed["params"])
 
 
-def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path):
-    cfg = TrainConfig.from_dict(tiny_config(tasks=["sts"], freeze_word_embeddings=True, predict_test=False))
+@pytest.mark.parametrize("tasks, surgery", [(["sts"], "none"), (["sst", "sts"], "pcgrad"), (["sst", "sts"], "gradvac")])
+def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path, tasks, surgery):
+    """Alone and under gradient surgery (which then combines the other shared parameters' gradients)."""
+    cfg = TrainConfig.from_dict(tiny_config(tasks=tasks, surgery=surgery, freeze_word_embeddings=True, predict_test=False))
     trainer = Trainer(cfg, tmp_path, None, fresh=True)
     words = trainer.model.bert.embeddings.word_embeddings.weight
     before = words.detach().clone()
-    trainer._train_step(["sts"])
+    layer = trainer.model.bert.encoder.layer[0].attention.self.query.weight
+    layer_before = layer.detach().clone()
+    trainer._train_step(tasks)
     assert words.grad is None and torch.equal(words, before)
+    assert not torch.equal(layer, layer_before)  # the rest of the encoder still learns
     assert all(words is not p for group in trainer.optimizer.param_groups for p in group["params"])
     assert build_parser().parse_args(["--output-dir", "x", "--freeze-word-embeddings"]).freeze_word_embeddings
 
