@@ -362,6 +362,8 @@ def kept_gain(teacher: Row, student: Row) -> str:
     spread = (teacher.estimate or {}).get("gain_sd") or 0.0
     if gains[0] <= spread:  # a share of a gain within noise (e.g. -3060% of +0.0005 ± 0.0129) says nothing
         return "; the teacher's own gain is within its spread: no share of it to keep"
+    if gains[1] <= 0:  # below the usual recipe: "keeps -48%" would read as a share
+        return "; keeps none of the teacher's gain (below the usual recipe)"
     return f"; keeps {gains[1] / gains[0]:.0%} of the teacher's gain"
 
 

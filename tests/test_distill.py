@@ -437,3 +437,4 @@ def test_no_share_of_a_teacher_gain_within_noise_is_claimed():
     assert kept_gain(row("selected", 0.0096, 0.0050), row("student", 0.0030, 0.0104)) == "; keeps 31% of the teacher's gain"
     assert "within its spread" in kept_gain(row("selected", 0.0005, 0.0129), row("student", -0.0139, 0.0135))
     assert kept_gain(row("selected", -0.002, 0.001), row("student", 0.001, 0.001)) == ""
+    assert "keeps none" in kept_gain(row("selected", 0.0070, 0.0038), row("student", -0.0034, 0.0062))
