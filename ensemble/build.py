@@ -75,10 +75,10 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 
 def chosen_methods(args: argparse.Namespace) -> tuple[str, ...]:
-    asked = [m.replace("logits", "top-k") for m in args.method]
-    methods = list(ALL_METHODS) if "all" in asked else list(DEFAULT_METHODS) if "default" in asked else asked
+    groups = {"all": ALL_METHODS, "default": DEFAULT_METHODS, "logits": ("top-k",)}
+    methods = {name for asked in args.method for name in groups.get(asked, (asked,))}
     if args.fit_weights:
-        methods.append("fitted")
+        methods.add("fitted")
     return tuple(m for m in METHODS if m in methods)
 
 

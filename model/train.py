@@ -377,14 +377,21 @@ def train(
 def parse_per_task(name: str, values: list[str], kind: type = str) -> object:
     """``--NAME VALUE`` (every task) or ``--NAME task=VALUE ...`` (per task) as a value or a table."""
     if len(values) == 1 and "=" not in values[0]:
-        return kind(values[0])
+        return _typed_flag(name, values[0], kind)
     table = {}
     for value in values:
         task, sep, item = value.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: give one value or task=value pairs, not {values}")
-        table[task] = kind(item)
+        table[task] = _typed_flag(name, item, kind)
     return table
+
+
+def _typed_flag(name: str, value: str, kind: type) -> object:
+    try:
+        return kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {value!r} is not an integer") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -107,6 +108,8 @@ def test_augment_limit_per_task_caps_each_tasks_new_rows(tmp_path):
     args = build_parser().parse_args(["--output-dir", "x", "--augment-limit", "sst=0", "para=3", "sts=5"])
     assert config_from_args(args).augment_limit == {"sst": 0, "para": 3, "sts": 5}
     assert config_from_args(build_parser().parse_args(["--output-dir", "x"])).augment_limit is None
+    with pytest.raises(argparse.ArgumentTypeError, match=r"--augment-limit: 'many' is not an integer"):
+        config_from_args(build_parser().parse_args(["--output-dir", "x", "--augment-limit", "sst=many"]))
 
 
 # ------------------------------------------------------------------------- a student and its teacher

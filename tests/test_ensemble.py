@@ -58,6 +58,7 @@ def test_the_greedy_soup_is_built_on_request_only():
     assert chosen("--method", "all") == ("caruana", "top-k", "uniform-soup", "greedy-soup")
     assert chosen("--method", "greedy-soup", "logits") == ("top-k", "greedy-soup")
     assert chosen("--method", "default", "--fit-weights") == ("caruana", "top-k", "fitted", "uniform-soup")
+    assert chosen("--method", "default", "greedy-soup") == ("caruana", "top-k", "uniform-soup", "greedy-soup")
 
 
 def tiny_study(url: str, name: str, dirs: list[Path]) -> optuna.Study:

@@ -47,7 +47,10 @@ def write(tmp_path, text: str, name: str = "study.toml"):
     return path
 
 
-@pytest.mark.parametrize("name", ["sts", "sts-diverse", "sst", "para", "multitask", "multitask-gpu"])
+SHIPPED = ["sts", "sts-diverse", "sst", "sst-diverse", "para", "para-diverse", "multitask", "multitask-gpu"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_studies_load(name):
     study = load_spec(name)
     assert study.name == name and study.path == STUDIES_DIR / f"{name}.toml"
