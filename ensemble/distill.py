@@ -398,6 +398,7 @@ def write_report(
     compared: Sequence[RunDir] = (),
 ) -> str:
     run = RunDir(output_dir / "student")
+    config = run.read_config()["train"]
     rows, header_transfer = [], {}
     for task, transfer in transfers.items():
         built, settings = build_rows(predictor, task)
@@ -410,7 +411,7 @@ def write_report(
         student.note += kept_gain(teacher, student)
         others = [run_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared]
         rows += [*built, student, *others]
-        limit = value_for_task(run.read_config()["train"]["augment_limit"], task)
+        limit = value_for_task(config["augment_limit"], task)
         header_transfer[task] = {
             "gold_rows": len(transfer.gold),
             "augmented_rows": len(transfer.augmented),
@@ -419,7 +420,6 @@ def write_report(
             "label_seconds": round(transfer.seconds["label"], 1),
             "cached": transfer.cached,
         }
-    config = run.read_config()["train"]
     header = {"teacher": str(predictor), "student": str(run.path), "config": config, "transfer": header_transfer}
     header["compared"] = [str(other.path) for other in compared]
     header["seconds"] = {"this_run_wall": round(seconds, 1)}

@@ -411,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, nargs="+", choices=list(TASKS), default=default, help=helptext)
         elif f.name in PER_TASK_FIELDS:
             metavar = "N|TASK=N" if f.name in INT_PER_TASK_FIELDS else "VALUE|TASK=VALUE"
-            given = [f"{t}={v}" for t, v in default.items()] if isinstance(default, dict) else [str(default)]
-            given = None if default is None else given
+            if default is None:
+                given = None
+            else:
+                given = [f"{t}={v}" for t, v in default.items()] if isinstance(default, dict) else [str(default)]
             parser.add_argument(flag, nargs="+", default=given, metavar=metavar, help=helptext)
         elif f.name == "model_config":
             parser.add_argument(flag, type=json.loads, default=None, metavar="JSON", help=helptext)
