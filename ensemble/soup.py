@@ -30,7 +30,7 @@ from model.rundir import RunDir
 from model.runtime import resolve_device, use_bf16
 
 # Trainer settings that decide which parameters exist and what they start from.
-HEAD_KEYS = ("tasks", "pair_encoding", "pooling", "sst_head", "sts_head")
+HEAD_KEYS = ("tasks", "pair_encoding", "pooling", "sst_head", "sts_head", "task_layers")
 INIT_KEYS = ("model_path", "model_config")
 # BERT config fields that change no weight.
 WEIGHTLESS_BERT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")

@@ -282,8 +282,10 @@ class BertModel(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        top_layers: nn.ModuleList | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``inputs_embeds`` replaces the word embeddings (SMART perturbs them)."""
+        """``inputs_embeds`` replaces the word embeddings (SMART perturbs them); ``top_layers`` run after
+        the encoder's own (a task's own copies of the top layers, see ``MultitaskBert``)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         hidden = self.embeddings(input_ids, token_type_ids, inputs_embeds)
@@ -291,6 +293,8 @@ class BertModel(nn.Module):
         # (B, 1, 1, T) broadcasts over heads and queries.
         bias = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
         hidden = self.encoder(hidden, bias)
+        for layer in top_layers or ():
+            hidden = layer(hidden, bias)
         # Under autocast the stream is bf16 (LayerNorm); what the heads pool and compare is fp32 again.
         hidden = hidden.to(self.embeddings.LayerNorm.weight.dtype)
         return {"last_hidden_state": hidden, "pooler_output": self.pooler(hidden)}

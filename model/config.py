@@ -129,6 +129,12 @@ class TrainConfig:
             default=False,
         )
     )
+    task_layers: int = field(
+        **_help(
+            "give each task its own copy of the encoder's top N layers over the shared lower ones (0: every layer shared)",
+            default=0,
+        )
+    )
     smart_weight: float = field(**_help("weight of the SMART adversarial smoothness loss (0: off)", default=0.0))
     mnrl_weight: float = field(
         **_help("weight of the multiple-negatives ranking loss on paraphrase positives (0: off)", default=0.0)
@@ -211,7 +217,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int or None, not {value!r}")
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, not {self.max_length}")
-        for name in ("lr", "weight_decay", "smart_weight", "mnrl_weight", "max_grad_norm", "freeze_layers"):
+        for name in ("lr", "weight_decay", "smart_weight", "mnrl_weight", "max_grad_norm", "freeze_layers", "task_layers"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, not {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:

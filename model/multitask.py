@@ -11,6 +11,8 @@ logit (B,) for paraphrase, the similarity (B,) on the 0-5 scale for STS.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,7 +86,11 @@ def per_task(value: str | dict[str, str], tasks: list[str], name: str, allowed: 
 
 class MultitaskBert(nn.Module):
     """``pair_encoding`` and ``pooling`` are one setting for all tasks or a {task: value} table, so
-    that one model can cross-encode paraphrase and bi-encode STS over the same encoder."""
+    that one model can cross-encode paraphrase and bi-encode STS over the same encoder.
+
+    ``task_layers`` > 0 gives each task its own copy of the encoder's top layers (``task_layers[task]``,
+    started from the same weights), run after the shared lower ones (``bert.encoder.layer``): the tasks
+    stop pulling the top of one encoder different ways, and an example still costs one encoder pass."""
 
     def __init__(
         self,
@@ -97,6 +103,7 @@ class MultitaskBert(nn.Module):
         dropout: float = 0.1,
         freeze_layers: int = 0,
         freeze_word_embeddings: bool = False,
+        task_layers: int = 0,
     ):
         super().__init__()
         unknown = [t for t in tasks if t not in TASKS]
@@ -122,12 +129,25 @@ class MultitaskBert(nn.Module):
             else:  # a score: start regression at the middle of the 0-5 scale rather than at 0
                 heads[task] = CosineHead() if sts_head == "cosine" else PairHead(hidden, dropout, bi, bias=2.5)
         self.heads = nn.ModuleDict(heads)
+        self.task_layers = self.split_top_layers(tasks, task_layers)
         self.freeze(freeze_layers)
         if freeze_word_embeddings:
             self.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         if "pooler" not in self.pooling.values():
             # Unused: no gradient, and no weight decay or surgery work spent on it.
             self.bert.pooler.requires_grad_(False)
+
+    def split_top_layers(self, tasks: list[str], count: int) -> nn.ModuleDict:
+        """Take the top ``count`` layers off the shared encoder and give every task a copy of them."""
+        total = len(self.bert.encoder.layer)
+        if not 0 <= count < total:
+            raise ValueError(f"task_layers must be in 0..{total - 1} for this {total}-layer model, not {count}")
+        if count == 0:
+            return nn.ModuleDict()
+        top = self.bert.encoder.layer[total - count :]
+        copies = nn.ModuleDict({task: copy.deepcopy(top) for task in tasks})
+        del self.bert.encoder.layer[total - count :]
+        return copies
 
     def freeze(self, layers: int) -> None:
         """Freeze the embeddings and the lowest ``layers`` transformer layers (0 = train everything)."""
@@ -142,6 +162,11 @@ class MultitaskBert(nn.Module):
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The shared, trainable parameters (what gradient surgery operates on)."""
         return [p for p in self.bert.parameters() if p.requires_grad]
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        """The trainable parameters only ``task`` uses: its head and its own top layers."""
+        own = [self.heads[task], *([self.task_layers[task]] if self.task_layers else [])]
+        return [p for module in own for p in module.parameters() if p.requires_grad]
 
     def pool(self, out: dict[str, torch.Tensor], attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
         if pooling == "cls":
@@ -160,11 +185,23 @@ class MultitaskBert(nn.Module):
             raise ValueError(f"the tasks pool differently ({self.pooling}); name the task")
         return next(iter(self.pooling.values()))
 
+    def top_layers_for(self, task: str | None) -> nn.ModuleList | None:
+        """The task's own top layers (None when every layer is shared); ``task`` may be None when the
+        model has one task."""
+        if not self.task_layers:
+            return None
+        if task is None:
+            if len(self.task_layers) != 1:
+                raise ValueError(f"each task has its own top layers ({list(self.task_layers)}); name the task")
+            task = next(iter(self.task_layers))
+        return self.task_layers[task]
+
     def embed(self, view: View, inputs_embeds: torch.Tensor | None = None, task: str | None = None) -> torch.Tensor:
-        """Pooled encoder output of one view (pooled as ``task`` pools); ``inputs_embeds`` replaces
-        the word embeddings (SMART)."""
+        """Pooled encoder output of one view (encoded and pooled as ``task`` does); ``inputs_embeds``
+        replaces the word embeddings (SMART)."""
         input_ids, attention_mask, token_type_ids = view
-        out = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds)
+        top_layers = self.top_layers_for(task)
+        out = self.bert(input_ids, attention_mask, token_type_ids, inputs_embeds=inputs_embeds, top_layers=top_layers)
         return self.pool(out, attention_mask, self.pooling_for(task))
 
     def word_embeddings(self, view: View) -> torch.Tensor:

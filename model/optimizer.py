@@ -43,13 +43,17 @@ def decays(name: str) -> bool:
 
 
 LAYER = re.compile(r"(?:^|\.)encoder\.layer\.(\d+)\.")
+TASK_LAYER = re.compile(r"(?:^|\.)task_layers\.[^.]+\.(\d+)\.")  # a task's own top layers, above the shared ones
 EMBEDDINGS = re.compile(r"(?:^|\.)embeddings\.")
 
 
 def layer_depths(names: list[str]) -> dict[str, int]:
     """How many layers below the top each parameter sits: 0 for the heads and the pooler, L - i for
-    encoder layer i of L, L + 1 for the embeddings."""
+    encoder layer i of L, L + 1 for the embeddings. A task's own top layer j (``task_layers.<task>.j``)
+    is layer S + j above S shared ones."""
     layer_of = {name: int(m.group(1)) for name in names if (m := LAYER.search(name))}
+    shared = max(layer_of.values(), default=-1) + 1
+    layer_of |= {name: shared + int(m.group(1)) for name in names if (m := TASK_LAYER.search(name))}
     count = max(layer_of.values(), default=-1) + 1
     top_down = {name: count - layer for name, layer in layer_of.items()}
     return {name: top_down.get(name, count + 1 if EMBEDDINGS.search(name) else 0) for name in names}

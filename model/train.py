@@ -234,15 +234,15 @@ class Trainer:
         return total
 
     def _surgery_backward(self, task_losses: dict[str, torch.Tensor]) -> None:
-        """One backward per task: each head gets its own task's gradient; the shared encoder gets
-        the per-task gradients combined by PCGrad or GradVac."""
+        """One backward per task: each head (and a task's own top layers) gets its own task's gradient;
+        the shared encoder gets the per-task gradients combined by PCGrad or GradVac."""
         encoder = self.model.encoder_parameters()
         size = sum(p.numel() for p in encoder)
         if self._task_grads is None:  # reused: a fresh (tasks, params) buffer each step costs page faults
             self._task_grads = torch.empty((len(self.cfg.tasks), size), device=self.device)
         stacked = self._task_grads[: len(task_losses)]
         for row, (task, loss) in enumerate(task_losses.items()):
-            head = [p for p in self.model.heads[task].parameters() if p.requires_grad]
+            head = self.model.task_parameters(task)
             grads = torch.autograd.grad(loss, encoder + head, allow_unused=True)
             for p, g in zip(head, grads[len(encoder) :], strict=True):
                 p.grad = g

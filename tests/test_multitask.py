@@ -75,6 +75,33 @@ def test_every_combination_builds_and_takes_a_step(pair_encoding, pooling, sst_h
         assert (out.abs() <= 5 + 1e-5).all()  # 5 cos(u, v), up to rounding
 
 
+def test_task_layers_give_each_task_its_own_copy_of_the_top_layers():
+    shared, split = make_model(), make_model(task_layers=1)
+    assert len(split.bert.encoder.layer) == 1 and set(split.task_layers) == {"sst", "para", "sts"}
+    # Copies of the same pretrained layer: before training, every task's output is the shared model's.
+    split.load_state_dict(
+        {k: v for k, v in shared.state_dict().items() if not k.startswith("bert.encoder.layer.1.")}
+        | {f"task_layers.{t}.0.{k}": v for t in split.task_layers for k, v in shared.bert.encoder.layer[1].state_dict().items()}
+    )
+    shared.eval(), split.eval()
+    for task in LABELS:
+        torch.testing.assert_close(split(task, views_for(task, "cross")), shared(task, views_for(task, "cross")))
+    # A step on SST's loss moves SST's top layer and the shared layer, not the other tasks' top layers.
+    split.train()
+    before = {k: v.clone() for k, v in split.state_dict().items()}
+    optimizer = torch.optim.SGD(split.parameters(), lr=0.1)
+    task_loss("sst", split("sst", views_for("sst", "cross")), LABELS["sst"]).backward()
+    optimizer.step()
+    changed = [k for k, v in split.state_dict().items() if not torch.equal(v, before[k])]
+    assert {k.split(".")[0] for k in changed} == {"bert", "heads", "task_layers"}
+    assert {k.split(".")[1] for k in changed if k.startswith("task_layers.")} == {"sst"}
+    own = [*split.heads["sst"].parameters(), *split.task_layers["sst"].parameters()]
+    assert {id(p) for p in split.task_parameters("sst")} == {id(p) for p in own}
+    assert not {id(p) for p in split.encoder_parameters()} & {id(p) for p in split.task_layers.parameters()}
+    with pytest.raises(ValueError, match="task_layers must be in 0..1"):
+        make_model(task_layers=2)
+
+
 def test_cosent_loss_matches_its_definition_and_only_sees_the_order():
     scores = torch.tensor([1.0, 3.0, 2.0, 4.5])
     labels = torch.tensor([0.5, 2.0, 2.0, 5.0])  # a tie (rows 1, 2) contributes no term
@@ -200,6 +227,7 @@ def test_schedules_and_step_budget():
             "gradvac",
             {"pair_encoding": "bi", "pooling": "cls", "sst_head": "hidden", "freeze_layers": 1, "precision": "fp32"},
         ),
+        ("round_robin", "pcgrad", {"pair_encoding": "bi", "task_layers": 1, "smart_weight": 1.0}),
     ],
 )
 def test_each_schedule_and_surgery_trains(tmp_path, schedule, surgery, extra):

@@ -272,6 +272,13 @@ def test_layer_wise_decay_scales_each_layers_rate_below_the_heads():
     assert decay_of["bert.encoder.layer.0.attention.self.query.bias"] == 0.0
     assert decay_of["bert.embeddings.word_embeddings.weight"] == 0.01
     assert [g["lr_scale"] for g in param_groups(model, 0.01)] == [1.0, 1.0]  # no decay: the usual two groups
+    # A task's own top layer sits where the shared one it copies sat.
+    split = MultitaskBert(BertModel(bert_config), ["sst", "sts"], task_layers=1)
+    split_names = {id(p): n for n, p in split.named_parameters()}
+    split_scale = {split_names[id(p)]: g["lr_scale"] for g in param_groups(split, 0.01, 0.5) for p in g["params"]}
+    assert split_scale["task_layers.sts.0.output.dense.weight"] == split_scale["task_layers.sst.0.output.dense.weight"] == 0.5
+    assert split_scale["bert.encoder.layer.1.output.dense.weight"] == 0.5**2
+    assert split_scale["bert.embeddings.word_embeddings.weight"] == 0.5**4
 
     cfg = TrainConfig(tasks=["sst"], lr=1e-3, layer_lr_decay=0.5)
     optimizer = AdamW(groups, lr=cfg.lr)

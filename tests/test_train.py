@@ -203,14 +203,16 @@ def test_per_task_settings_are_checked_and_looked_up_per_task():
 
 
 def test_per_task_encodings_train_and_reload(tmp_path):
-    """One model cross-encodes paraphrase and bi-encodes STS (cosine head), each pooled its own way."""
+    """One model cross-encodes paraphrase and bi-encodes STS (cosine head), each pooled its own way and
+    through its own top layer."""
     config = tiny_config(
         tasks=["para", "sts"], pair_encoding={"para": "cross", "sts": "bi"}, pooling={"para": "cls", "sts": "mean"},
-        sts_head="cosine", predict_test=False,
+        sts_head="cosine", task_layers=1, predict_test=False,
     )  # fmt: skip
     summary = train(config, tmp_path)
     model, cfg = load_trained(tmp_path)
     assert model.pair_encoding == {"para": "cross", "sts": "bi"} and model.pooling == {"para": "cls", "sts": "mean"}
+    assert set(model.task_layers) == {"para", "sts"} and len(model.bert.encoder.layer) == 1
     metrics, _ = evaluate_model(model, cfg, "dev")
     assert metrics["sts"] == pytest.approx(summary["best"]["sts"], abs=1e-5)
     assert metrics["para"] == pytest.approx(summary["best"]["para"], abs=1e-6)
