@@ -18,6 +18,7 @@ Every choice is seeded, and the rows come out shuffled, so any prefix (``augment
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from collections.abc import Callable
@@ -150,7 +151,7 @@ def base_embedder(cfg: TrainConfig, device: str | None = None, batch_size: int =
 
     torch.manual_seed(cfg.seed)
     where = resolve_device(device)
-    model = build_model(cfg).to(where).eval()
+    model = build_model(dataclasses.replace(cfg, task_layers=0)).to(where).eval()  # the whole base encoder
     tokenizer = get_tokenizer(cfg)
 
     @torch.inference_mode()

@@ -25,7 +25,7 @@ from data.files import TASKS, resolve_data_dir
 from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
 from model.bert import default_model_path, load_strict
-from model.config import TrainConfig, value_for_task
+from model.config import TrainConfig, value_for_task, with_defaults
 from model.rundir import RunDir
 from model.runtime import resolve_device, use_bf16
 
@@ -58,7 +58,7 @@ def init_signature(train: dict) -> dict:
 
 def architecture_signature(config: dict) -> dict[str, object]:
     """Flat {key: value} of everything that must agree for two checkpoints to be averaged."""
-    train, bert = config["train"], config["bert"]
+    train, bert = with_defaults(config["train"]), config["bert"]
     signature: dict[str, object] = {f"bert.{k}": v for k, v in bert.items() if k not in WEIGHTLESS_BERT_KEYS}
     for key in HEAD_KEYS:
         value = train.get(key)

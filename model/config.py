@@ -217,7 +217,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive int or None, not {value!r}")
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, not {self.max_length}")
-        for name in ("lr", "weight_decay", "smart_weight", "mnrl_weight", "max_grad_norm", "freeze_layers", "task_layers"):
+        for name in ("freeze_layers", "task_layers"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, not {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "smart_weight", "mnrl_weight", "max_grad_norm"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, not {getattr(self, name)!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -270,6 +273,17 @@ class TrainConfig:
 
     def task_batch_size(self, task: str) -> int:
         return self.task_value("batch_size", task)
+
+
+def with_defaults(saved: dict) -> dict:
+    """A saved config (a run's config.json or state.pt) with the fields added since it was written at
+    their defaults, so that a new field does not make an old run look different."""
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in fields(TrainConfig)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
+    return defaults | saved
 
 
 def as_config(config: TrainConfig | dict) -> TrainConfig:

@@ -30,7 +30,15 @@ from tqdm import tqdm
 from data.batching import Batch, BatchStream, make_batch
 from data.files import TASKS, resolve_data_dir
 from model.build import build_model
-from model.config import CHOICE_FIELDS, INT_PER_TASK_FIELDS, PER_TASK_FIELDS, RUNTIME_FIELDS, TrainConfig, as_config
+from model.config import (
+    CHOICE_FIELDS,
+    INT_PER_TASK_FIELDS,
+    PER_TASK_FIELDS,
+    RUNTIME_FIELDS,
+    TrainConfig,
+    as_config,
+    with_defaults,
+)
 from model.distill import distill_loss, transfer_splits, with_distill_digest
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
@@ -139,7 +147,7 @@ class Trainer:
             state = self.run_dir.load_state(self.device)
         except RunFileError as err:
             raise RuntimeError(f"{err}; pass fresh=True / --fresh to start over") from err
-        saved, current = state["config"], self.cfg.to_dict()
+        saved, current = with_defaults(state["config"]), self.cfg.to_dict()
         differing = sorted(k for k in set(saved) | set(current) if k not in RUNTIME_FIELDS and saved.get(k) != current.get(k))
         if differing:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differing)

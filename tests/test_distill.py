@@ -441,3 +441,14 @@ def test_no_share_of_a_teacher_gain_within_noise_is_claimed():
     assert "within its spread" in kept_gain(row("selected", 0.0005, 0.0129), row("student", -0.0139, 0.0135))
     assert kept_gain(row("selected", -0.002, 0.001), row("student", 0.001, 0.001)) == ""
     assert "keeps none" in kept_gain(row("selected", 0.0070, 0.0038), row("student", -0.0034, 0.0062))
+
+
+def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_task_layers():
+    """A student with its own top layers per task still picks neighbour pairs with every base layer."""
+    from ensemble.augment import base_embedder
+
+    sentences = ["a cat sits on the mat", "stocks fell sharply today", "the film was a delight"]
+    config = tiny_config(model_config=TINY_BERT | {"num_hidden_layers": 3}, tasks=["sst", "sts"])
+    whole = base_embedder(TrainConfig.from_dict(config), progress=False)(sentences)
+    split = base_embedder(TrainConfig.from_dict(config | {"task_layers": 2}), progress=False)(sentences)
+    np.testing.assert_array_equal(split, whole)

@@ -287,6 +287,12 @@ def test_incompatible_checkpoints_are_refused_with_the_key(tmp_path, study_url, 
     with pytest.raises(IncompatibleMembersError, match=r"tiny/trial 1 .*train\.pooling"):
         check_compatible(members)
     members[1].config = json.loads((runs[1] / "config.json").read_text())
+    del members[1].config["train"]["task_layers"]  # written before the field existed: its default, 0
+    check_compatible(members)
+    members[1].config["train"]["task_layers"] = 1
+    with pytest.raises(IncompatibleMembersError, match=r"train\.task_layers"):
+        check_compatible(members)
+    members[1].config["train"]["task_layers"] = 0
     members[1].config["train"]["seed"] = 7  # a different random init
     with pytest.raises(IncompatibleMembersError, match=r"train\.seed"):
         check_compatible(members)

@@ -164,6 +164,11 @@ def test_resume_with_another_config_is_an_error_unless_fresh(tmp_path):
     assert summary["best_epoch"] == 1
     # Runtime-only fields may change on resume.
     train(tiny_config(tasks=["sts"], predict_test=False, lr=2e-3, threads=2), tmp_path)
+    # A checkpoint written before a field existed resumes: the missing field is at its default.
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    del state["config"]["task_layers"]
+    torch.save(state, tmp_path / "last.pt")
+    train(tiny_config(tasks=["sts"], predict_test=False, lr=2e-3), tmp_path)
 
 
 def test_a_non_finite_loss_raises(tmp_path):
@@ -304,6 +309,20 @@ def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path, tasks, s
     assert not torch.equal(layer, layer_before)  # the rest of the encoder still learns
     assert all(words is not p for group in trainer.optimizer.param_groups for p in group["params"])
     assert build_parser().parse_args(["--output-dir", "x", "--freeze-word-embeddings"]).freeze_word_embeddings
+
+
+@pytest.mark.parametrize("surgery", ["pcgrad", "gradvac"])
+def test_surgery_gives_each_tasks_own_top_layers_its_own_gradient(tmp_path, surgery):
+    cfg = TrainConfig.from_dict(tiny_config(tasks=["sst", "sts"], surgery=surgery, task_layers=1, predict_test=False))
+    trainer = Trainer(cfg, tmp_path, None, fresh=True)
+    before = {k: v.clone() for k, v in trainer.model.task_layers.state_dict().items()}
+    trainer._train_step(["sst", "sts"])
+    for task in ("sst", "sts"):
+        own = trainer.model.task_layers[task]
+        assert all(p.grad is not None for p in own.parameters())
+        assert not torch.equal(own[0].output.dense.weight, before[f"{task}.0.output.dense.weight"])
+    with pytest.raises(ValueError, match="task_layers must be an int >= 0, not 1.5"):
+        TrainConfig.from_dict(tiny_config(task_layers=1.5))
 
 
 def test_a_fresh_run_leaves_no_epoch_of_the_run_it_replaces(tmp_path):
