@@ -452,3 +452,15 @@ def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_
     whole = base_embedder(TrainConfig.from_dict(config), progress=False)(sentences)
     split = base_embedder(TrainConfig.from_dict(config | {"task_layers": 2}), progress=False)(sentences)
     np.testing.assert_array_equal(split, whole)
+
+
+def test_a_student_of_several_tasks_gets_its_own_top_layers_per_task_by_default(tmp_path):
+    def config(tasks: list[str], *sets: str) -> TrainConfig:
+        args = argparse.Namespace(config=None, tasks=tasks, set=list(sets), data_dir=str(DATA_DIR))
+        return ensemble_distill.student_config(args, ["sst", "para", "sts"], tmp_path)
+
+    six = json.dumps(TINY_BERT | {"num_hidden_layers": 6})
+    assert config(["sst", "sts"], f"model_config={six}").task_layers == 2  # a third of 6 layers
+    assert config(["sts"], f"model_config={six}").task_layers == 0  # one task: nothing to split
+    assert config(["sst", "sts"], f"model_config={six}", "task_layers=0").task_layers == 0  # as told
+    assert config(["sst", "sts"], f"model_config={json.dumps(TINY_BERT)}").task_layers == 0  # 2 layers: none
