@@ -218,8 +218,9 @@ class TrainConfig:
         if self.max_length < 8:
             raise ValueError(f"max_length must be at least 8, not {self.max_length}")
         for name in ("freeze_layers", "task_layers"):
-            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an int >= 0, not {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, not {value!r}")
         for name in ("lr", "weight_decay", "smart_weight", "mnrl_weight", "max_grad_norm"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, not {getattr(self, name)!r}")
@@ -278,12 +279,7 @@ class TrainConfig:
 def with_defaults(saved: dict) -> dict:
     """A saved config (a run's config.json or state.pt) with the fields added since it was written at
     their defaults, so that a new field does not make an old run look different."""
-    defaults = {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        for f in fields(TrainConfig)
-        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-    }
-    return defaults | saved
+    return TrainConfig().to_dict() | saved
 
 
 def as_config(config: TrainConfig | dict) -> TrainConfig:

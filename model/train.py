@@ -250,9 +250,9 @@ class Trainer:
             self._task_grads = torch.empty((len(self.cfg.tasks), size), device=self.device)
         stacked = self._task_grads[: len(task_losses)]
         for row, (task, loss) in enumerate(task_losses.items()):
-            head = self.model.task_parameters(task)
-            grads = torch.autograd.grad(loss, encoder + head, allow_unused=True)
-            for p, g in zip(head, grads[len(encoder) :], strict=True):
+            own = self.model.task_parameters(task)
+            grads = torch.autograd.grad(loss, encoder + own, allow_unused=True)
+            for p, g in zip(own, grads[len(encoder) :], strict=True):
                 p.grad = g
             parts = [
                 (torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(encoder, grads[: len(encoder)], strict=True)
