@@ -47,9 +47,9 @@ CHOICE_FIELDS = {
 DEFAULT_PAIR_ENCODING = {"para": "cross", "sts": "bi"}
 # Fields that take one value for every task or a {task: value} table; a table covers every trained
 # task the field applies to (pair_encoding: the pair tasks only).
-PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling", "augment_limit")
-# The per-task fields whose values are ints (the others are names).
-INT_PER_TASK_FIELDS = ("batch_size", "augment_limit")
+PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling", "augment_limit", "loss_weight")
+# The per-task fields whose values are numbers, and their type (the others are names).
+NUMBER_PER_TASK_FIELDS = {"batch_size": int, "augment_limit": int, "loss_weight": float}
 # Fields that change how a run executes but not what it computes; a resumed run may change them.
 RUNTIME_FIELDS = ("threads", "device", "predict_test", "cache_dir", "data_dir")
 
@@ -89,6 +89,13 @@ class TrainConfig:
     surgery: str = field(**_help(f"how task gradients on the shared encoder combine: {', '.join(SURGERIES)}", default="none"))
     schedule: str = field(**_help(f"task sampling: {', '.join(SCHEDULES)}", default="round_robin"))
     batch_size: int | dict[str, int] = field(**_help("batch size: one int, or per task as task=int pairs", default=32))
+    loss_weight: float | dict[str, float] = field(
+        **_help(
+            "weight of each task's loss in a step's sum, per task as task=weight pairs (relative: one value for every "
+            "task only rescales the gradient, which clipping and AdamW mostly undo)",
+            default=1.0,
+        )
+    )
     epochs: int = field(**_help("number of epochs (dev evaluation and checkpoint after each)", default=3))
     steps_per_epoch: int | None = field(
         **_help(
@@ -208,6 +215,12 @@ class TrainConfig:
             self.batch_size = {t: int(b) for t, b in self.batch_size.items()}
         if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.values_of("batch_size")):
             raise ValueError(f"batch_size must be a positive int or task=int pairs, not {self.batch_size!r}")
+        if isinstance(self.loss_weight, dict):
+            self.loss_weight = {t: _number(w) for t, w in self.loss_weight.items()}
+        else:
+            self.loss_weight = _number(self.loss_weight)
+        if any(not (w > 0 and math.isfinite(w)) for w in self.values_of("loss_weight")):
+            raise ValueError(f"loss_weight must be a finite number > 0 or task=number pairs, not {self.loss_weight!r}")
         for name in ("epochs", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
@@ -266,7 +279,7 @@ class TrainConfig:
         return list(value.values()) if isinstance(value, dict) else [value]
 
     def task_value(self, name: str, task: str):
-        """The value of a per-task field (batch_size, pair_encoding, pooling, augment_limit) for one task."""
+        """The value of a per-task field (PER_TASK_FIELDS) for one task."""
         value = getattr(self, name)
         if isinstance(value, dict) and task not in value:
             raise KeyError(f"{name} gives no value for task {task!r} (it has {sorted(value)})")
@@ -274,6 +287,13 @@ class TrainConfig:
 
     def task_batch_size(self, task: str) -> int:
         return self.task_value("batch_size", task)
+
+
+def _number(value: object) -> float:
+    """A loss weight as a float (TOML and JSON write 2 for 2.0); NaN for what is not a number, so that
+    the caller's range check names the field."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if is_number else math.nan
 
 
 def with_defaults(saved: dict) -> dict:

@@ -32,7 +32,7 @@ from data.files import TASKS, resolve_data_dir
 from model.build import build_model
 from model.config import (
     CHOICE_FIELDS,
-    INT_PER_TASK_FIELDS,
+    NUMBER_PER_TASK_FIELDS,
     PER_TASK_FIELDS,
     RUNTIME_FIELDS,
     TrainConfig,
@@ -179,7 +179,8 @@ class Trainer:
     # --- steps
 
     def _batch_loss(self, task: str, batch: Batch) -> torch.Tensor:
-        """The task loss of one batch plus its optional SMART and MNRL terms (_step_total checks it)."""
+        """The task loss of one batch plus its optional SMART and MNRL terms, times the task's
+        loss_weight (_step_total checks it)."""
         cfg, model = self.cfg, self.model
         with autocast(self.device, self.bf16):
             out = model(task, batch.views)
@@ -191,7 +192,8 @@ class Trainer:
                 loss = loss + cfg.smart_weight * smart_loss(model, task, batch.views, out)
             if cfg.mnrl_weight > 0 and task == "para":
                 loss = loss + cfg.mnrl_weight * self._mnrl_loss(batch)
-        return loss
+        weight = cfg.task_value("loss_weight", task)
+        return loss if weight == 1.0 else weight * loss
 
     def _step_total(self, losses: list[tuple[str, torch.Tensor]]) -> float:
         """The step's summed loss; raises on NaN/inf. One read from the device per step, not one
@@ -399,7 +401,8 @@ def _typed_flag(name: str, value: str, kind: type) -> object:
     try:
         return kind(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {value!r} is not an integer") from None
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"--{name.replace('_', '-')}: {value!r} is not {what}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -418,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "tasks":
             parser.add_argument(flag, nargs="+", choices=list(TASKS), default=default, help=helptext)
         elif f.name in PER_TASK_FIELDS:
-            metavar = "N|TASK=N" if f.name in INT_PER_TASK_FIELDS else "VALUE|TASK=VALUE"
+            metavar = "N|TASK=N" if f.name in NUMBER_PER_TASK_FIELDS else "VALUE|TASK=VALUE"
             if default is None:
                 given = None
             else:
@@ -443,7 +446,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     for name in PER_TASK_FIELDS:
         if values[name] is not None:
-            values[name] = parse_per_task(name, values[name], int if name in INT_PER_TASK_FIELDS else str)
+            values[name] = parse_per_task(name, values[name], NUMBER_PER_TASK_FIELDS.get(name, str))
     return TrainConfig.from_dict(values)
 
 

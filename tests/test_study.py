@@ -248,6 +248,12 @@ def test_a_per_task_field_is_searched_for_one_task(tmp_path):
     config = study.train_config({"pair_encoding.sts": "bi", "pooling.sst": "cls"})
     assert config["pair_encoding"] == {"para": "cross", "sts": "bi"}
     assert config["pooling"] == {"sst": "cls", "para": "mean", "sts": "mean"}
+    # a number per task: a float range, and a table of every task's weight for the trainer
+    weighted = PER_TASK.replace("pooling.sst = {", "loss_weight.sts = { low = 0.5, high = 2.0 }\n#")
+    study = load_spec(write(tmp_path, weighted, "weighted.toml"))
+    assert study.space["loss_weight.sts"].kind == "float"
+    config = study.train_config({"pair_encoding.sts": "bi", "loss_weight.sts": 1.5})
+    assert config["loss_weight"] == {"sst": 1.0, "para": 1.0, "sts": 1.5}
     # a task that the field does not apply to, or that the study does not train
     for bad_key, old in (("pair_encoding.sst", "pair_encoding.sts"), ("pooling.cfimdb", "pooling.sst")):
         path = write(tmp_path, PER_TASK.replace(old, bad_key), f"{bad_key}.toml")

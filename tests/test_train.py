@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 
@@ -16,7 +17,7 @@ from model.config import TrainConfig
 from model.evaluation import evaluate_model
 from model.metrics import overall_score, task_metric, write_predictions
 from model.rundir import RunDir
-from model.train import NonFiniteLossError, Trainer, build_parser, main, parse_per_task, train
+from model.train import NonFiniteLossError, Trainer, build_parser, config_from_args, main, parse_per_task, train
 
 pytestmark = needs_data
 
@@ -329,3 +330,36 @@ def test_a_fresh_run_leaves_no_epoch_of_the_run_it_replaces(tmp_path):
     train(tiny_config(epochs=2, tasks=["sts"], predict_test=False), tmp_path)
     train(tiny_config(epochs=1, tasks=["sts"], predict_test=False), tmp_path, fresh=True)
     assert RunDir(tmp_path).output_epochs("sts") == [1]
+
+
+@pytest.mark.parametrize("surgery", ["none", "pcgrad"])
+def test_a_tasks_loss_weight_scales_its_gradient_alone(tmp_path, surgery):
+    """Two trainers, one seed, the same batches: weighting SST by 2 doubles the gradient of SST's own
+    parameters (exact: a power of two) and leaves STS's alone; the shared encoder's changes."""
+
+    def one_step(weights: dict | float, folder: str) -> Trainer:
+        config = tiny_config(tasks=["sst", "sts"], surgery=surgery, task_layers=1, loss_weight=weights)
+        config |= {"dropout": 0.0, "max_grad_norm": 0.0, "predict_test": False}
+        trainer = Trainer(TrainConfig.from_dict(config), tmp_path / folder, None, fresh=True)
+        trainer._train_step(["sst", "sts"])
+        return trainer
+
+    plain, weighted = one_step(1.0, "plain"), one_step({"sst": 2, "sts": 1}, "weighted")
+    for task, factor in (("sst", 2.0), ("sts", 1.0)):
+        for p, q in zip(plain.model.task_parameters(task), weighted.model.task_parameters(task), strict=True):
+            assert torch.equal(q.grad, factor * p.grad)
+    shared = zip(plain.model.encoder_parameters(), weighted.model.encoder_parameters(), strict=True)
+    assert any(not torch.allclose(p.grad, q.grad) for p, q in shared if p.grad is not None)
+    assert weighted.cfg.loss_weight == {"sst": 2.0, "sts": 1.0}
+
+
+def test_loss_weights_are_checked_and_read_from_the_command_line():
+    for bad in (0, -1.0, float("nan"), "high", {"sst": 1.0, "sts": 0.0}):
+        with pytest.raises(ValueError, match="loss_weight must be a finite number > 0"):
+            TrainConfig(tasks=["sst", "sts"], loss_weight=bad)
+    with pytest.raises(ValueError, match=r"loss_weight: no value for task\(s\) \['sts'\]"):
+        TrainConfig(tasks=["sst", "sts"], loss_weight={"sst": 2.0})
+    args = build_parser().parse_args(["--output-dir", "x", "--tasks", "sst", "sts", "--loss-weight", "sst=0.5", "sts=2"])
+    assert config_from_args(args).loss_weight == {"sst": 0.5, "sts": 2.0}
+    with pytest.raises(argparse.ArgumentTypeError, match="--loss-weight: 'x' is not a number"):
+        parse_per_task("loss_weight", ["sst=x"], float)
