@@ -381,6 +381,15 @@ def kept_gain(teacher: Row, student: Row) -> str:
     return f"; keeps {gains[1] / gains[0]:.0%} of the teacher's gain"
 
 
+def student_minus(student: Row, other: Row) -> str:
+    """The student's out-of-selection score minus a compared run's, paired on the same halves: the
+    difference the two runs' own spreads over the halves would hide."""
+    differences = np.subtract(student.estimate["scores"], other.estimate["scores"])
+    other.estimate["student_minus_mean"] = float(differences.mean())
+    other.estimate["student_minus_sd"] = float(differences.std(ddof=1))
+    return f"; the student minus this run, paired: {differences.mean():+.4f} ± {differences.std(ddof=1):.4f}"
+
+
 def prediction_ids(path: Path) -> list[str] | None:
     if not path.is_file():
         return None
@@ -424,6 +433,8 @@ def write_report(
         teacher = next(r for r in built if r.kind != BASELINE_ROW)
         student.note += kept_gain(teacher, student)
         others = [run_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared]
+        for other in others:
+            other.note += student_minus(student, other)
         rows += [*built, student, *others]
         limit = value_for_task(config["augment_limit"], task)
         header_transfer[task] = {

@@ -359,6 +359,10 @@ def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path,
         scores = ensemble_distill.student_estimate(RunDir(teacher_run), task, 20, 0)[0]
         assert row["estimate"]["scores"] == pytest.approx(scores)
         assert row["estimate"]["gain_mean"] == pytest.approx(np.mean(scores) - 0.2)
+        student = next(r for r in summary["rows"] if r["task"] == task and r["name"] == "student (distilled)")
+        differences = np.subtract(student["estimate"]["scores"], scores)
+        assert row["estimate"]["student_minus_mean"] == pytest.approx(differences.mean())
+        assert f"the student minus this run, paired: {differences.mean():+.4f} ± {differences.std(ddof=1):.4f}" in row["note"]
     # A changed teacher is a changed config: the student's folder is not silently resumed with it.
     make_predictor(tmp_path, teacher_run, scale=[0.0, 1.0])
     argv = ["--ensemble", str(method), "--augment", "6", "--data-dir", str(DATA_DIR), "--set", *STUDENT, "epochs=2"]
