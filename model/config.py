@@ -215,12 +215,13 @@ class TrainConfig:
             self.batch_size = {t: int(b) for t, b in self.batch_size.items()}
         if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.values_of("batch_size")):
             raise ValueError(f"batch_size must be a positive int or task=int pairs, not {self.batch_size!r}")
-        if isinstance(self.loss_weight, dict):
-            self.loss_weight = {t: _number(w) for t, w in self.loss_weight.items()}
-        else:
-            self.loss_weight = _number(self.loss_weight)
-        if any(not (w > 0 and math.isfinite(w)) for w in self.values_of("loss_weight")):
+        if not all(_positive_number(w) for w in self.values_of("loss_weight")):
             raise ValueError(f"loss_weight must be a finite number > 0 or task=number pairs, not {self.loss_weight!r}")
+        # A float, as JSON and TOML write 2 for 2.0: a resumed run compares its saved config with this.
+        if isinstance(self.loss_weight, dict):
+            self.loss_weight = {t: float(w) for t, w in self.loss_weight.items()}
+        else:
+            self.loss_weight = float(self.loss_weight)
         for name in ("epochs", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
@@ -289,11 +290,8 @@ class TrainConfig:
         return self.task_value("batch_size", task)
 
 
-def _number(value: object) -> float:
-    """A loss weight as a float (TOML and JSON write 2 for 2.0); NaN for what is not a number, so that
-    the caller's range check names the field."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if is_number else math.nan
+def _positive_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
 
 
 def with_defaults(saved: dict) -> dict:

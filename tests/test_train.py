@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -354,8 +355,10 @@ def test_a_tasks_loss_weight_scales_its_gradient_alone(tmp_path, surgery):
 
 
 def test_loss_weights_are_checked_and_read_from_the_command_line():
-    for bad in (0, -1.0, float("nan"), "high", {"sst": 1.0, "sts": 0.0}):
-        with pytest.raises(ValueError, match="loss_weight must be a finite number > 0"):
+    for bad in (0, -1.0, float("nan"), "high", True, {"sst": 1.0, "sts": 0.0}):
+        with pytest.raises(
+            ValueError, match=re.escape(f"loss_weight must be a finite number > 0 or task=number pairs, not {bad!r}")
+        ):
             TrainConfig(tasks=["sst", "sts"], loss_weight=bad)
     with pytest.raises(ValueError, match=r"loss_weight: no value for task\(s\) \['sts'\]"):
         TrainConfig(tasks=["sst", "sts"], loss_weight={"sst": 2.0})
