@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from data.files import TASKS
 from ensemble.members import EnsembleError, Member, Pool, parse_member_ref
-from model.config import RUNTIME_FIELDS
+from model.config import RUNTIME_FIELDS, with_defaults
 
 
 def parse_baseline_refs(texts: list[str] | None) -> dict[str | None, tuple[str, int]]:
@@ -77,8 +77,10 @@ def task_baselines(pool: Pool, texts: list[str] | None) -> tuple[dict[str, Membe
 
 
 def recipe(member: Member) -> dict:
-    """What a member's config computes, its seed aside."""
-    return {k: v for k, v in member.config["train"].items() if k not in RUNTIME_FIELDS and k != "seed"}
+    """What a member's config computes, its seed aside; fields added to the trainer since a member ran
+    count at their defaults (what it ran with), so that an older seed run still matches."""
+    train = with_defaults(member.config["train"])
+    return {k: v for k, v in train.items() if k not in RUNTIME_FIELDS and k != "seed"}
 
 
 def seed_runs(pool: Pool, baseline: Member) -> list[Member]:

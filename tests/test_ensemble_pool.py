@@ -73,12 +73,20 @@ def sts_outputs(noise: float, seed: int) -> np.ndarray:
 
 
 def fake_trial(
-    root: Path, name: str, values: dict[str, np.ndarray], pair_encoding: str = "cross", seed: int = 0, **changes
+    root: Path,
+    name: str,
+    values: dict[str, np.ndarray],
+    pair_encoding: str = "cross",
+    seed: int = 0,
+    train_fields: dict | None = None,
+    **changes,
 ) -> Path:
-    """A trial folder; ``changes`` can replace "ids" or "weights" (a tensor) to make it broken."""
+    """A trial folder; ``train_fields`` adds to its saved train config; ``changes`` can replace "ids" or
+    "weights" (a tensor) to make it broken."""
     folder = root / name
     (folder / "outputs").mkdir(parents=True)
     train = {"tasks": list(values), "pair_encoding": pair_encoding, "seed": seed, "model_config": {"hidden_size": 4}}
+    train |= train_fields or {}
     (folder / "config.json").write_text(json.dumps({"train": train, "bert": {"hidden_size": 4}}))
     save_file({"w": changes.get("weights", torch.ones(3))}, str(folder / "model.safetensors"))
     history = [{"epoch": 1, "train_seconds": 30.0}]
@@ -255,10 +263,14 @@ def test_a_corrupt_outputs_file_is_refused(tmp_path, storage, capsys):
 
 def test_the_usual_recipe_with_its_seeds_is_a_row_of_its_own(tmp_path, storage):
     """Trials 0-2 run the usual recipe with seeds 0-2; trial 3 another recipe; trial 4 the usual recipe,
-    early-stopped. The seed row averages trials 0-2 uniformly and is not a dev-selected predictor."""
+    early-stopped. The seed row averages trials 0-2 uniformly and is not a dev-selected predictor.
+    Trial 2 was saved by a newer trainer that writes a field the others lack at its default value
+    (loss_weight 1.0): the same recipe all the same."""
     study = new_study(storage, "seeds", ["sts"], metric="sts")
     for n, (noise, encoding) in enumerate(((0.9, "bi"), (0.9, "bi"), (0.9, "bi"), (0.5, "cross"))):
-        add_trial(study, fake_trial(tmp_path, f"t{n}", {"sts": sts_outputs(noise, 40 + n)}, encoding, seed=n), 0.8)
+        newer = {"loss_weight": 1.0} if n == 2 else None
+        trial = fake_trial(tmp_path, f"t{n}", {"sts": sts_outputs(noise, 40 + n)}, encoding, seed=n, train_fields=newer)
+        add_trial(study, trial, 0.8)
     stopped = fake_trial(tmp_path, "t4", {"sts": sts_outputs(0.9, 44)}, "bi", seed=4)
     add_trial(study, stopped, None, state=optuna.trial.TrialState.PRUNED, early_stopped=True, best_value=0.8)
     results = run_build(tmp_path, storage, "--study", "seeds", "--method", "caruana")
