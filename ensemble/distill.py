@@ -62,6 +62,7 @@ from model.config import TrainConfig, value_for_task
 from model.distill import augment_file, teacher_file
 from model.rundir import RunDir, RunFileError, write_npz_outputs
 
+STUDENT_FOLDER = "student"  # the student's run folder inside the distillation's output folder
 LABEL_CHUNK = 512  # rows per call of the teacher: the progress bar's step
 
 
@@ -349,8 +350,9 @@ def run_row(
     teacher_ids: list[str] | None,
     settings: dict,
     name: str = "student (distilled)",
-) -> Row:
-    """A trained run's row (the student, or a run compared with it), estimated as the student is."""
+) -> tuple[Row, list[str]]:
+    """A trained run's row (the student, or a run compared with it), estimated as the student is, and
+    the dev ids its estimate indexes."""
     metrics = run.read_metrics()
     history = metrics["history"]
     splits, seed = settings.get("splits", DEFAULT_SPLITS), settings.get("seed", DEFAULT_SEED)
@@ -365,7 +367,14 @@ def run_row(
         note += "; no paired gain: the student's dev rows are not the build's"
     training = history_training(history)
     passes = encoder_passes(run.read_config(), task)
-    return Row(task, name, STUDENT_ROW, [run.path.name], passes, metrics["best"][task], estimate, None, note, training=training)
+    dev = metrics["best"][task]
+    row = Row(task, name, STUDENT_ROW, [run_label(run.path)], passes, dev, estimate, None, note, training=training)
+    return row, list(ids)
+
+
+def run_label(path: Path) -> str:
+    """How a report names a run folder: a distillation's ``student`` folder by the folder holding it."""
+    return path.parent.name if path.name == STUDENT_FOLDER else path.name
 
 
 def kept_gain(teacher: Row, student: Row) -> str:
@@ -381,13 +390,14 @@ def kept_gain(teacher: Row, student: Row) -> str:
     return f"; keeps {gains[1] / gains[0]:.0%} of the teacher's gain"
 
 
-def student_minus(student: Row, other: Row) -> str:
-    """The student's out-of-selection score minus a compared run's, paired on the same halves: the
-    difference the two runs' own spreads over the halves would hide."""
+def paired_difference(student: Row, student_ids: list[str], other: Row, other_ids: list[str]) -> dict | None:
+    """The student's out-of-selection score minus a compared run's, paired on the same halves (the
+    difference the two runs' own spreads over the halves would hide): None when the two runs' dev rows
+    differ, as the same halves would then hold different examples."""
+    if student_ids != other_ids:
+        return None
     differences = np.subtract(student.estimate["scores"], other.estimate["scores"])
-    other.estimate["student_minus_mean"] = float(differences.mean())
-    other.estimate["student_minus_sd"] = float(differences.std(ddof=1))
-    return f"; the student minus this run, paired: {differences.mean():+.4f} ± {differences.std(ddof=1):.4f}"
+    return {"student_minus_mean": float(differences.mean()), "student_minus_sd": float(differences.std(ddof=1))}
 
 
 def prediction_ids(path: Path) -> list[str] | None:
@@ -420,7 +430,7 @@ def write_report(
     seconds: float,
     compared: Sequence[RunDir] = (),
 ) -> str:
-    run = RunDir(output_dir / "student")
+    run = RunDir(output_dir / STUDENT_FOLDER)
     config = run.read_config()["train"]
     rows, header_transfer = [], {}
     for task, transfer in transfers.items():
@@ -429,12 +439,23 @@ def write_report(
         if not any(r.kind == SELECTED_ROW for r in built):
             built.append(teacher_row(predictor, plans[task], task))
         teacher_ids = prediction_ids(predictor.parent / "predictions" / f"{task}-dev-out.csv")
-        student = run_row(run, task, baseline, teacher_ids, settings)
+        student, student_ids = run_row(run, task, baseline, teacher_ids, settings)
         teacher = next(r for r in built if r.kind != BASELINE_ROW)
         student.note += kept_gain(teacher, student)
-        others = [run_row(other, task, baseline, teacher_ids, settings, f"{other.path.name} (compared)") for other in compared]
-        for other in others:
-            other.note += student_minus(student, other)
+        others = []
+        for other_run in compared:
+            name = f"{run_label(other_run.path)} (compared)"
+            other, other_ids = run_row(other_run, task, baseline, teacher_ids, settings, name)
+            difference = paired_difference(student, student_ids, other, other_ids)
+            if difference is None:
+                other.note += "; not paired with the student: their dev rows differ"
+            else:
+                other.estimate |= difference
+                other.note += (
+                    f"; the student minus this run, paired: {difference['student_minus_mean']:+.4f} "
+                    f"± {difference['student_minus_sd']:.4f}"
+                )
+            others.append(other)
         rows += [*built, student, *others]
         limit = value_for_task(config["augment_limit"], task)
         header_transfer[task] = {
@@ -488,9 +509,9 @@ def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = No
     if args.label_only:
         print(f"wrote {output_dir / 'transfer'} (a study's distill_dir)", file=sys.stderr)
         return {}
-    metrics = train(cfg, output_dir / "student", report=report, fresh=args.fresh, progress=True)
+    metrics = train(cfg, output_dir / STUDENT_FOLDER, report=report, fresh=args.fresh, progress=True)
     print(write_report(output_dir, predictor, plans, transfers, time.perf_counter() - started, compared))
-    print(f"wrote {output_dir} (the student: {output_dir / 'student'})", file=sys.stderr)
+    print(f"wrote {output_dir} (the student: {output_dir / STUDENT_FOLDER})", file=sys.stderr)
     return metrics
 
 

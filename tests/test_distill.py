@@ -447,6 +447,24 @@ def test_no_share_of_a_teacher_gain_within_noise_is_claimed():
     assert "keeps none" in kept_gain(row("selected", 0.0070, 0.0038), row("student", -0.0034, 0.0062))
 
 
+def test_a_compared_run_is_paired_with_the_student_only_on_the_same_dev_rows():
+    from ensemble.distill import paired_difference, run_label
+    from ensemble.report import Row
+
+    def row(scores: list[float]) -> Row:
+        return Row("sts", "r", "student", [], 2, 0.8, {"scores": scores})
+
+    student, other = row([0.80, 0.82, 0.81]), row([0.79, 0.80, 0.80])
+    difference = paired_difference(student, ["a", "b"], other, ["a", "b"])
+    assert difference["student_minus_mean"] == pytest.approx(np.mean([0.01, 0.02, 0.01]))
+    assert difference["student_minus_sd"] == pytest.approx(np.std([0.01, 0.02, 0.01], ddof=1))
+    assert paired_difference(student, ["a", "b"], other, ["b", "a"]) is None  # same rows, another order
+    assert paired_difference(student, ["a", "b"], other, ["a", "c"]) is None
+    # Two distillations' students are told apart by the folder that holds them.
+    assert run_label(Path("distill/student3-tl0/student")) == "student3-tl0"
+    assert run_label(Path("results/sts-diverse/trials/3")) == "3"
+
+
 def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_task_layers():
     """A student with its own top layers per task still picks neighbour pairs with every base layer."""
     from ensemble.augment import base_embedder
