@@ -2,8 +2,8 @@
 
 Torch-free, so that study files (search/study.py) can be checked without loading the trainer. Every
 field is a command-line flag of ``python -m model.train`` and a key of a study file's [fixed] or
-[search] tables. ``batch_size``, ``pair_encoding``, ``pooling`` and ``augment_limit`` take one value for
-every task or a {task: value} table.
+[search] tables. The per-task fields (``PER_TASK_FIELDS``: ``batch_size``, ``pair_encoding``, ``pooling``,
+``augment_limit``, ``loss_weight``) take one value for every task or a {task: value} table.
 """
 
 from __future__ import annotations
@@ -217,7 +217,7 @@ class TrainConfig:
             raise ValueError(f"batch_size must be a positive int or task=int pairs, not {self.batch_size!r}")
         if not all(_positive_number(w) for w in self.values_of("loss_weight")):
             raise ValueError(f"loss_weight must be a finite number > 0 or task=number pairs, not {self.loss_weight!r}")
-        # A float, as JSON and TOML write 2 for 2.0: a resumed run compares its saved config with this.
+        # Always floats, so that a saved config.json and the messages read the same whether 2 or 2.0 was given.
         if isinstance(self.loss_weight, dict):
             self.loss_weight = {t: float(w) for t, w in self.loss_weight.items()}
         else:
@@ -291,7 +291,13 @@ class TrainConfig:
 
 
 def _positive_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond any float
+        return False
+    return value > 0 and math.isfinite(value)
 
 
 def with_defaults(saved: dict) -> dict:

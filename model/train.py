@@ -364,8 +364,8 @@ def train(
 ) -> dict:
     """Train, evaluating on dev after every epoch; returns metrics.json's content
     {"best_epoch", "best", "history"}. ``report(metrics)`` is called after each epoch's evaluation
-    (and checkpoint) with {"epoch", "train_loss" (mean over the epoch's steps of each step's summed
-    loss, SMART/MNRL terms included), <task metrics>, "overall", "train_seconds"}; an
+    (and checkpoint) with {"epoch", "train_loss" (mean over the epoch's steps of each step's sum of
+    task losses, each times its loss_weight, SMART/MNRL terms included), <task metrics>, "overall", "train_seconds"}; an
     exception it raises propagates. An ``output_dir`` holding a ``last.pt`` of the same config is
     resumed; ``fresh=True`` starts over instead. ``progress=True`` shows a progress bar of each
     epoch's steps on a terminal (stderr). ``threads()``, when given, is asked every few seconds how
@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.name == "tasks":
             parser.add_argument(flag, nargs="+", choices=list(TASKS), default=default, help=helptext)
         elif f.name in PER_TASK_FIELDS:
-            metavar = "N|TASK=N" if f.name in NUMBER_PER_TASK_FIELDS else "VALUE|TASK=VALUE"
+            number = NUMBER_PER_TASK_FIELDS.get(f.name)
+            metavar = {int: "N|TASK=N", float: "X|TASK=X"}.get(number, "VALUE|TASK=VALUE")
             if default is None:
                 given = None
             else:

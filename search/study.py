@@ -26,7 +26,7 @@ A study file names the tasks, the objective, the search space, the budget and fi
     lr = { low = 1e-5, high = 3e-4, log = true }
     pooling = { choices = ["mean", "cls"] }
     pair_encoding.sts = { choices = ["bi", "cross"] }   # a per-task field (batch_size, pair_encoding,
-                                                        # pooling) searched for one task
+                                                        # pooling, augment_limit, loss_weight) searched for one task
 
     [variants.encoder]        # one searched choice that sets several fields at once, for settings
     bi_cosine = { pair_encoding = "bi", sts_head = "cosine" }   # that only go together
@@ -346,6 +346,9 @@ def _check_combinations(study: StudySpec, where: str) -> None:
                 raise StudyError(f"{where}: {place}.surgery: {why}")
         if "surgery" in study.space:
             raise StudyError(f"{where}: search.surgery: {why}")
+        weights = [name for name in study.space if name.split(".")[0] == "loss_weight"]
+        if weights:  # one task's weight only rescales its gradient, which AdamW undoes: trials wasted
+            raise StudyError(f"{where}: search.{weights[0]}: loss weights are relative between tasks; {study.tasks} is one task")
     first = {name: param.corner_values()[0] for name, param in study.space.items()}
     first.update({name: next(iter(choices)) for name, choices in study.variants.items()})
 

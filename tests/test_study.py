@@ -120,6 +120,12 @@ BAD_CASES = [
     ("freeze_layers = { low = 0, high = 3 }", 'pooling = { choices = ["mean", "max"] }', "search.pooling", "'max'"),
     ("freeze_layers = { low = 0, high = 3 }", "pooling = { low = 0, high = 1 }", "search.pooling", "give choices"),
     ("freeze_layers = { low = 0, high = 3 }", 'surgery = { choices = ["none", "pcgrad"] }', "search.surgery", "one task"),
+    (
+        "freeze_layers = { low = 0, high = 3 }",
+        "loss_weight.sts = { low = 0.5, high = 2.0 }",
+        "search.loss_weight.sts",
+        "relative",
+    ),
     ('pair_encoding = "bi"', 'pair_encoding = "cross"\nsts_head = "cosine"', "fixed", "needs pair_encoding 'bi'"),
     ("dropout = { low = 0.0, high = 0.2 }", "dropout = { low = 0.0, high = 1.0 }", "search.dropout", "dropout must be in"),
     ("max_length = 64", "max_length = 64\nepochs = 3", "fixed.epochs", "budget.max_epochs"),

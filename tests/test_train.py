@@ -355,7 +355,7 @@ def test_a_tasks_loss_weight_scales_its_gradient_alone(tmp_path, surgery):
 
 
 def test_loss_weights_are_checked_and_read_from_the_command_line():
-    for bad in (0, -1.0, float("nan"), "high", True, {"sst": 1.0, "sts": 0.0}):
+    for bad in (0, -1.0, float("nan"), "high", True, 10**400, {"sst": 1.0, "sts": 0.0}):
         with pytest.raises(
             ValueError, match=re.escape(f"loss_weight must be a finite number > 0 or task=number pairs, not {bad!r}")
         ):
@@ -364,5 +364,6 @@ def test_loss_weights_are_checked_and_read_from_the_command_line():
         TrainConfig(tasks=["sst", "sts"], loss_weight={"sst": 2.0})
     args = build_parser().parse_args(["--output-dir", "x", "--tasks", "sst", "sts", "--loss-weight", "sst=0.5", "sts=2"])
     assert config_from_args(args).loss_weight == {"sst": 0.5, "sts": 2.0}
+    assert "--loss-weight X|TASK=X" in build_parser().format_help()
     with pytest.raises(argparse.ArgumentTypeError, match="--loss-weight: 'x' is not a number"):
         parse_per_task("loss_weight", ["sst=x"], float)
