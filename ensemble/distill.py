@@ -7,10 +7,10 @@ AugSBERT, Thakur et al. 2021).
 2. The transfer set, per covered task (``--tasks``, default all): the training rows the student uses
    (its ``train_limit``) and ``--augment`` new unlabelled rows (ensemble.augment). The teacher labels
    them all (a progress bar); no dev or test row is labelled or fitted on.
-3. The cache: per task, ``<predictor>/teacher-cache/<task>.npz`` holds the new rows and the teacher's
-   values, keyed by digests of the teacher (each member's config and weights, the weights and scales of
-   the plan), the rows, and the augmentation's settings and source files. A stale or unreadable cache
-   is said so and computed again.
+3. The cache: per task and augmentation, ``<predictor>/teacher-cache/<task>-<digest>.npz`` holds the
+   new rows and the teacher's values. The file's name is a digest of the augmentation's settings and
+   source files; inside, a digest of the teacher (each member's config and weights, the weights and
+   scales of the plan) and the rows. A stale or unreadable cache is said so and computed again.
 4. The student: ``model.train.train`` with the student config (the trainer's defaults, one model for
    every covered task, each task with its own top third of the layers when there are several;
    ``--config FILE.json`` and ``--set KEY=VALUE`` override, e.g. ``--set distill_alpha=0.7 epochs=2``)
@@ -146,8 +146,10 @@ class Settings:
     device: str | None
 
 
-def cache_file(predictor: Path, task: str) -> Path:
-    return predictor / "teacher-cache" / f"{task}.npz"
+def cache_file(predictor: Path, task: str, aug_key: str) -> Path:
+    """One file per task and set of new rows, so that runs with other ``--augment`` settings (a larger
+    transfer set tried beside the first) do not relabel each other's."""
+    return predictor / "teacher-cache" / f"{task}-{aug_key}.npz"
 
 
 def read_cache(path: Path) -> dict | None:
@@ -196,10 +198,10 @@ def new_rows(task: str, cfg: TrainConfig, gold: list[Example], settings: Setting
 def transfer_set(task: str, cfg: TrainConfig, predictor: Path, plan: TaskPlan, runner: Runner, settings: Settings) -> Transfer:
     """The task's transfer set, from the cache where it is still valid; the cache is rewritten when not."""
     gold = load_examples(task, "train", cfg.data_dir)[: cfg.train_limit]
-    path = cache_file(predictor, task)
+    aug_key = augment_key(task, cfg, gold, settings)
+    path = cache_file(predictor, task, aug_key)
     cache = read_cache(path) or {"augment_key": None, "teacher_key": None}
     seconds, cached = {}, []
-    aug_key = augment_key(task, cfg, gold, settings)
     if cache["augment_key"] == aug_key:
         augmented = [
             Example(str(i), tuple(map(str, texts)), None) for i, texts in zip(cache["aug_ids"], cache["aug_texts"], strict=True)

@@ -248,12 +248,22 @@ def test_teacher_outputs_are_cached_and_recomputed_when_the_predictor_changes(tm
     make_predictor(tmp_path, teacher_run, scale=[0.0, 1.0])  # the STS plan changed: only STS is labelled again
     capsys.readouterr()
     run_distill(method, out, "--label-only")
-    assert count_labelling == [*ALL, "sts"] and "sts.npz: stale" in capsys.readouterr().err
+    assert count_labelling == [*ALL, "sts"] and re.search(r"sts-\w+\.npz: stale", capsys.readouterr().err)
     assert distill_digest(transfer, ALL) != digest
+    digest = distill_digest(transfer, ALL)
 
-    (method / "predictor" / "teacher-cache" / "sst.npz").write_bytes(b"not a zip file")
+    # Another number of new rows is another cache file: going back to the first labels nothing again.
+    run_distill(method, out, "--label-only", "--augment", "4")
+    assert count_labelling == [*ALL, "sts", *ALL]
     run_distill(method, out, "--label-only")
-    assert count_labelling == [*ALL, "sts", "sst"] and "sst.npz: unreadable teacher cache" in capsys.readouterr().err
+    assert count_labelling == [*ALL, "sts", *ALL] and distill_digest(transfer, ALL) == digest
+
+    sst_caches = sorted((method / "predictor" / "teacher-cache").glob("sst-*.npz"), key=lambda p: np.load(p)["aug_ids"].size)
+    assert len(sst_caches) == 2
+    sst_caches[-1].write_bytes(b"not a zip file")  # the --augment 6 one
+    run_distill(method, out, "--label-only")
+    err = capsys.readouterr().err
+    assert count_labelling == [*ALL, "sts", *ALL, "sst"] and f"{sst_caches[-1].name}: unreadable teacher cache" in err
 
 
 def copy_member(source: Path, target: Path, nan_in: str | None = None, weights: bool = True) -> Path:
