@@ -152,6 +152,16 @@ def cache_file(predictor: Path, task: str, aug_key: str) -> Path:
     return predictor / "teacher-cache" / f"{task}-{aug_key}.npz"
 
 
+def adopt_old_cache(old: Path, path: Path, aug_key: str) -> None:
+    """A cache written before there was one file per augmentation (``<task>.npz``) is renamed to its
+    new name when it holds the new rows wanted, rather than labelled again."""
+    if path.exists() or not old.is_file():
+        return
+    cache = read_cache(old)
+    if cache is not None and cache["augment_key"] == aug_key:
+        os.replace(old, path)
+
+
 def read_cache(path: Path) -> dict | None:
     """The cached arrays, or None (saying why when a file exists but cannot be used)."""
     if not path.is_file():
@@ -200,6 +210,7 @@ def transfer_set(task: str, cfg: TrainConfig, predictor: Path, plan: TaskPlan, r
     gold = load_examples(task, "train", cfg.data_dir)[: cfg.train_limit]
     aug_key = augment_key(task, cfg, gold, settings)
     path = cache_file(predictor, task, aug_key)
+    adopt_old_cache(predictor / "teacher-cache" / f"{task}.npz", path, aug_key)
     cache = read_cache(path) or {"augment_key": None, "teacher_key": None}
     seconds, cached = {}, []
     if cache["augment_key"] == aug_key:
@@ -218,7 +229,7 @@ def transfer_set(task: str, cfg: TrainConfig, predictor: Path, plan: TaskPlan, r
         cached.append("label")
     else:
         if cache["teacher_key"] is not None:
-            print(f"{path}: stale (the teacher, the data or the settings changed); labelling again", file=sys.stderr)
+            print(f"{path}: stale (the teacher changed); labelling again", file=sys.stderr)
         started = time.perf_counter()
         values = label(runner, plan, task, rows)
         seconds["label"] = time.perf_counter() - started
@@ -351,10 +362,11 @@ def run_row(
     baseline: Row | None,
     teacher_ids: list[str] | None,
     settings: dict,
+    label: str,
     name: str = "student (distilled)",
 ) -> tuple[Row, list[str]]:
-    """A trained run's row (the student, or a run compared with it), estimated as the student is, and
-    the dev ids its estimate indexes."""
+    """A trained run's row (the student, or a run compared with it; ``label`` names its folder),
+    estimated as the student is, and the dev ids its estimate indexes."""
     metrics = run.read_metrics()
     history = metrics["history"]
     splits, seed = settings.get("splits", DEFAULT_SPLITS), settings.get("seed", DEFAULT_SEED)
@@ -366,17 +378,24 @@ def run_row(
         gains = [s - s0 for s, s0 in zip(scores, base, strict=True)]
         estimate |= {"gain_mean": float(np.mean(gains)), "gain_sd": float(np.std(gains, ddof=1)), "gains": gains}
     elif baseline:
-        note += "; no paired gain: the student's dev rows are not the build's"
+        note += "; no paired gain: this run's dev rows are not the build's"
     training = history_training(history)
     passes = encoder_passes(run.read_config(), task)
     dev = metrics["best"][task]
-    row = Row(task, name, STUDENT_ROW, [run_label(run.path)], passes, dev, estimate, None, note, training=training)
+    row = Row(task, name, STUDENT_ROW, [label], passes, dev, estimate, None, note, training=training)
     return row, list(ids)
 
 
-def run_label(path: Path) -> str:
-    """How a report names a run folder: a distillation's ``student`` folder by the folder holding it."""
-    return path.parent.name if path.name == STUDENT_FOLDER else path.name
+def run_labels(paths: list[Path]) -> list[str]:
+    """How a report names run folders: each by the fewest trailing parts of its full path that no other
+    folder's path ends with (two distillations' students: ``student3-tl0/student``, ``student3-tl2/student``)."""
+    parts = [path.resolve().parts for path in paths]
+    labels = []
+    for i, mine in enumerate(parts):
+        others = [p for j, p in enumerate(parts) if j != i]
+        count = next((k for k in range(1, len(mine)) if all(p[-k:] != mine[-k:] for p in others)), len(mine))
+        labels.append(str(Path(*mine[-count:])))
+    return labels
 
 
 def kept_gain(teacher: Row, student: Row) -> str:
@@ -435,19 +454,19 @@ def write_report(
     run = RunDir(output_dir / STUDENT_FOLDER)
     config = run.read_config()["train"]
     rows, header_transfer = [], {}
+    labels = run_labels([run.path, *(other.path for other in compared)])
     for task, transfer in transfers.items():
         built, settings = build_rows(predictor, task)
         baseline = next((r for r in built if r.kind == BASELINE_ROW), None)
         if not any(r.kind == SELECTED_ROW for r in built):
             built.append(teacher_row(predictor, plans[task], task))
         teacher_ids = prediction_ids(predictor.parent / "predictions" / f"{task}-dev-out.csv")
-        student, student_ids = run_row(run, task, baseline, teacher_ids, settings)
+        student, student_ids = run_row(run, task, baseline, teacher_ids, settings, labels[0])
         teacher = next(r for r in built if r.kind != BASELINE_ROW)
         student.note += kept_gain(teacher, student)
         others = []
-        for other_run in compared:
-            name = f"{run_label(other_run.path)} (compared)"
-            other, other_ids = run_row(other_run, task, baseline, teacher_ids, settings, name)
+        for other_run, label in zip(compared, labels[1:], strict=True):
+            other, other_ids = run_row(other_run, task, baseline, teacher_ids, settings, label, f"{label} (compared)")
             difference = paired_difference(student, student_ids, other, other_ids)
             if difference is None:
                 other.note += "; not paired with the student: their dev rows differ"

@@ -302,7 +302,9 @@ def _positive_number(value: object) -> bool:
 
 def with_defaults(saved: dict) -> dict:
     """A saved config (a run's config.json or state.pt) with the fields added since it was written at
-    their defaults, so that a new field does not make an old run look different."""
+    their defaults, so that a new field does not make an old run look different. This holds only
+    because a new field's default always does what the trainer did before the field existed: keep it
+    so (resume and the ensembles' seed runs rely on it)."""
     return TrainConfig().to_dict() | saved
 
 

@@ -54,7 +54,7 @@ from typing import Any
 import tomllib
 
 from data.files import TASKS
-from model.config import PER_TASK_FIELDS, TrainConfig, applies_to
+from model.config import NUMBER_PER_TASK_FIELDS, PER_TASK_FIELDS, TrainConfig, applies_to
 from search.spec import TRAIN_DEFAULTS, Budget, Param, StudyError, StudySpec, check_budget
 from search.timebudget import parse_duration
 
@@ -224,6 +224,8 @@ def _param_kind(name: str, where: str) -> str:
         raise StudyError(f"{where}: {key}: not searchable: {RUNNER_FIELDS[name]}")
     if name not in fields_:
         raise StudyError(f"{where}: {key}: unknown TrainConfig field; known: {sorted(fields_)}")
+    if name in NUMBER_PER_TASK_FIELDS:  # augment_limit's default is None: the kind is the trainer's
+        return "int" if NUMBER_PER_TASK_FIELDS[name] is int else "float"
     default = TRAIN_DEFAULTS[name]
     if isinstance(default, dict):  # a per-task field's default table: its values' kind
         default = next(iter(default.values()))
@@ -346,9 +348,13 @@ def _check_combinations(study: StudySpec, where: str) -> None:
                 raise StudyError(f"{where}: {place}.surgery: {why}")
         if "surgery" in study.space:
             raise StudyError(f"{where}: search.surgery: {why}")
-        weights = [name for name in study.space if name.split(".")[0] == "loss_weight"]
-        if weights:  # one task's weight only rescales its gradient, which AdamW undoes: trials wasted
-            raise StudyError(f"{where}: search.{weights[0]}: loss weights are relative between tasks; {study.tasks} is one task")
+        weighted = [f"search.{name}" for name in study.space if name.split(".")[0] == "loss_weight"]
+        weighted += [f"variants.{v}" for v, cs in study.variants.items() if any("loss_weight" in s for s in cs.values())]
+        if weighted:  # one task's weight only rescales its gradient, which AdamW undoes: trials wasted
+            raise StudyError(f"{where}: {weighted[0]}: loss weights are relative between tasks; {study.tasks} is one task")
+    if "loss_weight" in study.space:  # the same weight for every task: a rescaled loss, nothing searched
+        why = "one weight for every task only rescales the loss; search one task's, loss_weight.TASK"
+        raise StudyError(f"{where}: search.loss_weight: {why}")
     first = {name: param.corner_values()[0] for name, param in study.space.items()}
     first.update({name: next(iter(choices)) for name, choices in study.variants.items()})
 

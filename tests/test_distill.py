@@ -248,22 +248,27 @@ def test_teacher_outputs_are_cached_and_recomputed_when_the_predictor_changes(tm
     make_predictor(tmp_path, teacher_run, scale=[0.0, 1.0])  # the STS plan changed: only STS is labelled again
     capsys.readouterr()
     run_distill(method, out, "--label-only")
-    assert count_labelling == [*ALL, "sts"] and re.search(r"sts-\w+\.npz: stale", capsys.readouterr().err)
+    assert count_labelling == [*ALL, "sts"] and re.search(r"sts-\w+\.npz: stale \(the teacher changed\)", capsys.readouterr().err)
     assert distill_digest(transfer, ALL) != digest
     digest = distill_digest(transfer, ALL)
 
     # Another number of new rows is another cache file: going back to the first labels nothing again.
+    cache_dir = method / "predictor" / "teacher-cache"
+    (sst_cache,) = cache_dir.glob("sst-*.npz")  # --augment 6's
     run_distill(method, out, "--label-only", "--augment", "4")
-    assert count_labelling == [*ALL, "sts", *ALL]
+    assert count_labelling == [*ALL, "sts", *ALL] and len(list(cache_dir.glob("sst-*.npz"))) == 2
     run_distill(method, out, "--label-only")
     assert count_labelling == [*ALL, "sts", *ALL] and distill_digest(transfer, ALL) == digest
 
-    sst_caches = sorted((method / "predictor" / "teacher-cache").glob("sst-*.npz"), key=lambda p: np.load(p)["aug_ids"].size)
-    assert len(sst_caches) == 2
-    sst_caches[-1].write_bytes(b"not a zip file")  # the --augment 6 one
+    # A cache file of the older layout (one per task) with the wanted rows is taken over, not relabelled.
+    sst_cache.rename(cache_dir / "sst.npz")
+    run_distill(method, out, "--label-only")
+    assert count_labelling == [*ALL, "sts", *ALL] and sst_cache.is_file() and not (cache_dir / "sst.npz").exists()
+
+    sst_cache.write_bytes(b"not a zip file")
     run_distill(method, out, "--label-only")
     err = capsys.readouterr().err
-    assert count_labelling == [*ALL, "sts", *ALL, "sst"] and f"{sst_caches[-1].name}: unreadable teacher cache" in err
+    assert count_labelling == [*ALL, "sts", *ALL, "sst"] and f"{sst_cache.name}: unreadable teacher cache" in err
 
 
 def copy_member(source: Path, target: Path, nan_in: str | None = None, weights: bool = True) -> Path:
@@ -458,7 +463,7 @@ def test_no_share_of_a_teacher_gain_within_noise_is_claimed():
 
 
 def test_a_compared_run_is_paired_with_the_student_only_on_the_same_dev_rows():
-    from ensemble.distill import paired_difference, run_label
+    from ensemble.distill import paired_difference, run_labels
     from ensemble.report import Row
 
     def row(scores: list[float]) -> Row:
@@ -470,9 +475,12 @@ def test_a_compared_run_is_paired_with_the_student_only_on_the_same_dev_rows():
     assert difference["student_minus_sd"] == pytest.approx(np.std([0.01, 0.02, 0.01], ddof=1))
     assert paired_difference(student, ["a", "b"], other, ["b", "a"]) is None  # same rows, another order
     assert paired_difference(student, ["a", "b"], other, ["a", "c"]) is None
-    # Two distillations' students are told apart by the folder that holds them.
-    assert run_label(Path("distill/student3-tl0/student")) == "student3-tl0"
-    assert run_label(Path("results/sts-diverse/trials/3")) == "3"
+    # Runs are named by the fewest trailing parts of their paths that tell them apart.
+    students = [Path("/r/distill/student3-tl2/student"), Path("/r/distill/student3-tl0/student")]
+    assert run_labels(students) == ["student3-tl2/student", "student3-tl0/student"]
+    trials = [Path("/r/student"), Path("/r/sts-diverse/trials/3"), Path("/r/sst-diverse/trials/3")]
+    assert run_labels(trials) == ["student", "sts-diverse/trials/3", "sst-diverse/trials/3"]
+    assert run_labels([Path("/r/a"), Path("/r/a")]) == ["/r/a", "/r/a"]
 
 
 def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_task_layers():

@@ -265,7 +265,8 @@ def test_the_usual_recipe_with_its_seeds_is_a_row_of_its_own(tmp_path, storage):
     """Trials 0-2 run the usual recipe with seeds 0-2; trial 3 another recipe; trial 4 the usual recipe,
     early-stopped. The seed row averages trials 0-2 uniformly and is not a dev-selected predictor.
     Trial 2 was saved by a newer trainer that writes a field the others lack at its default value
-    (loss_weight 1.0): the same recipe all the same."""
+    (loss_weight 1.0): the same recipe all the same. Trial 5 sets that field to another value: another
+    recipe."""
     study = new_study(storage, "seeds", ["sts"], metric="sts")
     for n, (noise, encoding) in enumerate(((0.9, "bi"), (0.9, "bi"), (0.9, "bi"), (0.5, "cross"))):
         newer = {"loss_weight": 1.0} if n == 2 else None
@@ -273,6 +274,8 @@ def test_the_usual_recipe_with_its_seeds_is_a_row_of_its_own(tmp_path, storage):
         add_trial(study, trial, 0.8)
     stopped = fake_trial(tmp_path, "t4", {"sts": sts_outputs(0.9, 44)}, "bi", seed=4)
     add_trial(study, stopped, None, state=optuna.trial.TrialState.PRUNED, early_stopped=True, best_value=0.8)
+    weighted = fake_trial(tmp_path, "t5", {"sts": sts_outputs(0.9, 45)}, "bi", seed=5, train_fields={"loss_weight": 2.0})
+    add_trial(study, weighted, 0.8)
     results = run_build(tmp_path, storage, "--study", "seeds", "--method", "caruana")
     average = results["sts"].fixed["usual recipe x seeds"]
     assert [results["sts"].pool.members[i].name for i in average.members] == [f"seeds/trial {n}" for n in range(3)]

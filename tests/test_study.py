@@ -7,6 +7,7 @@ import re
 import optuna
 import pytest
 
+from model.config import TrainConfig
 from search.study import STUDIES_DIR, StudyError, load_spec
 
 GOOD = """
@@ -260,6 +261,16 @@ def test_a_per_task_field_is_searched_for_one_task(tmp_path):
     assert study.space["loss_weight.sts"].kind == "float"
     config = study.train_config({"pair_encoding.sts": "bi", "loss_weight.sts": 1.5})
     assert config["loss_weight"] == {"sst": 1.0, "para": 1.0, "sts": 1.5}
+    path = write(tmp_path, PER_TASK.replace("pooling.sst = {", "loss_weight = { low = 0.5, high = 2.0 }\n#"), "all.toml")
+    with pytest.raises(StudyError, match=re.escape(f"{path}: search.loss_weight: one weight for every task only rescales")):
+        load_spec(path)
+    # an int per task whose default is None (no limit): a distillation's new rows used for one task
+    limited = PER_TASK.replace("pooling.sst = {", "augment_limit.para = { low = 0, high = 4000, step = 1000 }\n#")
+    study = load_spec(write(tmp_path, limited, "limited.toml"))
+    assert study.space["augment_limit.para"].kind == "int"
+    config = study.train_config({"pair_encoding.sts": "bi", "augment_limit.para": 2000})
+    assert config["augment_limit"] == {"sst": None, "para": 2000, "sts": None}
+    assert TrainConfig.from_dict(config).task_value("augment_limit", "para") == 2000
     # a task that the field does not apply to, or that the study does not train
     for bad_key, old in (("pair_encoding.sst", "pair_encoding.sts"), ("pooling.cfimdb", "pooling.sst")):
         path = write(tmp_path, PER_TASK.replace(old, bad_key), f"{bad_key}.toml")
