@@ -5,7 +5,7 @@ AugSBERT, Thakur et al. 2021).
 1. The teacher: DIR's predictor, run as ``ensemble.predict`` runs it (members, weights, STS scales,
    soups). Every member folder is checked before anything runs.
 2. The transfer set, per covered task (``--tasks``, default all): the training rows the student uses
-   (its ``train_limit``) and ``--augment`` new unlabelled rows (ensemble.augment). The teacher labels
+   (its ``train_limit``) and ``--augment`` new unlabelled rows, per task (ensemble.augment). The teacher labels
    them all (a progress bar); no dev or test row is labelled or fitted on.
 3. The cache: per task and augmentation, ``<predictor>/teacher-cache/<task>-<digest>.npz`` holds the
    new rows and the teacher's values. The file's name is a digest of the augmentation's settings and
@@ -139,7 +139,7 @@ class Transfer:
 
 @dataclass
 class Settings:
-    augment: int
+    augment: dict[str, int]  # new rows per task
     seed: int
     pool: int
     neighbours: int
@@ -182,7 +182,8 @@ def read_cache(path: Path) -> dict | None:
 
 def augment_key(task: str, cfg: TrainConfig, gold: list[Example], settings: Settings) -> str:
     """What the new rows depend on: the settings, the base encoder and the files they are drawn from."""
-    used = {"task": task, "augment": settings.augment, "seed": settings.seed, "pool": settings.pool, "method": AUGMENT_METHOD}
+    used = {"task": task, "augment": settings.augment[task], "seed": settings.seed, "method": AUGMENT_METHOD}
+    used |= {"pool": settings.pool}
     used |= {"neighbours": settings.neighbours, "model_path": cfg.model_path, "model_config": cfg.model_config}
     used |= {"max_length": cfg.max_length, "gold": rows_digest(gold)}
     digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode())
@@ -192,16 +193,17 @@ def augment_key(task: str, cfg: TrainConfig, gold: list[Example], settings: Sett
 
 
 def new_rows(task: str, cfg: TrainConfig, gold: list[Example], settings: Settings) -> list[Example]:
-    if settings.augment == 0:
+    count = settings.augment[task]
+    if count == 0:
         return []
     if TASKS[task].is_pair:
         embed = base_embedder(cfg, settings.device)
         # A new pair must not be a dev or test pair (Quora questions recur across its split): the teacher
         # would label a row the student is scored on.
         held_out = {frozenset(e.texts) for split in ("dev", "test") for e in load_examples(task, split, cfg.data_dir)}
-        rows = pair_rows(gold, settings.augment, settings.seed, embed, settings.pool, settings.neighbours, held_out)
+        rows = pair_rows(gold, count, settings.seed, embed, settings.pool, settings.neighbours, held_out)
     else:
-        rows = sentence_rows(task, settings.augment, settings.seed, cfg.data_dir)
+        rows = sentence_rows(task, count, settings.seed, cfg.data_dir)
     return [Example(f"aug-{task}-{k}", row, None) for k, row in enumerate(rows)]
 
 
@@ -511,6 +513,26 @@ def write_report(
 # ---------------------------------------------------------------------------------------------- CLI
 
 
+def augment_counts(values: list[str], tasks: list[str]) -> dict[str, int]:
+    """``--augment N`` (every task) or ``TASK=N ...`` (every distilled task named) as new rows per task."""
+    from model.train import parse_per_task
+
+    try:
+        given = parse_per_task("augment", values, int)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(str(err)) from None
+    if isinstance(given, dict):
+        extra, missing = sorted(set(given) - set(tasks)), [t for t in tasks if t not in given]
+        if extra or missing:
+            what = f"{extra} not distilled (distilled: {tasks})" if extra else f"no value for {missing}"
+            raise ValueError(f"--augment: {what}; give N for every task or TASK=N for each of {tasks}")
+    counts = given if isinstance(given, dict) else dict.fromkeys(tasks, given)
+    negative = {task: n for task, n in counts.items() if n < 0}
+    if negative:
+        raise ValueError(f"--augment must be >= 0, not {negative}")
+    return {task: counts[task] for task in tasks}
+
+
 def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = None) -> dict:
     """Check everything, label (or reuse) the transfer sets, write them, train (or resume) the student,
     write the report. Returns the trainer's metrics ({} with --label-only)."""
@@ -521,9 +543,7 @@ def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = No
     output_dir = (args.output_dir or default_output_dir(predictor)).resolve()  # absolute: a study's trials run elsewhere
     cfg = student_config(args, list(plans), output_dir / "transfer")
     compared = compared_runs(args.compare or [], cfg.tasks)
-    if args.augment < 0:
-        raise ValueError(f"--augment must be >= 0, not {args.augment}")
-    settings = Settings(args.augment, args.seed, args.neighbour_pool, args.neighbours, args.device)
+    settings = Settings(augment_counts(args.augment, cfg.tasks), args.seed, args.neighbour_pool, args.neighbours, args.device)
     runner = Runner(args.device)
     transfers = {task: transfer_set(task, cfg, predictor, plans[task], runner, settings) for task in cfg.tasks}
     write_transfer(output_dir / "transfer", transfers)
@@ -542,7 +562,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ensemble", type=Path, required=True, help="method folder of ensemble.build, its predictor/, or a run")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), help="tasks to distil (default: every covered task)")
-    parser.add_argument("--augment", type=int, default=2000, help="new unlabelled rows per task (default %(default)s)")
+    parser.add_argument(
+        "--augment",
+        nargs="+",
+        default=["2000"],
+        metavar="N|TASK=N",
+        help="new unlabelled rows: N for every task, or TASK=N for each distilled task (default 2000)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the new rows (default %(default)s)")
     parser.add_argument(
         "--neighbour-pool", type=int, default=4000, help="pair tasks: sentences embedded to find neighbours (default %(default)s)"

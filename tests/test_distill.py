@@ -259,16 +259,23 @@ def test_teacher_outputs_are_cached_and_recomputed_when_the_predictor_changes(tm
     assert count_labelling == [*ALL, "sts", *ALL] and len(list(cache_dir.glob("sst-*.npz"))) == 2
     run_distill(method, out, "--label-only")
     assert count_labelling == [*ALL, "sts", *ALL] and distill_digest(transfer, ALL) == digest
+    run_distill(method, out, "--label-only", "--augment", "sst=6", "para=6", "sts=6")  # the same, spelled per task
+    assert count_labelling == [*ALL, "sts", *ALL] and distill_digest(transfer, ALL) == digest
+    run_distill(method, out, "--label-only", "--augment", "sst=0", "para=6", "sts=6")  # no new SST rows: SST alone
+    assert count_labelling == [*ALL, "sts", *ALL, "sst"] and not augment_file(transfer, "sst").exists()
+    assert augment_file(transfer, "para").exists()
+    run_distill(method, out, "--label-only")
+    assert count_labelling == [*ALL, "sts", *ALL, "sst"] and distill_digest(transfer, ALL) == digest
 
     # A cache file of the older layout (one per task) with the wanted rows is taken over, not relabelled.
     sst_cache.rename(cache_dir / "sst.npz")
     run_distill(method, out, "--label-only")
-    assert count_labelling == [*ALL, "sts", *ALL] and sst_cache.is_file() and not (cache_dir / "sst.npz").exists()
+    assert count_labelling == [*ALL, "sts", *ALL, "sst"] and sst_cache.is_file() and not (cache_dir / "sst.npz").exists()
 
     sst_cache.write_bytes(b"not a zip file")
     run_distill(method, out, "--label-only")
     err = capsys.readouterr().err
-    assert count_labelling == [*ALL, "sts", *ALL, "sst"] and f"{sst_cache.name}: unreadable teacher cache" in err
+    assert count_labelling == [*ALL, "sts", *ALL, "sst", "sst"] and f"{sst_cache.name}: unreadable teacher cache" in err
 
 
 def copy_member(source: Path, target: Path, nan_in: str | None = None, weights: bool = True) -> Path:
@@ -308,6 +315,17 @@ BAD_INPUTS = {
         ["--compare", "/no-run"],
         "--compare /no-run: no metrics",
     ),
+    "new rows for a task not distilled": (
+        lambda tmp, run: make_predictor(tmp, run),
+        ["--augment", "sst=2", "para=2", "cfimdb=2"],
+        r"--augment: \['cfimdb'\] not distilled",
+    ),
+    "new rows missing for a task": (
+        lambda tmp, run: make_predictor(tmp, run),
+        ["--augment", "sst=2"],
+        r"no value for \['para', 'sts'\]",
+    ),
+    "negative new rows": (lambda tmp, run: make_predictor(tmp, run), ["--augment", "sst=2", "para=-1", "sts=2"], "must be >= 0"),
     "non-finite teacher": (
         lambda tmp, run: make_predictor(tmp, copy_member(run, tmp / "member", nan_in="sst")),
         [],
