@@ -389,13 +389,14 @@ def run_row(
 
 
 def run_labels(paths: list[Path]) -> list[str]:
-    """How a report names run folders: each by the fewest trailing parts of its full path that no other
-    folder's path ends with (two distillations' students: ``student3-tl0/student``, ``student3-tl2/student``)."""
+    """How a report names run folders: each by the fewest trailing parts of its full path, two at least
+    (a bare trial number says little), that no other folder's path ends with (two distillations'
+    students: ``student3-tl0/student``, ``student3-tl2/student``)."""
     parts = [path.resolve().parts for path in paths]
     labels = []
     for i, mine in enumerate(parts):
         others = [p for j, p in enumerate(parts) if j != i]
-        count = next((k for k in range(1, len(mine)) if all(p[-k:] != mine[-k:] for p in others)), len(mine))
+        count = next((k for k in range(2, len(mine)) if all(p[-k:] != mine[-k:] for p in others)), len(mine))
         labels.append(str(Path(*mine[-count:])))
     return labels
 

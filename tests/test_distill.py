@@ -386,7 +386,7 @@ def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path,
     assert seen == [1, 2] and count_labelling == ALL
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compared"] == [str(teacher_run)]
-    compared = {r["task"]: r for r in summary["rows"] if r["name"] == "run (compared)"}
+    compared = {r["task"]: r for r in summary["rows"] if r["name"].endswith("/run (compared)")}
     assert set(compared) == set(ALL)
     for task, row in compared.items():
         scores = ensemble_distill.student_estimate(RunDir(teacher_run), task, 20, 0)[0]
@@ -496,8 +496,8 @@ def test_a_compared_run_is_paired_with_the_student_only_on_the_same_dev_rows():
     # Runs are named by the fewest trailing parts of their paths that tell them apart.
     students = [Path("/r/distill/student3-tl2/student"), Path("/r/distill/student3-tl0/student")]
     assert run_labels(students) == ["student3-tl2/student", "student3-tl0/student"]
-    trials = [Path("/r/student"), Path("/r/sts-diverse/trials/3"), Path("/r/sst-diverse/trials/3")]
-    assert run_labels(trials) == ["student", "sts-diverse/trials/3", "sst-diverse/trials/3"]
+    trials = [Path("/r/x/student"), Path("/r/sts-diverse/trials/3"), Path("/r/sst-diverse/trials/3"), Path("/r/mt/trials/0")]
+    assert run_labels(trials) == ["x/student", "sts-diverse/trials/3", "sst-diverse/trials/3", "trials/0"]
     assert run_labels([Path("/r/a"), Path("/r/a")]) == ["/r/a", "/r/a"]
 
 
