@@ -152,14 +152,16 @@ def cache_file(predictor: Path, task: str, aug_key: str) -> Path:
     return predictor / "teacher-cache" / f"{task}-{aug_key}.npz"
 
 
-def adopt_old_cache(old: Path, path: Path, aug_key: str) -> None:
+def adopt_old_cache(old: Path, path: Path, aug_key: str) -> dict | None:
     """A cache written before there was one file per augmentation (``<task>.npz``) is renamed to its
-    new name when it holds the new rows wanted, rather than labelled again."""
+    new name when it holds the new rows wanted, rather than labelled again; returns its content then."""
     if path.exists() or not old.is_file():
-        return
+        return None
     cache = read_cache(old)
-    if cache is not None and cache["augment_key"] == aug_key:
-        os.replace(old, path)
+    if cache is None or cache["augment_key"] != aug_key:
+        return None
+    os.replace(old, path)
+    return cache
 
 
 def read_cache(path: Path) -> dict | None:
@@ -183,9 +185,8 @@ def read_cache(path: Path) -> dict | None:
 def augment_key(task: str, cfg: TrainConfig, gold: list[Example], settings: Settings) -> str:
     """What the new rows depend on: the settings, the base encoder and the files they are drawn from."""
     used = {"task": task, "augment": settings.augment[task], "seed": settings.seed, "method": AUGMENT_METHOD}
-    used |= {"pool": settings.pool}
-    used |= {"neighbours": settings.neighbours, "model_path": cfg.model_path, "model_config": cfg.model_config}
-    used |= {"max_length": cfg.max_length, "gold": rows_digest(gold)}
+    used |= {"pool": settings.pool, "neighbours": settings.neighbours, "model_path": cfg.model_path}
+    used |= {"model_config": cfg.model_config, "max_length": cfg.max_length, "gold": rows_digest(gold)}
     digest = hashlib.sha256(json.dumps(used, sort_keys=True).encode())
     for path in source_files(task, cfg.data_dir):
         file_digest(path, digest)
@@ -212,8 +213,8 @@ def transfer_set(task: str, cfg: TrainConfig, predictor: Path, plan: TaskPlan, r
     gold = load_examples(task, "train", cfg.data_dir)[: cfg.train_limit]
     aug_key = augment_key(task, cfg, gold, settings)
     path = cache_file(predictor, task, aug_key)
-    adopt_old_cache(predictor / "teacher-cache" / f"{task}.npz", path, aug_key)
-    cache = read_cache(path) or {"augment_key": None, "teacher_key": None}
+    cache = adopt_old_cache(predictor / "teacher-cache" / f"{task}.npz", path, aug_key) or read_cache(path)
+    cache = cache or {"augment_key": None, "teacher_key": None}
     seconds, cached = {}, []
     if cache["augment_key"] == aug_key:
         augmented = [
@@ -522,16 +523,16 @@ def augment_counts(values: list[str], tasks: list[str]) -> dict[str, int]:
         given = parse_per_task("augment", values, int)
     except argparse.ArgumentTypeError as err:
         raise ValueError(str(err)) from None
-    if isinstance(given, dict):
-        extra, missing = sorted(set(given) - set(tasks)), [t for t in tasks if t not in given]
-        if extra or missing:
-            what = f"{extra} not distilled (distilled: {tasks})" if extra else f"no value for {missing}"
-            raise ValueError(f"--augment: {what}; give N for every task or TASK=N for each of {tasks}")
-    counts = given if isinstance(given, dict) else dict.fromkeys(tasks, given)
+    counts = {task: value_for_task(given, task) for task in tasks}
+    extra = sorted(set(given) - set(tasks)) if isinstance(given, dict) else []
+    missing = [task for task, n in counts.items() if n is None]
+    if extra or missing:
+        what = f"{extra} not distilled (distilled: {tasks})" if extra else f"no value for {missing}"
+        raise ValueError(f"--augment: {what}; give N for every task or TASK=N for each of {tasks}")
     negative = {task: n for task, n in counts.items() if n < 0}
     if negative:
         raise ValueError(f"--augment must be >= 0, not {negative}")
-    return {task: counts[task] for task in tasks}
+    return counts
 
 
 def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = None) -> dict:
