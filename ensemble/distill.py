@@ -18,8 +18,9 @@ AugSBERT, Thakur et al. 2021).
    ``OUTPUT/student`` is a normal run folder: rerunning resumes it, it is a valid ensemble member, and
    ``ensemble.predict --ensemble OUTPUT/student`` runs it.
 5. The report: ``OUTPUT/summary.{md,json}``: per task the usual recipe and the teacher (rows of the
-   build's summary when there is one) beside the student: in-sample dev, out-of-selection (its epoch
-   chosen on half A of dev, scored on half B, the build's halves) and the paired gain over the usual
+   build's summary when there is one) beside the student: in-sample dev, out-of-selection (its one epoch
+   chosen on half A of dev of all its tasks together, as the trainer chose it on all of dev, and
+   scored on half B, the build's halves) and the paired gain over the usual
    recipe, passes per example, and the seconds of augmentation, labelling and training.
 
 OUTPUT is ``--output-dir``, by default ``results/<studies>/distill/<method>`` for
@@ -60,6 +61,7 @@ from ensemble.taskpool import checked_metric, encoder_passes
 from model.build import bert_config_for
 from model.config import TrainConfig, value_for_task
 from model.distill import augment_file, teacher_file
+from model.metrics import overall_score
 from model.rundir import RunDir, RunFileError, write_npz_outputs
 
 STUDENT_FOLDER = "student"  # the student's run folder inside the distillation's output folder
@@ -322,15 +324,27 @@ def default_output_dir(predictor: Path) -> Path:
 
 
 def student_estimate(run: RunDir, task: str, splits: int, seed: int) -> tuple[list[float], np.ndarray]:
-    """The student's out-of-selection scores: on each of the halves (A, B), the epoch best on A, scored on B.
-    Also the dev ids, in the order the halves index."""
-    outputs = [run.read_epoch_outputs(task, e) for e in run.output_epochs(task)]
-    labels, scores = outputs[0]["labels"], []
-    for a, b in halves(len(labels), splits, seed):
-        on_a = [checked_metric(task, out["values"][a], labels[a], f"student {task}") for out in outputs]
-        chosen = outputs[int(np.argmax(on_a))]
-        scores.append(checked_metric(task, chosen["values"][b], labels[b], f"student {task}"))
-    return scores, outputs[0]["ids"]
+    """The student's out-of-selection scores of ``task``: on each of the halves (A, B), the epoch best on
+    A, scored on B. Also the dev ids, in the order the halves index.
+
+    One model serves all of a run's tasks with the weights of one epoch, which the trainer chose by the
+    mean score over its tasks ("overall"). So the epoch is chosen the same way here: on the i-th halves
+    of every task together (a per-task choice would score a model that does not exist, each task at
+    its own epoch)."""
+    tasks = [t for t in run.read_config()["train"]["tasks"] if run.output_epochs(t)] or [task]
+    epochs = sorted(set.intersection(*(set(run.output_epochs(t)) for t in tasks)))
+    outputs = {t: [run.read_epoch_outputs(t, e) for e in epochs] for t in tasks}
+    task_halves = {t: halves(len(outputs[t][0]["labels"]), splits, seed) for t in tasks}
+
+    def score(t: str, epoch_index: int, rows: np.ndarray) -> float:
+        out = outputs[t][epoch_index]
+        return checked_metric(t, out["values"][rows], out["labels"][rows], f"{run.path} {t} epoch {epochs[epoch_index]}")
+
+    scores = []
+    for i in range(splits):
+        on_a = [overall_score({t: score(t, e, task_halves[t][i][0]) for t in tasks}, tasks) for e in range(len(epochs))]
+        scores.append(score(task, int(np.argmax(on_a)), task_halves[task][i][1]))  # argmax: the first of equals, as the trainer
+    return scores, outputs[task][0]["ids"]
 
 
 def build_rows(predictor: Path, task: str) -> tuple[list[Row], dict]:
@@ -375,7 +389,7 @@ def run_row(
     splits, seed = settings.get("splits", DEFAULT_SPLITS), settings.get("seed", DEFAULT_SEED)
     scores, ids = student_estimate(run, task, splits, seed)
     estimate = {"mean": float(np.mean(scores)), "sd": float(np.std(scores, ddof=1)), "splits": splits, "scores": scores}
-    note = "epoch chosen on half A of dev, scored on half B"
+    note = "epoch chosen on half A of dev (of all its tasks together: one model), scored on half B"
     base = (baseline.estimate or {}).get("scores") if baseline else None
     if base and teacher_ids == list(ids) and len(base) == len(scores):
         gains = [s - s0 for s, s0 in zip(scores, base, strict=True)]
@@ -503,8 +517,9 @@ def write_report(
     preamble = (
         f"Teacher: {predictor}. Student: {run.path} (alpha {config['distill_alpha']}, temperature "
         f"{config['distill_temperature']}, augment_limit {config['augment_limit']}). Teacher and usual-recipe rows are the "
-        "build's (out-of-selection as there); the student's out-of-selection score chooses its epoch on half A of each "
-        "of the build's halves of dev and scores it on half B; its gain is paired with the usual recipe on the same "
+        "build's (out-of-selection as there); the student's out-of-selection score chooses its one epoch on half A of "
+        "each of the build's halves of dev (of all its tasks together, by their mean score, as the trainer chose it "
+        "on all of dev) and scores it on half B; its gain is paired with the usual recipe on the same "
         "halves. Said plainly: the teacher (its members, weights, epochs and STS scales) was chosen on all of dev by "
         "ensemble.build, and the student learns from it, so the student's dev scores inherit that choice; its estimate "
         "corrects only for its own epoch choice.\n\n" + "\n".join(lines) + f"\n- this run's wall time: {seconds:.0f} s\n\n"

@@ -501,6 +501,36 @@ def test_a_compared_run_is_paired_with_the_student_only_on_the_same_dev_rows():
     assert run_labels([Path("/r/a"), Path("/r/a")]) == ["/r/a", "/r/a"]
 
 
+def test_a_multitask_runs_estimate_chooses_one_epoch_for_all_its_tasks(tmp_path):
+    """A student is one model: its estimate scores every task at the epoch best on the halves A of all
+    its tasks together (the trainer's "overall"), not each task at its own best epoch."""
+    from ensemble.distill import student_estimate
+    from ensemble.estimate import halves
+
+    rows, rng = 40, np.random.default_rng(0)
+    sst_labels, sts_labels = rng.integers(0, 5, rows), rng.uniform(0, 5, rows)
+    right = np.eye(5)[sst_labels]
+    sst_epochs = [right, np.roll(right, 1, axis=1)]  # epoch 1 right, epoch 2 wrong on every sentence
+    sts_epochs = [sts_labels + rng.normal(0, 2, rows), sts_labels]  # epoch 2 perfect, epoch 1 noisy
+    ids = {t: [f"{t}{i}" for i in range(rows)] for t in ("sst", "sts")}
+
+    def run_of(tasks: list[str]) -> RunDir:
+        run = RunDir(tmp_path / "+".join(tasks))
+        run.write_config({"tasks": tasks}, {})
+        for epoch in (1, 2):
+            outputs = {"sts": {"ids": ids["sts"], "values": sts_epochs[epoch - 1], "labels": sts_labels}}
+            if "sst" in tasks:
+                outputs["sst"] = {"ids": ids["sst"], "values": sst_epochs[epoch - 1], "labels": sst_labels}
+            run.write_epoch_outputs(epoch, outputs)
+        return run
+
+    at_epoch_1 = [np.corrcoef(sts_epochs[0][b], sts_labels[b])[0, 1] for _, b in halves(rows, 5, 0)]
+    scores, got_ids = student_estimate(run_of(["sst", "sts"]), "sts", 5, 0)
+    assert scores == pytest.approx(at_epoch_1) and list(got_ids) == ids["sts"]  # SST's epoch 1 wins "overall"
+    assert max(at_epoch_1) < 0.9
+    assert student_estimate(run_of(["sts"]), "sts", 5, 0)[0] == pytest.approx([1.0] * 5)  # alone: its own best
+
+
 def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_task_layers():
     """A student with its own top layers per task still picks neighbour pairs with every base layer."""
     from ensemble.augment import base_embedder
