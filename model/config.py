@@ -3,7 +3,7 @@
 Torch-free, so that study files (search/study.py) can be checked without loading the trainer. Every
 field is a command-line flag of ``python -m model.train`` and a key of a study file's [fixed] or
 [search] tables. The per-task fields (``PER_TASK_FIELDS``: ``batch_size``, ``pair_encoding``, ``pooling``,
-``augment_limit``, ``loss_weight``) take one value for every task or a {task: value} table.
+``augment_limit``, ``loss_weight``, ``distill_alpha``) take one value for every task or a {task: value} table.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ CHOICE_FIELDS = {
 DEFAULT_PAIR_ENCODING = {"para": "cross", "sts": "bi"}
 # Fields that take one value for every task or a {task: value} table; a table covers every trained
 # task the field applies to (pair_encoding: the pair tasks only).
-PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling", "augment_limit", "loss_weight")
+PER_TASK_FIELDS = ("batch_size", "pair_encoding", "pooling", "augment_limit", "loss_weight", "distill_alpha")
 # The per-task fields whose values are numbers, and their type (the others are names).
-NUMBER_PER_TASK_FIELDS = {"batch_size": int, "augment_limit": int, "loss_weight": float}
+NUMBER_PER_TASK_FIELDS = {"batch_size": int, "augment_limit": int, "loss_weight": float, "distill_alpha": float}
 # Fields that change how a run executes but not what it computes; a resumed run may change them.
 RUNTIME_FIELDS = ("threads", "device", "predict_test", "cache_dir", "data_dir")
 
@@ -174,9 +174,10 @@ class TrainConfig:
             default=None,
         )
     )
-    distill_alpha: float = field(
+    distill_alpha: float | dict[str, float] = field(
         **_help(
-            "weight of the soft (teacher) loss on gold rows, 1 - alpha that of the gold loss; augmented rows: soft only",
+            "weight of the soft (teacher) loss on gold rows, 1 - alpha that of the gold loss; augmented rows: soft only. "
+            "One number, or per task as task=number pairs (SST's student gained from alpha 1, STS's did not)",
             default=0.5,
         )
     )
@@ -217,11 +218,13 @@ class TrainConfig:
             raise ValueError(f"batch_size must be a positive int or task=int pairs, not {self.batch_size!r}")
         if not all(_positive_number(w) for w in self.values_of("loss_weight")):
             raise ValueError(f"loss_weight must be a finite number > 0 or task=number pairs, not {self.loss_weight!r}")
+        alphas = self.values_of("distill_alpha")
+        if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0 for a in alphas):
+            raise ValueError(f"distill_alpha must be in [0, 1] or task=number pairs, not {self.distill_alpha!r}")
         # Always floats, so that a saved config.json and the messages read the same whether 2 or 2.0 was given.
-        if isinstance(self.loss_weight, dict):
-            self.loss_weight = {t: float(w) for t, w in self.loss_weight.items()}
-        else:
-            self.loss_weight = float(self.loss_weight)
+        for name in ("loss_weight", "distill_alpha"):
+            value = getattr(self, name)
+            setattr(self, name, {t: float(v) for t, v in value.items()} if isinstance(value, dict) else float(value))
         for name in ("epochs", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, not {getattr(self, name)!r}")
@@ -244,8 +247,6 @@ class TrainConfig:
             raise ValueError(f"layer_lr_decay must be in (0, 1], not {self.layer_lr_decay!r}")
         if not 0.0 < self.gradvac_beta <= 1.0:
             raise ValueError(f"gradvac_beta must be in (0, 1], not {self.gradvac_beta!r}")
-        if not 0.0 <= self.distill_alpha <= 1.0:
-            raise ValueError(f"distill_alpha must be in [0, 1], not {self.distill_alpha!r}")
         if not (self.distill_temperature > 0 and math.isfinite(self.distill_temperature)):
             raise ValueError(f"distill_temperature must be a finite number > 0, not {self.distill_temperature!r}")
         limits = [v for v in self.values_of("augment_limit") if v is not None]

@@ -8,9 +8,10 @@ A distill folder (``TrainConfig.distill_dir``; ``python -m ensemble.distill`` wr
   <task>-augment.csv   optional: extra unlabelled rows in the CS224N format (id and the text columns)
 
 The loss of a batch (``distill_loss``) is, averaged over its rows: on a gold row
-``(1 - alpha) * gold loss + alpha * soft loss``; on an augmented row the soft loss alone (it has no gold
-label). ``distill_digest`` fingerprints the folder's content, and the trainer records it in the run's
-config, so a resumed run refuses a changed teacher like any other changed setting.
+``(1 - alpha) * gold loss + alpha * soft loss`` (alpha one number or per task); on an augmented row
+the soft loss alone (it has no gold label). ``distill_digest`` fingerprints the folder's content, and
+the trainer records it in the run's config, so a resumed run refuses a changed teacher like any other
+changed setting.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def distill_loss(
     soft = targets.values[index].to(output.device)
     gold_cpu = targets.gold[index]  # counted and indexed on the host: no device sync per batch
     gold = gold_cpu.to(output.device)
-    alpha = cfg.distill_alpha
+    alpha = cfg.task_value("distill_alpha", task)
     weights = 1.0 - (1.0 - alpha) * gold.float()  # alpha on gold rows, 1 on augmented ones
     if TASKS[task].label_kind == "score" and cfg.sts_loss == "cosent":
         loss = weights.mean() * cosent_loss(output.float(), soft)

@@ -77,12 +77,25 @@ def test_distill_loss_mixes_gold_and_soft_rows():
     expected = soft_rows.mean() + 0.7 * 2 / 4 * task_loss("sts", scores[:2], gold_labels[:2])
     assert torch.isclose(loss(half, 0.3), expected)
     assert loss(half, 0.3, "cosent") > 0  # CoSENT on the teacher's scores, a ranking loss over the batch
+    # Per task: each task's loss takes its own alpha.
+    cfg = TrainConfig(tasks=["sst", "sts"], distill_dir="x", distill_alpha={"sst": 1.0, "sts": 0.3})
+    assert torch.isclose(distill_loss("sts", scores, gold_labels, index, half, cfg), loss(half, 0.3))
+    assert cfg.distill_alpha == {"sst": 1.0, "sts": 0.3} and TrainConfig(distill_alpha=1).distill_alpha == 1.0
 
 
 def test_distill_settings_are_checked():
-    for bad, match in (({"distill_alpha": 1.5}, "distill_alpha"), ({"distill_temperature": 0.0}, "distill_temperature")):
+    bad_settings = (
+        ({"distill_alpha": 1.5}, r"distill_alpha must be in \[0, 1\] or task=number pairs, not 1.5"),
+        ({"distill_alpha": {"sst": 1.0, "para": -0.1, "sts": 0.5}}, "distill_alpha must be in"),
+        ({"distill_alpha": {"sst": 1.0}}, r"distill_alpha: no value for task\(s\) \['para', 'sts'\]"),
+        ({"distill_alpha": True}, "distill_alpha must be in"),
+        ({"distill_temperature": 0.0}, "distill_temperature"),
+    )
+    for bad, match in bad_settings:
         with pytest.raises(ValueError, match=match):
             TrainConfig(**bad)
+    args = build_parser().parse_args(["--output-dir", "x", "--distill-alpha", "sst=1", "para=0.5", "sts=0.5"])
+    assert config_from_args(args).distill_alpha == {"sst": 1.0, "para": 0.5, "sts": 0.5}
     for bad in (-1, {"sst": 0}, {"sst": 0, "para": 1, "sts": -2}):  # a table covers every task
         with pytest.raises(ValueError, match="augment_limit"):
             TrainConfig(augment_limit=bad)

@@ -271,6 +271,12 @@ def test_a_per_task_field_is_searched_for_one_task(tmp_path):
     config = study.train_config({"pair_encoding.sts": "bi", "augment_limit.para": 2000})
     assert config["augment_limit"] == {"sst": None, "para": 2000, "sts": None}
     assert TrainConfig.from_dict(config).task_value("augment_limit", "para") == 2000
+    # a student's alpha for one task, the others at the default
+    mixed = PER_TASK.replace("pooling.sst = {", "distill_alpha.sst = { low = 0.5, high = 1.0 }\n#")
+    study = load_spec(write(tmp_path, mixed, "alpha.toml"))
+    assert study.space["distill_alpha.sst"].kind == "float"
+    config = study.train_config({"pair_encoding.sts": "bi", "distill_alpha.sst": 0.9})
+    assert TrainConfig.from_dict(config).distill_alpha == {"sst": 0.9, "para": 0.5, "sts": 0.5}
     # a task that the field does not apply to, or that the study does not train
     for bad_key, old in (("pair_encoding.sst", "pair_encoding.sts"), ("pooling.cfimdb", "pooling.sst")):
         path = write(tmp_path, PER_TASK.replace(old, bad_key), f"{bad_key}.toml")
