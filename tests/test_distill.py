@@ -555,7 +555,7 @@ def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_
     np.testing.assert_array_equal(split, whole)
 
 
-def test_a_student_of_several_tasks_gets_its_own_top_layers_per_task_by_default(tmp_path):
+def test_a_student_of_several_tasks_gets_its_own_top_layers_and_proportional_sampling_by_default(tmp_path):
     def config(tasks: list[str], *sets: str) -> TrainConfig:
         args = argparse.Namespace(config=None, tasks=tasks, set=list(sets), data_dir=str(DATA_DIR))
         return ensemble_distill.student_config(args, ["sst", "para", "sts"], tmp_path)
@@ -565,3 +565,6 @@ def test_a_student_of_several_tasks_gets_its_own_top_layers_per_task_by_default(
     assert config(["sts"], f"model_config={six}").task_layers == 0  # one task: nothing to split
     assert config(["sst", "sts"], f"model_config={six}", "task_layers=0").task_layers == 0  # as told
     assert config(["sst", "sts"], f"model_config={json.dumps(TINY_BERT)}").task_layers == 0  # 2 layers: none
+    assert config(["sst", "sts"]).schedule == "proportional"  # tasks drawn in proportion to their rows
+    assert config(["sts"]).schedule == "round_robin"  # one task: the trainer's default
+    assert config(["sst", "sts"], "schedule=round_robin").schedule == "round_robin"  # as told
