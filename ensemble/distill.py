@@ -332,16 +332,17 @@ def default_output_dir(predictor: Path) -> Path:
 # ------------------------------------------------------------------------------------------- report
 
 
-def student_estimate(run: RunDir, task: str, splits: int, seed: int) -> tuple[list[float], np.ndarray]:
-    """The student's out-of-selection scores of ``task``: on each of the halves (A, B), the epoch best on
-    A, scored on B. Also the dev ids, in the order the halves index.
+def student_estimates(run: RunDir, splits: int, seed: int) -> dict[str, tuple[list[float], list[str]]]:
+    """A trained run's out-of-selection scores, per task it kept dev outputs of: on each of the halves
+    (A, B), the epoch best on A, scored on B; and the dev ids, in the order the halves index.
 
     One model serves all of a run's tasks with the weights of one epoch, which the trainer chose by the
     mean score over its tasks ("overall"). So the epoch is chosen the same way here: on the i-th halves
     of every task together (a per-task choice would score a model that does not exist, each task at
     its own epoch)."""
-    tasks = [t for t in run.read_config()["train"]["tasks"] if run.output_epochs(t)] or [task]
-    epochs = sorted(set.intersection(*(set(run.output_epochs(t)) for t in tasks)))
+    kept = {t: run.output_epochs(t) for t in run.read_config()["train"]["tasks"]}
+    tasks = [t for t, epochs in kept.items() if epochs]
+    epochs = sorted(set.intersection(*(set(kept[t]) for t in tasks)))
     outputs = {t: [run.read_epoch_outputs(t, e) for e in epochs] for t in tasks}
     task_halves = {t: halves(len(outputs[t][0]["labels"]), splits, seed) for t in tasks}
 
@@ -349,11 +350,18 @@ def student_estimate(run: RunDir, task: str, splits: int, seed: int) -> tuple[li
         out = outputs[t][epoch_index]
         return checked_metric(t, out["values"][rows], out["labels"][rows], f"{run.path} {t} epoch {epochs[epoch_index]}")
 
-    scores = []
+    scores: dict[str, list[float]] = {t: [] for t in tasks}
     for i in range(splits):
         on_a = [overall_score({t: score(t, e, task_halves[t][i][0]) for t in tasks}, tasks) for e in range(len(epochs))]
-        scores.append(score(task, int(np.argmax(on_a)), task_halves[task][i][1]))  # argmax: the first of equals, as the trainer
-    return scores, outputs[task][0]["ids"]
+        chosen = int(np.argmax(on_a))  # the first of equals, as the trainer
+        for t in tasks:
+            scores[t].append(score(t, chosen, task_halves[t][i][1]))
+    return {t: (scores[t], list(outputs[t][0]["ids"])) for t in tasks}
+
+
+def student_estimate(run: RunDir, task: str, splits: int, seed: int) -> tuple[list[float], list[str]]:
+    """One task's entry of ``student_estimates``."""
+    return student_estimates(run, splits, seed)[task]
 
 
 def build_rows(predictor: Path, task: str) -> tuple[list[Row], dict]:
@@ -390,13 +398,19 @@ def run_row(
     settings: dict,
     label: str,
     name: str = "student (distilled)",
+    estimated: dict | None = None,
 ) -> tuple[Row, list[str]]:
     """A trained run's row (the student, or a run compared with it; ``label`` names its folder),
-    estimated as the student is, and the dev ids its estimate indexes."""
+    estimated as the student is, and the dev ids its estimate indexes. ``estimated`` keeps each run's
+    estimates of all its tasks, so that a report of several tasks computes them once per run."""
     metrics = run.read_metrics()
     history = metrics["history"]
     splits, seed = settings.get("splits", DEFAULT_SPLITS), settings.get("seed", DEFAULT_SEED)
-    scores, ids = student_estimate(run, task, splits, seed)
+    estimated = {} if estimated is None else estimated
+    key = (run.path, splits, seed)
+    if key not in estimated:
+        estimated[key] = student_estimates(run, splits, seed)
+    scores, ids = estimated[key][task]
     estimate = {"mean": float(np.mean(scores)), "sd": float(np.std(scores, ddof=1)), "splits": splits, "scores": scores}
     note = "epoch chosen on half A of dev (of all its tasks together: one model), scored on half B"
     base = (baseline.estimate or {}).get("scores") if baseline else None
@@ -482,18 +496,19 @@ def write_report(
     config = run.read_config()["train"]
     rows, header_transfer = [], {}
     labels = run_labels([run.path, *(other.path for other in compared)])
+    estimated: dict = {}  # (run folder, splits, seed) -> its tasks' out-of-selection scores
     for task, transfer in transfers.items():
         built, settings = build_rows(predictor, task)
         baseline = next((r for r in built if r.kind == BASELINE_ROW), None)
         if not any(r.kind == SELECTED_ROW for r in built):
             built.append(teacher_row(predictor, plans[task], task))
         teacher_ids = prediction_ids(predictor.parent / "predictions" / f"{task}-dev-out.csv")
-        student, student_ids = run_row(run, task, baseline, teacher_ids, settings, labels[0])
+        student, student_ids = run_row(run, task, baseline, teacher_ids, settings, labels[0], estimated=estimated)
         teacher = next(r for r in built if r.kind != BASELINE_ROW)
         student.note += kept_gain(teacher, student)
         others = []
         for other_run, label in zip(compared, labels[1:], strict=True):
-            other, other_ids = run_row(other_run, task, baseline, teacher_ids, settings, label, f"{label} (compared)")
+            other, other_ids = run_row(other_run, task, baseline, teacher_ids, settings, label, f"{label} (compared)", estimated)
             difference = paired_difference(student, student_ids, other, other_ids)
             if difference is None:
                 other.note += "; not paired with the student: their dev rows differ"
