@@ -105,8 +105,8 @@ def release_free_memory() -> None:
 
     glibc keeps freed heap memory in per-thread arenas: a Ray actor reused for trial after trial,
     each in a new thread, grew to 7.2 GiB during one study although a trial needs about 2 GiB
-    (README, "Memory"). ``malloc_trim`` returns it; it costs milliseconds, so it runs once an epoch
-    and after each trial. On a GPU shared by several trials (a fractional gpus_per_trial), the
+    (README, "Memory"; trials now get a process each). ``malloc_trim`` returns it; it costs
+    milliseconds, so it runs once an epoch. On a GPU shared by several trials (a fractional gpus_per_trial), the
     blocks one trial's allocator caches are memory the others cannot have until ``empty_cache``."""
     gc.collect()  # cycles that still hold tensors
     trim = _malloc_trim()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from model.runtime import release_free_memory
 from model.train import train
 from search.adapters import TRIAL_NUMBER_KEY, artifact_dir_for
 from search.reaper import die_with_parent
@@ -107,8 +106,6 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
         if error.errno in DISK_FULL_ERRNOS:
             raise DiskFullError(f"trial {number} cannot write its files in {output_dir}: {os.strerror(error.errno)}") from None
         raise
-    finally:
-        release_free_memory()  # Ray reuses this process for the next trial
     for record in final:
         if int(record["epoch"]) not in reported:
             replay(record)

@@ -265,7 +265,12 @@ def new_tuner(
             scheduler=scheduler,
             # The searcher ends the run once the study holds the budget (trials of an earlier driver included).
             num_samples=study.budget.trials,
-            reuse_actors=True,
+            # A new process per trial. Reusing one makes Ray wait 2 s (TUNE_FUNCTION_THREAD_TIMEOUT_S) for
+            # the last trial's thread to end, then mark the new trial ERROR without telling the searcher
+            # or the callbacks: Optuna keeps it RUNNING and the study waits forever (a trial stopped by
+            # ASHA, or any trial on a loaded machine, ends slower; tests/test_search_trial_handover.py).
+            # A fresh process costs its imports, a few seconds a trial, and returns all its memory.
+            reuse_actors=False,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
