@@ -3,7 +3,7 @@ records are checked against the trainer's own artifacts and Ray's trials.
 
 One scenario (two Ray sessions, started once for the module) serves every end-to-end check:
   1. ``run_search.py`` runs as a subprocess in its own process group; one trial draws lr = 1e30,
-     whose loss goes NaN (the last one, so that no new Ray worker has to start after its failure);
+     whose loss goes NaN (the last one);
      ASHA stops some of the others after their first epoch;
   2. once two trials have ended and another is mid-way, the whole process group is SIGKILLed
      (driver and Ray alike), as a crashed machine would leave it;
