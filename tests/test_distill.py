@@ -555,7 +555,7 @@ def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_
     np.testing.assert_array_equal(split, whole)
 
 
-def test_a_student_of_several_tasks_gets_its_own_top_layers_and_proportional_sampling_by_default(tmp_path):
+def test_a_student_of_several_tasks_gets_own_top_layers_proportional_sampling_and_six_epochs_by_default(tmp_path):
     def config(tasks: list[str], *sets: str) -> TrainConfig:
         args = argparse.Namespace(config=None, tasks=tasks, set=list(sets), data_dir=str(DATA_DIR))
         return ensemble_distill.student_config(args, ["sst", "para", "sts"], tmp_path)
@@ -568,3 +568,6 @@ def test_a_student_of_several_tasks_gets_its_own_top_layers_and_proportional_sam
     assert config(["sst", "sts"]).schedule == "proportional"  # tasks drawn in proportion to their rows
     assert config(["sts"]).schedule == "round_robin"  # one task: the trainer's default
     assert config(["sst", "sts"], "schedule=round_robin").schedule == "round_robin"  # as told
+    assert config(["sst", "sts"]).epochs == ensemble_distill.STUDENT_EPOCHS == 6
+    assert config(["sts"]).epochs == TrainConfig().epochs  # one task: the trainer's default
+    assert config(["sst", "sts"], "epochs=2").epochs == 2  # as told
