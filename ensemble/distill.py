@@ -294,10 +294,9 @@ STUDENT_EPOCHS = 6
 
 
 def student_config(args: argparse.Namespace, covered: list[str], distill_dir: Path) -> TrainConfig:
-    """The trainer's defaults for one model of every covered task (when there are several, each task with
-    its own top layers, STUDENT_TASK_LAYER_SHARE of them, the STUDENT_SCHEDULE and STUDENT_EPOCHS), then --config,
-    --tasks and --set; refused
-    (ValueError) when a task is not covered or the trainer would refuse the config."""
+    """The trainer's defaults for one model of every covered task (when there are several: each task's own
+    top layers, STUDENT_TASK_LAYER_SHARE of them, STUDENT_SCHEDULE and STUDENT_EPOCHS), then --config,
+    --tasks and --set; refused (ValueError) when a task is not covered or the trainer would refuse it."""
     values: dict = {"tasks": covered}
     if args.config is not None:
         try:
@@ -364,11 +363,6 @@ def student_estimates(run: RunDir, splits: int, seed: int) -> dict[str, tuple[li
         for t in tasks:
             scores[t].append(score(t, chosen, task_halves[t][i][1]))
     return {t: (scores[t], list(outputs[t][0]["ids"])) for t in tasks}
-
-
-def student_estimate(run: RunDir, task: str, splits: int, seed: int) -> tuple[list[float], list[str]]:
-    """One task's entry of ``student_estimates``."""
-    return student_estimates(run, splits, seed)[task]
 
 
 def build_rows(predictor: Path, task: str) -> tuple[list[Row], dict]:

@@ -402,7 +402,7 @@ def test_a_killed_distillation_resumes_and_its_student_is_a_normal_run(tmp_path,
     compared = {r["task"]: r for r in summary["rows"] if r["name"].endswith("/run (compared)")}
     assert set(compared) == set(ALL)
     for task, row in compared.items():
-        scores = ensemble_distill.student_estimate(RunDir(teacher_run), task, 20, 0)[0]
+        scores = ensemble_distill.student_estimates(RunDir(teacher_run), 20, 0)[task][0]
         assert row["estimate"]["scores"] == pytest.approx(scores)
         assert row["estimate"]["gain_mean"] == pytest.approx(np.mean(scores) - 0.2)
         student = next(r for r in summary["rows"] if r["task"] == task and r["name"] == "student (distilled)")
@@ -517,7 +517,7 @@ def test_a_compared_run_is_paired_with_the_student_only_on_the_same_dev_rows():
 def test_a_multitask_runs_estimate_chooses_one_epoch_for_all_its_tasks(tmp_path):
     """A student is one model: its estimate scores every task at the epoch best on the halves A of all
     its tasks together (the trainer's "overall"), not each task at its own best epoch."""
-    from ensemble.distill import student_estimate
+    from ensemble.distill import student_estimates
     from ensemble.estimate import halves
 
     rows, rng = 40, np.random.default_rng(0)
@@ -538,10 +538,10 @@ def test_a_multitask_runs_estimate_chooses_one_epoch_for_all_its_tasks(tmp_path)
         return run
 
     at_epoch_1 = [np.corrcoef(sts_epochs[0][b], sts_labels[b])[0, 1] for _, b in halves(rows, 5, 0)]
-    scores, got_ids = student_estimate(run_of(["sst", "sts"]), "sts", 5, 0)
+    scores, got_ids = student_estimates(run_of(["sst", "sts"]), 5, 0)["sts"]
     assert scores == pytest.approx(at_epoch_1) and list(got_ids) == ids["sts"]  # SST's epoch 1 wins "overall"
     assert max(at_epoch_1) < 0.9
-    assert student_estimate(run_of(["sts"]), "sts", 5, 0)[0] == pytest.approx([1.0] * 5)  # alone: its own best
+    assert student_estimates(run_of(["sts"]), 5, 0)["sts"][0] == pytest.approx([1.0] * 5)  # alone: its own best
 
 
 def test_neighbours_are_found_with_the_whole_base_encoder_whatever_the_students_task_layers():
