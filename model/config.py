@@ -177,7 +177,7 @@ class TrainConfig:
     distill_alpha: float | dict[str, float] = field(
         **_help(
             "weight of the soft (teacher) loss on gold rows, 1 - alpha that of the gold loss; augmented rows: soft only. "
-            "One number, or per task as task=number pairs (SST's student gained from alpha 1, STS's did not)",
+            "One number, or per task as task=number pairs",
             default=0.5,
         )
     )
