@@ -316,12 +316,12 @@ def student_config(args: argparse.Namespace, covered: list[str], distill_dir: Pa
     data_dir = str(resolve_data_dir(args.data_dir or values.get("data_dir")))
     cfg = TrainConfig.from_dict(values | {"distill_dir": str(distill_dir), "data_dir": data_dir, "distill_digest": None})
     if len(cfg.tasks) > 1:
-        several: dict = {} if "schedule" in values else {"schedule": STUDENT_SCHEDULE}
-        if "epochs" not in values:
-            several["epochs"] = STUDENT_EPOCHS
-        if "task_layers" not in values:
-            several["task_layers"] = int(bert_config_for(cfg).num_hidden_layers * STUDENT_TASK_LAYER_SHARE)
-        cfg = dataclasses.replace(cfg, **several)
+        several = {
+            "schedule": STUDENT_SCHEDULE,
+            "epochs": STUDENT_EPOCHS,
+            "task_layers": int(bert_config_for(cfg).num_hidden_layers * STUDENT_TASK_LAYER_SHARE),
+        }
+        cfg = dataclasses.replace(cfg, **{key: value for key, value in several.items() if key not in values})
     missing = [t for t in cfg.tasks if t not in covered]
     if missing:
         raise ValueError(f"the teacher covers {covered}, not {missing}")
