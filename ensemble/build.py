@@ -12,6 +12,8 @@ it, and the criterion is the task's own dev metric (accuracy, or Pearson r for s
                 maximising the gold labels' log-likelihood for SST and paraphrase (``--caruana-criterion``)
                 and Pearson r for STS: sorted initialisation with the best ``--caruana-init`` members, ``--caruana-rounds``
                 greedy additions, the best prefix kept; weights = selection counts / ensemble size.
+  caruana-bagged  Caruana's bagged ensemble selection: the same on ``--caruana-bags`` random halves of
+                the pool, the bags' weights averaged (less fitted to dev's noise; more members to run).
   top-k         the mean of the ``--top-k`` best members' saved outputs (``logits`` is an alias).
   fitted        (also added by ``--fit-weights``) the top-k members with weights fitted on dev, kept
                 only when they beat uniform weights in ``--folds``-fold cross-validation within dev.
@@ -55,7 +57,7 @@ import numpy as np
 
 from data.files import DATA_DIR_ENV
 from ensemble.baselines import seed_runs, task_baselines
-from ensemble.caruana import DEFAULT_INIT_SIZE, DEFAULT_ROUNDS
+from ensemble.caruana import DEFAULT_BAGS, DEFAULT_INIT_SIZE, DEFAULT_ROUNDS
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, out_of_selection
 from ensemble.members import EnsembleError, Member, Pool, load_pool
 from ensemble.output import SEED_AVERAGE, TaskResult, write_build
@@ -149,6 +151,7 @@ def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], no
             "caruana_init": args.caruana_init,
             "caruana_rounds": args.caruana_rounds,
             "caruana_criterion": args.caruana_criterion,
+            "caruana_bags": args.caruana_bags,
             "folds": args.folds,
             "splits": args.splits,
             "seed": args.seed,
@@ -176,7 +179,7 @@ def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], no
 def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     """Choose every task's predictors and estimate them; then (only then) write everything."""
     methods = chosen_methods(args)
-    for name in ("top_k", "caruana_init", "splits"):
+    for name in ("top_k", "caruana_init", "caruana_bags", "splits"):
         if getattr(args, name) < 1:
             raise EnsembleError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     pool = load_pool(args.study, args.storage, include_early_stopped=not args.exclude_early_stopped)
@@ -186,7 +189,9 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     # Where the members were trained is the best guess when neither --data-dir nor $MINBERT_DATA says.
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or pool.members[0].config["train"].get("data_dir")
     evaluate = SoupEvaluator(data_dir, args.device, None if args.no_cache else root / ".cache")
-    settings = Settings(args.top_k, args.caruana_init, args.caruana_rounds, args.folds, args.caruana_criterion)
+    settings = Settings(
+        args.top_k, args.caruana_init, args.caruana_rounds, args.folds, args.caruana_criterion, caruana_bags=args.caruana_bags
+    )
     results: dict[str, TaskResult] = {}
     for task, task_pool in task_pools(pool).items():
         print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)
@@ -241,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="likelihood",
         help="what Caruana's greedy steps maximise for SST and paraphrase: the gold labels' log-likelihood (default: "
         "smooth, harder to overfit on part of dev) or the task's accuracy; STS always uses Pearson r",
+    )
+    parser.add_argument(
+        "--caruana-bags", type=int, default=DEFAULT_BAGS, help=f"caruana-bagged: bags of half the pool (default {DEFAULT_BAGS})"
     )
     parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fitted weights (default 5)")

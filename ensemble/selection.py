@@ -7,6 +7,7 @@ the pool as TaskPool.prepared makes it for those rows (members' epochs and STS s
 - fitted: the k best members with weights fitted on the rows (ensemble.logits.fit_weights), kept only
   when they beat uniform weights in k-fold cross-validation within the rows;
 - caruana: ensemble selection with replacement (ensemble.caruana);
+- caruana-bagged: the same, over random halves of the pool, weights averaged (ensemble.caruana);
 - uniform soup: one model, the mean of the weights of the members that can be averaged with the best;
 - greedy soup: those members by score, each kept only if the soup's score strictly improves.
 Soups are run on all of dev once per member set (SoupEvaluator caches them), so a procedure that
@@ -21,13 +22,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ensemble.caruana import DEFAULT_INIT_SIZE, DEFAULT_ROUNDS, caruana_select
+from ensemble.caruana import (
+    DEFAULT_BAG_FRACTION,
+    DEFAULT_BAGS,
+    DEFAULT_INIT_SIZE,
+    DEFAULT_ROUNDS,
+    bagged_caruana_select,
+    caruana_select,
+)
 from ensemble.logits import fit_weights
 from ensemble.members import EnsembleError, Member
 from ensemble.soup import SoupEvaluator, compatible_members, greedy_soup
 from ensemble.taskpool import Scale, TaskPool, encoder_passes
 
-LOGIT_METHODS = ("caruana", "top-k", "fitted")
+LOGIT_METHODS = ("caruana", "caruana-bagged", "top-k", "fitted")
 SOUP_METHODS = ("uniform-soup", "greedy-soup")
 METHODS = (*LOGIT_METHODS, *SOUP_METHODS)
 
@@ -63,6 +71,8 @@ class Settings:
     caruana_rounds: int = DEFAULT_ROUNDS
     folds: int = 5
     caruana_criterion: str = "likelihood"  # or "metric" (TaskPool.selection_scorer)
+    caruana_bags: int = DEFAULT_BAGS
+    bag_fraction: float = DEFAULT_BAG_FRACTION
 
 
 class Selector:
@@ -80,6 +90,7 @@ class Selector:
             "top-k": Selector.top_k,
             "fitted": Selector.fitted,
             "caruana": Selector.caruana,
+            "caruana-bagged": Selector.caruana_bagged,
             "uniform-soup": Selector.uniform_soup,
             "greedy-soup": Selector.greedy_soup,
         }
@@ -126,6 +137,15 @@ class Selector:
         result = caruana_select(self.pool.values, scorer, rows, s.caruana_init, s.caruana_rounds)
         chosen = [i for i, c in enumerate(result.counts) if c > 0]
         return self.logits("caruana", chosen, [result.weights[i] for i in chosen], counts=result.counts, history=result.history)
+
+    def caruana_bagged(self, rows: np.ndarray) -> Choice:
+        s = self.settings
+        scorer = self.pool.selection_scorer(s.caruana_criterion, "caruana-bagged")
+        result = bagged_caruana_select(
+            self.pool.values, scorer, rows, s.caruana_bags, s.bag_fraction, init_size=s.caruana_init, rounds=s.caruana_rounds
+        )
+        chosen = [i for i, w in enumerate(result.weights) if w > 0]
+        return self.logits("caruana-bagged", chosen, [result.weights[i] for i in chosen], bags=result.bags)
 
     # ------------------------------------------------------------------------------------- soups
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble.caruana import caruana_select
+from ensemble.caruana import bagged_caruana_select, caruana_select
 from model.metrics import task_metric
 
 ROWS = 400
@@ -88,3 +88,35 @@ def test_bad_arguments():
         caruana_select(np.zeros((0, 3)), pearson_score, ALL)
     with pytest.raises(ValueError, match="init_size"):
         caruana_select(np.stack([GOLD]), pearson_score, ALL, init_size=0)
+
+
+def test_bagging_averages_each_bags_selection():
+    # Member 0 is exact; the others are offset from the gold by constants, so any bag holding member 0
+    # selects it alone (by mean squared error) and every other bag selects from the offsets only.
+    offsets = np.stack([GOLD, GOLD + 1.0, GOLD - 2.0, GOLD + 3.0, GOLD - 4.0, GOLD + 5.0])
+
+    def neg_mse(values: np.ndarray, rows: np.ndarray) -> float:
+        return -float(np.mean((values[rows] - GOLD[rows]) ** 2))
+
+    result = bagged_caruana_select(offsets, neg_mse, ALL, bags=12, fraction=0.5, seed=3)
+    assert len(result.bags) == 12 and all(len(bag) == 3 for bag in result.bags)
+    with_exact = [bag for bag in result.bags if 0 in bag]
+    assert 0 < len(with_exact) < 12  # the seed draws both kinds of bag
+    assert result.weights[0] == pytest.approx(len(with_exact) / 12)
+    assert sum(result.weights) == pytest.approx(1.0)
+    never_drawn = set(range(6)) - {m for bag in result.bags for m in bag}
+    assert all(result.weights[m] == 0 for m in never_drawn)
+    # Every bag of the whole pool is plain Caruana.
+    whole = bagged_caruana_select(offsets, neg_mse, ALL, bags=3, fraction=1.0)
+    assert whole.weights == pytest.approx(caruana_select(offsets, neg_mse, ALL).weights)
+
+
+def test_bagging_is_seeded_and_checks_its_arguments():
+    values = np.stack([noisy(1.0, s) for s in range(8)])
+    first = bagged_caruana_select(values, pearson_score, ALL, bags=5, seed=1)
+    assert bagged_caruana_select(values, pearson_score, ALL, bags=5, seed=1) == first
+    assert bagged_caruana_select(values, pearson_score, ALL, bags=5, seed=2).bags != first.bags
+    with pytest.raises(ValueError, match="bags"):
+        bagged_caruana_select(values, pearson_score, ALL, bags=0)
+    with pytest.raises(ValueError, match="fraction"):
+        bagged_caruana_select(values, pearson_score, ALL, fraction=0.0)

@@ -229,7 +229,7 @@ def head_of(source: Path, target: Path, rows: int) -> None:
     target.write_text("".join(lines[: rows + 1]), encoding="utf-8")
 
 
-@pytest.mark.parametrize("method", ["top-k", "uniform-soup"])
+@pytest.mark.parametrize("method", ["top-k", "caruana-bagged", "uniform-soup"])
 def test_predict_round_trip(tmp_path, study_url, runs, method):
     with pytest.warns(MemberSkippedWarning):
         results = ensemble_build.build(build_args(tmp_path, study_url, "tiny", "--method", method, "--top-k", "2"))
