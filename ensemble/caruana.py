@@ -11,10 +11,11 @@ averaged; weight of a member = its selection count / ensemble size.
    ranked member.
 3. Return the best ensemble seen along the way; ties go to the earlier, smaller one.
 
-Bagged ensemble selection (the paper's third addition against overfitting): with many members, some fit the selection
-rows' noise and greedy selection overfits them. ``bagged_caruana_select`` runs the selection above on
-``bags`` random samples of a ``fraction`` of the pool and averages the bags' weights, so that no single
-member's lucky fit on these rows decides the ensemble.
+Bagged ensemble selection (the paper's third addition against overfitting): with many members, some
+fit the selection rows' noise and greedy selection overfits them. ``bagged_caruana_select`` runs the
+selection above on ``bags`` random samples of a ``fraction`` of the pool and averages the bags'
+weights, so that no single member's lucky fit on these rows decides the ensemble. Measured here it
+helped STS a little and hurt SST and paraphrase (README, "Ensembles"): an option, not the default.
 
 Everything is on the rows ``rows`` of the selection set, so that the same code selects on all of dev
 or on half of it (ensemble.estimate).
@@ -118,7 +119,7 @@ def bagged_caruana_select(
     values = np.asarray(values, dtype=np.float64)
     count = len(values)
     if count == 0:
-        raise ValueError("caruana_select: empty pool")
+        raise ValueError("bagged_caruana_select: empty pool")
     size = max(1, round(fraction * count))
     rng = np.random.default_rng(seed)
     weights = np.zeros(count)
