@@ -56,9 +56,15 @@ def summarize(study: StudySpec, url: str, paths: StudyPaths, top: int) -> Outcom
     trials = ot_study.get_trials(deepcopy=False)
     ranked = ranked_trials(ot_study)
     counts = {state.name: sum(t.state == state for t in trials) for state in TrialState}
+    for_time = sum(t.state == TrialState.PRUNED and bool(t.user_attrs.get(names.TRIAL_STOPPED_FOR_TIME)) for t in trials)
+    stopped = f"{counts['PRUNED'] - for_time} stopped early by ASHA (PRUNED)"
+    if for_time:
+        stopped += f", {for_time} stopped by the time budget (PRUNED)"
+    # Start points are queued in Optuna before they run: a run that ends early (time budget) leaves them WAITING.
+    waiting = f", {counts['WAITING']} queued start point(s) not started (WAITING)" if counts["WAITING"] else ""
     print(
         f"\nStudy {study.name!r}: {len(trials)} trials: {counts['COMPLETE']} complete, "
-        f"{counts['PRUNED']} stopped early by ASHA (PRUNED), {counts['FAIL']} failed, {counts['RUNNING']} running"
+        f"{stopped}, {counts['FAIL']} failed, {counts['RUNNING']} running{waiting}"
     )
     if ranked:
         print(f"Top {min(top, len(ranked))} by dev {study.metric} of the saved (best) epoch:")

@@ -15,6 +15,7 @@ from tiny_model import needs_data
 from search import storage as names
 from search.spec import StudyError
 from search.study import load_spec
+from search.summary import summarize
 from search.timebudget import TRIAL_START_SECONDS, TimeBudget, next_epoch_fits, parse_duration
 from search.tune import SearchOptions, StudyPaths, main_exit
 
@@ -111,6 +112,34 @@ def test_a_study_stops_within_its_time_budget_and_resumes_with_a_new_one(tmp_pat
     trials = study.get_trials(deepcopy=False)
     assert len([t for t in trials if t.state.is_finished()]) == 3
     assert StudyPaths(tmp_path / "r" / "tiny").finished.is_file()
+
+
+def test_the_summary_counts_trials_stopped_for_time_and_start_points_never_started(tmp_path):
+    """A run ended by its budget: PRUNED by ASHA and by the budget are told apart, and start points still
+    queued in Optuna (WAITING) are counted, not silently left out of the total."""
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    spec = load_spec(study_file)
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name=spec.name, storage=url, direction="maximize")
+    for state, attrs in [
+        (TrialState.COMPLETE, {names.TRIAL_BEST_VALUE: 0.8, names.TRIAL_EPOCHS_RUN: 2}),
+        (TrialState.PRUNED, {names.TRIAL_BEST_VALUE: 0.7, names.TRIAL_EPOCHS_RUN: 1}),
+        (TrialState.PRUNED, {names.TRIAL_BEST_VALUE: 0.75, names.TRIAL_EPOCHS_RUN: 1, names.TRIAL_STOPPED_FOR_TIME: True}),
+    ]:
+        study.add_trial(
+            optuna.trial.create_trial(
+                state=state, value=attrs[names.TRIAL_BEST_VALUE] if state == TrialState.COMPLETE else None, user_attrs=attrs
+            )
+        )
+    study.enqueue_trial({"lr": 5e-5})
+    out = io.StringIO()
+    with redirect_stdout(out):
+        summarize(spec, url, StudyPaths(tmp_path / "r" / spec.name), top=3)
+    assert (
+        "4 trials: 1 complete, 1 stopped early by ASHA (PRUNED), 1 stopped by the time budget (PRUNED), 0 failed, "
+        "0 running, 1 queued start point(s) not started (WAITING)"
+    ) in out.getvalue()
 
 
 def test_a_trial_reports_its_epoch_time_and_stops_when_the_next_epoch_cannot_fit(tmp_path, monkeypatch):
