@@ -248,7 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
         "smooth, harder to overfit on part of dev) or the task's accuracy; STS always uses Pearson r",
     )
     parser.add_argument(
-        "--caruana-bags", type=int, default=DEFAULT_BAGS, help=f"caruana-bagged: bags of half the pool (default {DEFAULT_BAGS})"
+        "--caruana-bags",
+        type=int,
+        default=DEFAULT_BAGS,
+        help=f"caruana-bagged: bags of half the pool, the same bags in every selection (default {DEFAULT_BAGS})",
     )
     parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fitted weights (default 5)")

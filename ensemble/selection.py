@@ -145,7 +145,8 @@ class Selector:
             self.pool.values, scorer, rows, s.caruana_bags, s.bag_fraction, init_size=s.caruana_init, rounds=s.caruana_rounds
         )
         chosen = [i for i, w in enumerate(result.weights) if w > 0]
-        return self.logits("caruana-bagged", chosen, [result.weights[i] for i in chosen], bags=result.bags)
+        bags = [[self.pool.members[i].name for i in bag] for bag in result.bags]
+        return self.logits("caruana-bagged", chosen, [result.weights[i] for i in chosen], bags=bags)
 
     # ------------------------------------------------------------------------------------- soups
 

@@ -77,6 +77,15 @@ class TimeBudget:
         slowest = max(self.epoch_seconds, default=0.0)
         return TRIAL_START_SECONDS + self.max_epochs * slowest if slowest else 0.0
 
+    def sizing(self) -> str:
+        """What a trial is estimated to take here, for a message that helps size the next budget ("" before
+        any epoch was measured)."""
+        seconds = self.trial_seconds()
+        if not seconds:
+            return ""
+        took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+        return f" (a trial takes about {took} here, estimated as its start and {self.max_epochs} x the slowest epoch)"
+
     def may_start_trial(self, now: float | None = None) -> bool:
         if self.deadline is None:
             return True

@@ -140,12 +140,9 @@ def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_di
     if TIME_BUDGET.spent and run_interrupted(ot_study, study.budget.trials):
         outcome = summarize(study, options.storage, paths, options.top)
         ended = len(ended_trials(ot_study.get_trials(deepcopy=False)))
-        # What a trial takes here, so that the user can size the next budget.
-        needs = TIME_BUDGET.trial_seconds()
-        sizing = f" (a trial takes up to {needs / 60:.1f} min here: its start and {study.budget.max_epochs} x the slowest epoch)"
         print(
             f"\nThe time budget ({format_duration(study.budget.time_s)}) is spent after {wall_seconds / 60:.1f} min: "
-            f"{ended} of {study.budget.trials} trials have ended, and no other could finish in time{sizing if needs else ''}.\n"
+            f"{ended} of {study.budget.trials} trials have ended, and no other could finish in time{TIME_BUDGET.sizing()}.\n"
             f"  To continue with a new budget: {command_line(options, '--resume')} --time-budget DURATION"
         )
         return outcome

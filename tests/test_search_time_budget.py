@@ -65,6 +65,17 @@ def test_no_trial_starts_that_cannot_finish():
     assert not budget.spent and budget.trial_seconds() == 0.0
 
 
+def test_the_spent_message_sizes_a_trial_once_an_epoch_was_measured():
+    budget = TimeBudget()
+    budget.start(600.0, max_epochs=2)
+    assert budget.sizing() == ""  # nothing measured yet
+    budget.epoch_seconds += [100.0, 130.0]
+    minutes = (TRIAL_START_SECONDS + 2 * 130.0) / 60
+    assert budget.sizing() == f" (a trial takes about {minutes:.1f} min here, estimated as its start and 2 x the slowest epoch)"
+    budget.epoch_seconds[:] = [10.0]
+    assert budget.sizing().startswith(f" (a trial takes about {TRIAL_START_SECONDS + 20:.0f} s here")
+
+
 def test_a_trial_stops_when_its_next_epoch_would_end_past_the_deadline():
     assert next_epoch_fits(None, 1e9)
     assert next_epoch_fits(deadline=100.0, epoch_seconds=30.0, now=70.0)
@@ -103,7 +114,7 @@ def test_a_study_stops_within_its_time_budget_and_resumes_with_a_new_one(tmp_pat
     ended = [t for t in trials if t.state.is_finished()]
     assert "The time budget (25s) is spent" in out.getvalue() and "--resume" in out.getvalue()
     if ended:  # an epoch was measured: the message sizes a trial for the next budget
-        assert re.search(r"no other could finish in time \(a trial takes up to [0-9.]+ min here", out.getvalue())
+        assert re.search(r"no other could finish in time \(a trial takes about [0-9.]+ (s|min) here", out.getvalue())
     assert len(ended) < 3 and not [t for t in trials if t.state == TrialState.RUNNING]
     assert not StudyPaths(tmp_path / "r" / "tiny").finished.is_file()  # unfinished, not failed
     for trial in trials:
