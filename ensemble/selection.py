@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ensemble.caruana import (
-    DEFAULT_BAG_FRACTION,
     DEFAULT_BAGS,
     DEFAULT_INIT_SIZE,
     DEFAULT_ROUNDS,
@@ -72,7 +71,6 @@ class Settings:
     folds: int = 5
     caruana_criterion: str = "likelihood"  # or "metric" (TaskPool.selection_scorer)
     caruana_bags: int = DEFAULT_BAGS
-    bag_fraction: float = DEFAULT_BAG_FRACTION
 
 
 class Selector:
@@ -131,22 +129,25 @@ class Selector:
         fit = fit_weights(outputs, [task], task, folds=self.settings.folds)
         return self.logits("fitted", top, list(fit.weights), weight_fit=fit.to_dict())
 
+    def selected(self, method: str, weights: list[float], **details) -> Choice:
+        """A logit average of the pool members that a selection gave a positive weight."""
+        chosen = [i for i, w in enumerate(weights) if w > 0]
+        return self.logits(method, chosen, [weights[i] for i in chosen], **details)
+
     def caruana(self, rows: np.ndarray) -> Choice:
         s = self.settings
         scorer = self.pool.selection_scorer(s.caruana_criterion, "caruana")
         result = caruana_select(self.pool.values, scorer, rows, s.caruana_init, s.caruana_rounds)
-        chosen = [i for i, c in enumerate(result.counts) if c > 0]
-        return self.logits("caruana", chosen, [result.weights[i] for i in chosen], counts=result.counts, history=result.history)
+        return self.selected("caruana", result.weights, counts=result.counts, history=result.history)
 
     def caruana_bagged(self, rows: np.ndarray) -> Choice:
         s = self.settings
         scorer = self.pool.selection_scorer(s.caruana_criterion, "caruana-bagged")
         result = bagged_caruana_select(
-            self.pool.values, scorer, rows, s.caruana_bags, s.bag_fraction, init_size=s.caruana_init, rounds=s.caruana_rounds
+            self.pool.values, scorer, rows, s.caruana_bags, init_size=s.caruana_init, rounds=s.caruana_rounds
         )
-        chosen = [i for i, w in enumerate(result.weights) if w > 0]
         bags = [[self.pool.members[i].name for i in bag] for bag in result.bags]
-        return self.logits("caruana-bagged", chosen, [result.weights[i] for i in chosen], bags=bags)
+        return self.selected("caruana-bagged", result.weights, bags=bags)
 
     # ------------------------------------------------------------------------------------- soups
 
