@@ -51,6 +51,7 @@ def wrap_encoder(bert: BertModel, cfg: TrainConfig, freeze_layers: int = 0) -> M
         dropout=cfg.dropout,
         freeze_layers=freeze_layers,
         freeze_word_embeddings=cfg.freeze_word_embeddings,
+        lazy_word_embeddings=cfg.lazy_word_embeddings,
         task_layers=cfg.task_layers,
     )
 

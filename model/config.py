@@ -136,6 +136,13 @@ class TrainConfig:
             default=False,
         )
     )
+    lazy_word_embeddings: bool = field(
+        **_help(
+            "train the word-embedding matrix lazily: a sparse gradient of the batch's tokens' rows, and AdamW "
+            "updates those rows only (the others keep weights and moments); no effect on frozen word embeddings",
+            default=False,
+        )
+    )
     task_layers: int = field(
         **_help(
             "give each task its own copy of the encoder's top N layers over the shared lower ones (0: every layer shared)",

@@ -103,6 +103,7 @@ class MultitaskBert(nn.Module):
         dropout: float = 0.1,
         freeze_layers: int = 0,
         freeze_word_embeddings: bool = False,
+        lazy_word_embeddings: bool = False,
         task_layers: int = 0,
     ):
         super().__init__()
@@ -133,6 +134,9 @@ class MultitaskBert(nn.Module):
         self.freeze(freeze_layers)
         if freeze_word_embeddings:
             self.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        # A sparse gradient: the rows of the batch's tokens only, which AdamW then updates lazily
+        # (model/optimizer.py), instead of a dense 30522 x hidden matrix of mostly zeros each step.
+        self.bert.embeddings.word_embeddings.sparse = lazy_word_embeddings
         if "pooler" not in self.pooling.values():
             # Unused: no gradient, and no weight decay or surgery work spent on it.
             self.bert.pooler.requires_grad_(False)

@@ -42,6 +42,7 @@ from model.config import (
 from model.distill import distill_loss, transfer_splits, with_distill_digest
 from model.evaluation import evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
+from model.optimizer import clip_grad_norm_
 from model.rundir import RunDir, RunFileError
 from model.runtime import autocast, device_rng_state, release_free_memory, resolve_device, set_device_rng_state, use_bf16
 from model.schedules import default_steps_per_epoch, set_learning_rate, step_tasks, task_probabilities
@@ -238,7 +239,7 @@ class Trainer:
             self._surgery_backward(task_losses)
         total = self._step_total(losses)
         if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.max_grad_norm)
+            clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.step += 1
         return total
@@ -251,14 +252,19 @@ class Trainer:
         if self._task_grads is None:  # reused: a fresh (tasks, params) buffer each step costs page faults
             self._task_grads = torch.empty((len(self.cfg.tasks), size), device=self.device)
         stacked = self._task_grads[: len(task_losses)]
+        touched: dict[int, list[torch.Tensor]] = {}  # lazy word embeddings: per sparse gradient, the rows each task touched
         for row, (task, loss) in enumerate(task_losses.items()):
             own = self.model.task_parameters(task)
             grads = torch.autograd.grad(loss, encoder + own, allow_unused=True)
             for p, g in zip(own, grads[len(encoder) :], strict=True):
                 p.grad = g
-            parts = [
-                (torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(encoder, grads[: len(encoder)], strict=True)
-            ]
+            parts = []
+            for i, (p, g) in enumerate(zip(encoder, grads[: len(encoder)], strict=True)):
+                if g is not None and g.is_sparse:
+                    g = g.coalesce()
+                    touched.setdefault(i, []).append(g.indices()[0])
+                    g = g.to_dense()  # the surgery works on whole gradient vectors
+                parts.append((torch.zeros_like(p) if g is None else g).reshape(-1))
             torch.cat(parts, out=stacked[row])
         orders = random_orders(len(task_losses), self.rng)
         if self.cfg.surgery == "pcgrad":
@@ -269,8 +275,12 @@ class Trainer:
             combined, targets = gradvac(stacked, targets, self.cfg.gradvac_beta, orders)
             self.gradvac_targets[index[:, None], index[None, :]] = targets.cpu()
         offset = 0
-        for p in encoder:
-            p.grad = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
+        for i, p in enumerate(encoder):
+            grad = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            if i in touched:  # sparse again, over the rows any task touched: AdamW stays lazy
+                rows = torch.unique(torch.cat(touched[i]))
+                grad = torch.sparse_coo_tensor(rows[None], grad[rows], p.shape, is_coalesced=True, check_invariants=False)
+            p.grad = grad
             offset += p.numel()
 
     def _new_best(self, record: dict, dev_outputs: dict[str, dict]) -> None:

@@ -22,9 +22,9 @@ Cases (``--cases``):
   time / the plain step's time (its cost; the issue's target is at most 1.3).
 
 Levers, to measure them: --freeze-word-embeddings (both implementations; the trainer's
---freeze-word-embeddings), --beside-frozen-word-embeddings (ours with and without, side by side in
-one run: the speed-up the trainer's option gives) and --compile (torch.compile of our encoder,
-dynamic shapes; its compile time falls in --warmup).
+--freeze-word-embeddings), --beside-word-embeddings frozen lazy (ours with the trainer's frozen or
+lazy word embeddings beside ours, side by side in one run: the speed-up each option gives) and
+--compile (torch.compile of our encoder, dynamic shapes; its compile time falls in --warmup).
 
 Timing, robust to load from other processes: all setups of a case run one step each in turn on the
 same batch (interleaved), so that load hits them alike; ``--warmup`` untimed steps first, then
@@ -80,7 +80,7 @@ from model.train import Trainer  # noqa: E402
 from scripts.machine import default_precisions, describe, machine  # noqa: E402
 from scripts.speed_timing import (  # noqa: E402
     CASE_TITLES,
-    FROZEN_WORD_EMBEDDINGS,
+    WORD_EMBEDDING_SETUPS,
     Step,
     case_ratios,
     clock,
@@ -209,6 +209,11 @@ class TrainerStep:
         return Step(seconds, sum(len(b) for b in batches), tokens, train_flops(self.config, shapes))
 
 
+def beside_word_embeddings(args: argparse.Namespace) -> list[str]:
+    """The word-embedding options to time beside ours (--beside-word-embeddings and its older form)."""
+    return list(dict.fromkeys(args.beside_word_embeddings + (["frozen"] if args.beside_frozen_word_embeddings else [])))
+
+
 def single_task_setups(task: str, precisions: list[str], args: argparse.Namespace) -> dict[tuple[str, str], SingleTask]:
     cfg = TrainConfig(
         tasks=[task],
@@ -227,10 +232,10 @@ def single_task_setups(task: str, precisions: list[str], args: argparse.Namespac
         ours = build_model(cfg).train()
         theirs = HFModel(model_dir(cfg), copy.deepcopy(ours.heads[task])).train()
         candidates = [("ours", ours, AdamW), ("transformers", theirs, torch.optim.AdamW)]
-        if args.beside_frozen_word_embeddings:  # the trainer's option, from the same weights, timed in the same run
+        for option in beside_word_embeddings(args):  # the trainer's options, from the same weights, timed in the same run
             torch.manual_seed(0)
-            frozen = build_model(dataclasses.replace(cfg, freeze_word_embeddings=True)).train()
-            candidates.append((FROZEN_WORD_EMBEDDINGS, frozen, AdamW))
+            setting = {"freeze_word_embeddings": option == "frozen", "lazy_word_embeddings": option == "lazy"}
+            candidates.append((WORD_EMBEDDING_SETUPS[option], build_model(dataclasses.replace(cfg, **setting)).train(), AdamW))
         for name, model, optimizer_class in candidates:
             apply_levers(model.bert, args, ours=name != "transformers")
             forward = (lambda m, b: m(b.views)) if name == "transformers" else (lambda m, b: m(task, b.views))
@@ -290,9 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         "--freeze-word-embeddings", action="store_true", help="no training of the word embeddings (ours and transformers)"
     )
     parser.add_argument(
-        "--beside-frozen-word-embeddings",
-        action="store_true",
-        help="single-task cases: also time ours with frozen word embeddings, interleaved with the others",
+        "--beside-word-embeddings",
+        nargs="+",
+        choices=sorted(WORD_EMBEDDING_SETUPS),
+        default=[],
+        help="single-task cases: also time ours with the trainer's frozen or lazy word embeddings, interleaved with the others",
+    )
+    parser.add_argument(
+        "--beside-frozen-word-embeddings", action="store_true", help="the same as --beside-word-embeddings frozen"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (dynamic shapes); needs a C++ compiler")
     parser.add_argument("--json", type=Path, default=None, help="also write the machine, settings and results here")

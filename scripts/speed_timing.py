@@ -24,8 +24,8 @@ class Setup(Protocol):
     def rewind(self) -> None: ...
 
 
-# The setup name of ours with the word embeddings frozen (--beside-frozen-word-embeddings).
-FROZEN_WORD_EMBEDDINGS = "ours, frozen word emb."
+# The setup names of ours with the trainer's word-embedding options (--beside-word-embeddings).
+WORD_EMBEDDING_SETUPS = {"frozen": "ours, frozen word emb.", "lazy": "ours, lazy word emb."}
 
 # ------------------------------------------------------------------------------------------ timing
 
@@ -121,11 +121,10 @@ def case_ratios(case: str, timed: dict, precisions: list[str]) -> list[dict]:
             rows.append(
                 {"precision": precision, "ratio": label, **ratio(timed, ("transformers", precision), ("ours", precision))}
             )
-        if (FROZEN_WORD_EMBEDDINGS, precision) in timed:
-            label = "ours with frozen word embeddings / ours (speed-up)"
-            rows.append(
-                {"precision": precision, "ratio": label, **ratio(timed, ("ours", precision), (FROZEN_WORD_EMBEDDINGS, precision))}
-            )
+        for option, setup in WORD_EMBEDDING_SETUPS.items():
+            if (setup, precision) in timed:
+                label = f"ours with {option} word embeddings / ours (speed-up)"
+                rows.append({"precision": precision, "ratio": label, **ratio(timed, ("ours", precision), (setup, precision))})
     if case != "multitask" and "fp32" in precisions and "bf16" in precisions:
         label = "ours bf16 speed / transformers fp32 speed"
         rows.append({"precision": "bf16 vs fp32", "ratio": label, **ratio(timed, ("transformers", "fp32"), ("ours", "bf16"))})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model import optimizer as optimizer_module
-from model.optimizer import AdamW, _cache_blocks, _Tensors, decays, param_groups
+from model.optimizer import AdamW, _cache_blocks, _Tensors, clip_grad_norm_, decays, param_groups
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (), (40, 6), (3,)]
 EMBEDDING = 4  # gets gradients in rows 0-9 only, like a word embedding: its other rows keep m = v = 0
@@ -203,13 +203,71 @@ def test_invalid_hyperparameters_raise(kwargs, message):
         AdamW([torch.nn.Parameter(torch.zeros(1))], **kwargs)
 
 
+def lazy_embedding_run(foreach: bool, steps: int = 20) -> tuple[torch.nn.Embedding, torch.nn.Parameter, AdamW]:
+    """An embedding with sparse gradients and a dense 4-row twin of its rows 0-3. Rows 0-3 are in
+    every batch (row 1 twice), rows 4-5 in even steps only, rows 6-9 never; the twin gets the same
+    gradient as rows 0-3 and is updated by our dense path."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    twin = torch.nn.Parameter(embedding.weight.detach()[:4].clone())
+    kwargs = {"lr": 1e-2, "weight_decay": 0.1, "foreach": foreach}
+    lazy, dense = AdamW(embedding.parameters(), **kwargs), AdamW([twin], **kwargs)
+    for step in range(steps):
+        lazy.zero_grad(set_to_none=True)
+        dense.zero_grad(set_to_none=True)
+        ids = torch.tensor([0, 1, 1, 2, 3] + ([4, 5] if step % 2 == 0 else []))
+        (embedding(ids) ** 2).sum().backward()
+        before = embedding.weight.detach().clone()
+        twin_ids = torch.tensor([0, 1, 1, 2, 3])
+        (twin[twin_ids] ** 2).sum().backward()
+        lazy.step()
+        dense.step()
+        if step % 2 == 1:  # rows 4-5 were not in the batch: not moved, not decayed
+            assert torch.equal(embedding.weight[4:6], before[4:6])
+    return embedding, twin, lazy
+
+
 @pytest.mark.parametrize("foreach", [True, False])
-def test_sparse_gradients_are_refused(foreach):
-    embedding = torch.nn.Embedding(5, 3, sparse=True)
-    optimizer = AdamW(embedding.parameters(), foreach=foreach)
-    embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match="sparse"):
-        optimizer.step()
+def test_a_sparse_gradient_updates_only_its_rows_as_dense_adamw_would(foreach):
+    initial = lazy_embedding_run(foreach, steps=0)[0].weight.detach().clone()
+    embedding, twin, optimizer = lazy_embedding_run(foreach)
+    weight = embedding.weight.detach()
+    assert torch.equal(weight[:4], twin.detach())  # rows in every batch: the dense update, bit for bit
+    assert not torch.allclose(weight[4:6], initial[4:6])  # rows in some batches moved
+    assert torch.equal(weight[6:], initial[6:])  # rows never in a batch: untouched, no weight decay either
+    state = optimizer.state[embedding.weight]
+    assert state["step"] == 20 and not state["exp_avg"][6:].any() and not state["exp_avg_sq"][6:].any()
+
+
+def test_a_sparse_gradient_of_whole_entries_is_refused():
+    p = torch.nn.Parameter(torch.zeros(3, 3))
+    p.grad = torch.sparse_coo_tensor(torch.tensor([[0, 1], [1, 2]]), torch.ones(2), (3, 3), check_invariants=True)  # sparse_dim 2
+    with pytest.raises(RuntimeError, match="sparse_dim 1"):
+        AdamW([p]).step()
+
+
+def test_clip_grad_norm_is_torchs_on_dense_gradients_and_takes_sparse_ones():
+    torch.manual_seed(0)
+    dense = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(2)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in dense]
+    for p, q in zip(dense, copies, strict=True):
+        p.grad = torch.randn(p.shape)
+        q.grad = p.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(copies, 0.5)
+    assert torch.equal(clip_grad_norm_(dense, 0.5), expected)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(dense, copies, strict=True))
+    # a sparse gradient with a repeated row (uncoalesced, as a sparse embedding's backward leaves it)
+    embedding = torch.nn.Parameter(torch.zeros(5, 3))
+    embedding.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3, 1]]), torch.randn(3, 3), (5, 3), check_invariants=True)
+    as_dense = embedding.grad.to_dense()
+    reference = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(5, 3))]
+    reference[0].grad, reference[1].grad = dense[0].grad.clone(), as_dense.clone()
+    expected = torch.nn.utils.clip_grad_norm_(reference, 0.1)
+    total = clip_grad_norm_([dense[0], embedding], 0.1)
+    torch.testing.assert_close(total, expected)
+    assert embedding.grad.is_sparse and embedding.grad.is_coalesced()
+    torch.testing.assert_close(embedding.grad.to_dense(), reference[1].grad)
+    torch.testing.assert_close(dense[0].grad, reference[0].grad)
 
 
 def test_param_groups_exclude_biases_and_layer_norm_weights_of_the_embedded_model():

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is n
 from scripts.benchmark_speed import TrainerStep, apply_levers, train_flops  # noqa: E402
 from scripts.budget_curve import main as budget_curve  # noqa: E402
 from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, fp32_flops_per_cycle, machine  # noqa: E402
-from scripts.speed_timing import FROZEN_WORD_EMBEDDINGS, Step, case_ratios, ratio  # noqa: E402
+from scripts.speed_timing import WORD_EMBEDDING_SETUPS, Step, case_ratios, ratio  # noqa: E402
 
 
 @pytest.mark.parametrize("shapes", [[(3, 16)], [(2, 9), (4, 5)]])
@@ -73,13 +73,16 @@ def test_case_ratios_name_each_comparison():
     def repeat(seconds: float) -> list[list[Step]]:
         return [[Step(seconds, 32, 100, 1e9)]]
 
-    timed = {("ours", "fp32"): repeat(1.0), ("transformers", "fp32"): repeat(1.5), (FROZEN_WORD_EMBEDDINGS, "fp32"): repeat(0.8)}
+    frozen, lazy = (WORD_EMBEDDING_SETUPS[option] for option in ("frozen", "lazy"))
+    timed = {("ours", "fp32"): repeat(1.0), ("transformers", "fp32"): repeat(1.5), (frozen, "fp32"): repeat(0.8)}
+    timed[(lazy, "fp32")] = repeat(0.9)
     rows = {row["ratio"]: row["median"] for row in case_ratios("sst", timed, ["fp32"])}
     assert rows == {
         "ours' speed / transformers' speed (> 1: ours faster)": pytest.approx(1.5),
         "ours with frozen word embeddings / ours (speed-up)": pytest.approx(1.25),
+        "ours with lazy word embeddings / ours (speed-up)": pytest.approx(1 / 0.9),
     }
-    del timed[(FROZEN_WORD_EMBEDDINGS, "fp32")]
+    del timed[(frozen, "fp32")], timed[(lazy, "fp32")]
     assert len(case_ratios("sst", timed, ["fp32"])) == 1
 
 

@@ -297,10 +297,14 @@ def test_the_trainer_decays_weights_but_not_biases_or_layer_norms(tmp_path):
     assert all(names[id(p)].endswith("weight") and "LayerNorm" not in names[id(p)] for p in decayed["params"])
 
 
-@pytest.mark.parametrize("tasks, surgery", [(["sts"], "none"), (["sst", "sts"], "pcgrad"), (["sst", "sts"], "gradvac")])
-def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path, tasks, surgery):
-    """Alone and under gradient surgery (which then combines the other shared parameters' gradients)."""
-    cfg = TrainConfig.from_dict(tiny_config(tasks=tasks, surgery=surgery, freeze_word_embeddings=True, predict_test=False))
+@pytest.mark.parametrize(
+    "tasks, surgery, lazy", [(["sts"], "none", False), (["sst", "sts"], "pcgrad", False), (["sst", "sts"], "gradvac", True)]
+)
+def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path, tasks, surgery, lazy):
+    """Alone and under gradient surgery (which then combines the other shared parameters' gradients);
+    lazy updates of a frozen matrix are none either."""
+    cfg = tiny_config(tasks=tasks, surgery=surgery, freeze_word_embeddings=True, predict_test=False, lazy_word_embeddings=lazy)
+    cfg = TrainConfig.from_dict(cfg)
     trainer = Trainer(cfg, tmp_path, None, fresh=True)
     words = trainer.model.bert.embeddings.word_embeddings.weight
     before = words.detach().clone()
@@ -311,6 +315,23 @@ def test_frozen_word_embeddings_get_no_gradient_and_no_update(tmp_path, tasks, s
     assert not torch.equal(layer, layer_before)  # the rest of the encoder still learns
     assert all(words is not p for group in trainer.optimizer.param_groups for p in group["params"])
     assert build_parser().parse_args(["--output-dir", "x", "--freeze-word-embeddings"]).freeze_word_embeddings
+
+
+@pytest.mark.parametrize("tasks, surgery", [(["sts"], "none"), (["sst", "para", "sts"], "none"), (["sst", "sts"], "pcgrad")])
+def test_lazy_word_embeddings_update_only_the_rows_of_the_batchs_tokens(tmp_path, tasks, surgery):
+    """Alone, summed over tasks, and under gradient surgery (which densifies the gradient to combine
+    it and hands AdamW the rows any task touched)."""
+    cfg = TrainConfig.from_dict(tiny_config(tasks=tasks, surgery=surgery, lazy_word_embeddings=True, predict_test=False))
+    trainer = Trainer(cfg, tmp_path, None, fresh=True)
+    words = trainer.model.bert.embeddings.word_embeddings.weight
+    before = words.detach().clone()
+    trainer._train_step(tasks)
+    assert words.grad.is_sparse
+    rows = words.grad.coalesce().indices()[0]
+    changed = (words.detach() != before).any(dim=1).nonzero()[:, 0]
+    assert torch.equal(changed, rows)  # every row of the batch's tokens moved, and no other row
+    assert 0 < len(rows) < 0.5 * len(words)
+    assert build_parser().parse_args(["--output-dir", "x", "--lazy-word-embeddings"]).lazy_word_embeddings
 
 
 @pytest.mark.parametrize("surgery", ["pcgrad", "gradvac"])
