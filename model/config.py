@@ -104,6 +104,13 @@ class TrainConfig:
             default=None,
         )
     )
+    epoch_fraction: float = field(
+        **_help(
+            "without steps_per_epoch: an epoch is this fraction of that default pass, whatever the batch size "
+            "(0.5: dev evaluation, checkpoint and a report to the search's ASHA twice a pass)",
+            default=1.0,
+        )
+    )
     max_length: int = field(
         **_help("maximum tokens per sequence (a pair counts as one sequence when cross-encoded)", default=128)
     )
@@ -248,6 +255,9 @@ class TrainConfig:
         for name in ("lr", "weight_decay", "smart_weight", "mnrl_weight", "max_grad_norm"):
             if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite number >= 0, not {getattr(self, name)!r}")
+        fraction = self.epoch_fraction
+        if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and 0.0 < fraction <= 1.0):
+            raise ValueError(f"epoch_fraction must be in (0, 1], not {self.epoch_fraction!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
         if not 0.0 < self.layer_lr_decay <= 1.0:

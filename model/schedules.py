@@ -30,10 +30,11 @@ def task_probabilities(cfg: TrainConfig, sizes: dict[str, int], epoch: int) -> d
 
 
 def default_steps_per_epoch(cfg: TrainConfig, sizes: dict[str, int]) -> int:
+    """``epoch_fraction`` of a pass: over the largest task (round_robin), or over all the data in
+    expectation (proportional, annealed)."""
     batches = {t: math.ceil(sizes[t] / cfg.task_batch_size(t)) for t in cfg.tasks}
-    if cfg.schedule == "round_robin":
-        return max(batches.values())
-    return math.ceil(sum(batches.values()) / len(cfg.tasks))
+    steps = max(batches.values()) if cfg.schedule == "round_robin" else sum(batches.values()) / len(cfg.tasks)
+    return max(1, math.ceil(steps * cfg.epoch_fraction))
 
 
 def step_tasks(cfg: TrainConfig, probabilities: dict[str, float], rng: random.Random) -> list[str]:

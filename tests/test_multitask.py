@@ -3,6 +3,7 @@ and the task schedules."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
@@ -206,6 +207,14 @@ def test_schedules_and_step_budget():
     assert step_tasks(cfg, {}, random.Random(0)) == ["sst", "para", "sts"]
     prop = TrainConfig(tasks=["sst", "para", "sts"], schedule="proportional", batch_size=cfg.batch_size)
     assert default_steps_per_epoch(prop, sizes) == (25 + 100 + 10 + 2) // 3  # ceil(135 / 3) = 45
+    # epoch_fraction: that share of the pass, whatever the batch size (rounded up)
+    assert default_steps_per_epoch(dataclasses.replace(cfg, epoch_fraction=0.5), sizes) == 50
+    halves = dataclasses.replace(cfg, epoch_fraction=0.5, batch_size={"sst": 32, "para": 16, "sts": 10})
+    assert default_steps_per_epoch(halves, sizes) == 100  # half of 200 batches of 16
+    assert default_steps_per_epoch(dataclasses.replace(prop, epoch_fraction=0.25), sizes) == 12  # ceil(45.67 / 4)
+    for bad in (0.0, 1.5, "half"):
+        with pytest.raises(ValueError, match="epoch_fraction must be in"):
+            TrainConfig(tasks=["sts"], epoch_fraction=bad)
     assert task_probabilities(prop, sizes, 1) == pytest.approx({"sst": 0.195122, "para": 0.780488, "sts": 0.024390}, abs=1e-6)
     drawn = [t for _ in range(3000) for t in step_tasks(prop, task_probabilities(prop, sizes, 1), random.Random(_))]
     assert drawn.count("para") / len(drawn) == pytest.approx(0.78, abs=0.02)
