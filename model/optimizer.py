@@ -280,6 +280,7 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> torch.Te
             dense.append(p)
     total = torch.nn.utils.get_total_norm([p.grad for p in dense] + sparse_values, 2.0)
     torch.nn.utils.clip_grads_with_norm_(dense, max_norm, total)
-    for values in sparse_values:
-        values.mul_((max_norm / (total + 1e-6)).clamp(max=1.0))  # torch's formula
+    if sparse_values:
+        coefficient = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's formula, once
+        torch._foreach_mul_(sparse_values, coefficient)
     return total
