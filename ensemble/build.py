@@ -124,7 +124,7 @@ def choice_test_outputs(result: TaskResult, choice: Choice, evaluate: SoupEvalua
     members = [pool.members[i] for i in choice.members]
     if choice.kind == "soup":
         out = dict(evaluate(members, "test")[task])
-        out["values"] = apply_scale(out["values"], choice.scales[0] if choice.scales else None)
+        out["values"] = apply_scale(out["values"], choice.scales[0] if choice.scales else None, task)
     else:
         first = member_test_outputs(members[0], task, evaluate, notes)
         where = [f"{m.name} ({m.outputs_file(task, 'test')})" for m in members]
@@ -133,7 +133,7 @@ def choice_test_outputs(result: TaskResult, choice: Choice, evaluate: SoupEvalua
             for m, w in zip(members, where, strict=True)
         ]
         scales = choice.scales or [None] * len(outs)
-        stacked = np.stack([apply_scale(o["values"], scale) for o, scale in zip(outs, scales, strict=True)])
+        stacked = np.stack([apply_scale(o["values"], scale, task) for o, scale in zip(outs, scales, strict=True)])
         values = np.tensordot(np.asarray(choice.weights), stacked, axes=1)
         out = {"ids": first["ids"], "values": values, "labels": None}
     if not np.isfinite(out["values"]).all():
@@ -152,6 +152,7 @@ def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], no
             "caruana_rounds": args.caruana_rounds,
             "caruana_criterion": args.caruana_criterion,
             "caruana_bags": args.caruana_bags,
+            "calibrate": args.calibrate,
             "folds": args.folds,
             "splits": args.splits,
             "seed": args.seed,
@@ -193,7 +194,7 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
         args.top_k, args.caruana_init, args.caruana_rounds, args.folds, args.caruana_criterion, caruana_bags=args.caruana_bags
     )
     results: dict[str, TaskResult] = {}
-    for task, task_pool in task_pools(pool).items():
+    for task, task_pool in task_pools(pool, calibrate=args.calibrate).items():
         print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)
         baseline = baselines[task]
         seeds = [] if baseline is None else seed_runs(pool, baseline)
@@ -252,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_BAGS,
         help=f"caruana-bagged: bags of half the pool, the same bags in every selection (default {DEFAULT_BAGS})",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="SST and paraphrase: temperature-scale each member on the selection rows before any averaging "
+        "(a member's own predictions do not change; see ensemble.taskpool.fit_scale)",
     )
     parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fitted weights (default 5)")

@@ -32,7 +32,9 @@ from model.rundir import TaskOutputs
 
 # 3: STS members carry the "scale" that puts them on the labels' 0-5 scale; an older reader would
 # average them unscaled, so ensemble.predict refuses a format newer than it knows.
-MANIFEST_FORMAT = 3
+# 4: SST and paraphrase members may carry a "scale" too (a temperature on their log-odds, --calibrate),
+# which a format-3 reader would apply as a line to probabilities.
+MANIFEST_FORMAT = 4
 BASELINE = "baseline (usual recipe)"
 SEED_AVERAGE = "usual recipe x seeds"  # the uniform average of the baseline's seed runs
 

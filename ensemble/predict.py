@@ -163,7 +163,7 @@ class Runner:
         for out, scale, name, model_dir in zip(outputs, scales, plan.names, plan.model_dirs, strict=True):
             if not np.isfinite(out[task]["values"]).all():  # one bad member would silently spoil the average
                 raise EnsembleError(f"member {name} ({model_dir / 'model.safetensors'}): NaN or infinite outputs on {task}")
-            out[task]["values"] = apply_scale(out[task]["values"], scale)
+            out[task]["values"] = apply_scale(out[task]["values"], scale, task)
         return average_outputs(align_outputs(plan.names, outputs, "input"), plan.weights)[task]
 
 

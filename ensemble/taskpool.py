@@ -71,22 +71,71 @@ def align_to(reference: TaskOutputs, outputs: TaskOutputs, where: str, reference
     return aligned
 
 
-Scale = tuple[float, float]  # (offset, slope): a member's outputs v become offset + slope * v
+Scale = tuple[float, float]  # (offset, slope): a member's map onto the labels (fit_scale, apply_scale)
+# Probabilities are clipped this far from 0 and 1 before their log or logit: float32 outputs can be
+# exactly 0 or 1, and the clip (log-odds within +-16) changes no prediction.
+PROBABILITY_CLIP = 1e-7
+# A temperature is searched between 1/20 and 20 (its log between these bounds).
+LOG_SLOPE_BOUNDS = (-3.0, 3.0)
 
 
-def fit_scale(values: np.ndarray, labels: np.ndarray) -> Scale:
-    """The least-squares line from one member's outputs to the gold labels (a constant output keeps
-    slope 1: nothing to fit)."""
+def to_log_odds(values: np.ndarray, task: str) -> np.ndarray:
+    """Class probabilities as log-probabilities, P(duplicate) as its logit: the space a temperature scales."""
+    p = np.clip(np.asarray(values, dtype=np.float64), PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)
+    return np.log(p) if TASKS[task].label_kind == "class" else np.log(p) - np.log1p(-p)
+
+
+def from_log_odds(z: np.ndarray, task: str) -> np.ndarray:
+    if TASKS[task].label_kind == "class":
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def mean_log_likelihood(values: np.ndarray, labels: np.ndarray) -> float:
+    """Mean log-probability of the gold labels: class probabilities (N, C), or P(duplicate) (N,)."""
+    if values.ndim == 2:
+        p = values[np.arange(len(labels)), np.asarray(labels).astype(int)]
+    else:
+        p = np.where(np.asarray(labels) > 0.5, values, 1.0 - values)
+    return float(np.mean(np.log(np.clip(p, 1e-9, 1.0))))
+
+
+def fit_scale(values: np.ndarray, labels: np.ndarray, task: str) -> Scale:
+    """One member's map onto the labels, fitted on these rows.
+
+    - STS (scores): the least-squares line from its outputs to the gold scores (a constant output keeps
+      slope 1: nothing to fit).
+    - SST, paraphrase (probabilities): temperature scaling (Guo et al. 2017): its log-odds times the
+      slope that maximises the gold labels' likelihood (offset 0). A member's own predictions do not
+      change (the same class is most probable, the same side of 0.5); only how confidently it speaks in
+      an average: a label-smoothed member is underconfident, one trained longer overconfident."""
     values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=np.float64)
-    spread = values.var()
-    if spread <= 0:
-        return float(labels.mean() - values.mean()), 1.0
-    slope = float(((values - values.mean()) * (labels - labels.mean())).mean() / spread)
-    return float(labels.mean() - slope * values.mean()), slope
+    if TASKS[task].label_kind == "score":
+        spread = values.var()
+        if spread <= 0:
+            return float(labels.mean() - values.mean()), 1.0
+        slope = float(((values - values.mean()) * (labels - labels.mean())).mean() / spread)
+        return float(labels.mean() - slope * values.mean()), slope
+    from scipy.optimize import minimize_scalar
+
+    z = to_log_odds(values, task)
+    fit = minimize_scalar(
+        lambda log_slope: -mean_log_likelihood(from_log_odds(np.exp(log_slope) * z, task), labels),
+        bounds=LOG_SLOPE_BOUNDS,
+        method="bounded",
+    )
+    return 0.0, float(np.exp(fit.x))
 
 
-def apply_scale(values: np.ndarray, scale: Scale | None) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64) if scale is None else scale[0] + scale[1] * np.asarray(values, dtype=np.float64)
+def apply_scale(values: np.ndarray, scale: Scale | None, task: str) -> np.ndarray:
+    """``values`` of ``task`` through a map of fit_scale (None: unchanged)."""
+    values = np.asarray(values, dtype=np.float64)
+    if scale is None:
+        return values
+    if TASKS[task].label_kind == "score":
+        return scale[0] + scale[1] * values
+    return from_log_odds(scale[0] + scale[1] * to_log_odds(values, task), task)
 
 
 @dataclass
@@ -98,23 +147,25 @@ class TaskPool:
     values: np.ndarray  # (M, N) or (M, N, C): each member's dev outputs (the saved epoch's, unscaled)
     # Per member: (E, N[, C]) its dev outputs after each epoch it kept, or None (a run that kept none).
     epoch_values: list[np.ndarray | None] = field(default_factory=list)
-    scales: list[Scale] | None = None  # set by prepared() for a score task: each member's map to the labels
+    scales: list[Scale] | None = None  # set by prepared(): each member's map to the labels (STS; calibrated pools)
+    calibrate: bool = False  # SST, paraphrase: temperature-scale each member on the selection rows (fit_scale)
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def prepared(self, rows: np.ndarray) -> TaskPool:
         """The pool as a procedure that selects on ``rows`` must see it. On part of dev, each member's
         epoch is the one best on ``rows`` (first of equals, as the trainer chooses); on all of dev it is
         the saved epoch, the trainer's own choice on all of dev, whose weights exist. For a score task
-        (STS) each member is then put on the labels' scale by a line fitted on ``rows``."""
+        (STS) each member is then put on the labels' scale by a line fitted on ``rows``; in a calibrated
+        pool of probabilities (SST, paraphrase) each gets its temperature fitted on ``rows``."""
         key = np.asarray(rows).tobytes()
         if key not in self._prepared:  # only the last rows are kept: the estimates prepare each half once
             values = self.values
             if len(rows) < len(self.labels):
                 values = np.stack([self._best_epoch_values(i, rows) for i in range(len(self.members))])
             scales = None
-            if TASKS[self.task].label_kind == "score":
-                scales = [fit_scale(v[rows], self.labels[rows]) for v in values]
-                values = np.stack([apply_scale(v, scale) for v, scale in zip(values, scales, strict=True)])
+            if TASKS[self.task].label_kind == "score" or self.calibrate:
+                scales = [fit_scale(v[rows], self.labels[rows], self.task) for v in values]
+                values = np.stack([apply_scale(v, scale, self.task) for v, scale in zip(values, scales, strict=True)])
             self._prepared = {key: dataclasses.replace(self, values=values, scales=scales, _prepared={})}
         return self._prepared[key]
 
@@ -140,12 +191,7 @@ class TaskPool:
         paraphrase: P(duplicate)); probabilities are clipped at 1e-9 (log 0 is no score)."""
         if TASKS[self.task].label_kind == "score":
             raise ValueError(f"{self.task} outputs are scores, not probabilities: no likelihood")
-        gold = self.labels[rows]
-        if values.ndim == 2:
-            p = values[rows, gold.astype(int)]
-        else:
-            p = np.where(gold > 0.5, values[rows], 1.0 - values[rows])
-        return float(np.mean(np.log(np.clip(p, 1e-9, 1.0))))
+        return mean_log_likelihood(values[rows], self.labels[rows])
 
     def selection_scorer(self, criterion: str, who: str):
         """What a greedy selection maximises: the task's metric, or (``likelihood``, classification
@@ -184,8 +230,9 @@ def epoch_chosen_on_rows(member: Member, task: str) -> bool:
     return member.best_epoch in member.epoch_outputs.get(task, {}) and len(member.tasks) == 1
 
 
-def task_pool(pool: Pool, task: str) -> TaskPool:
-    """The members of ``pool`` that train ``task``, their dev outputs aligned to the first one's ids."""
+def task_pool(pool: Pool, task: str, calibrate: bool = False) -> TaskPool:
+    """The members of ``pool`` that train ``task``, their dev outputs aligned to the first one's ids;
+    ``calibrate``: see TaskPool.calibrate (STS members are always put on the labels' scale)."""
     members = [m for m in pool.members if task in m.tasks]
     if not members:
         raise EnsembleError(f"no member of {pool.studies} trains {task!r}")
@@ -208,8 +255,9 @@ def task_pool(pool: Pool, task: str) -> TaskPool:
     shapes = {v.shape for v in stacked} | {v.shape[1:] for v in epochs if v is not None}
     if len(shapes) != 1:
         raise EnsembleError(f"{task}: members' dev outputs have different shapes {sorted(shapes)}")
-    return TaskPool(task, members, reference["ids"], np.asarray(reference["labels"]), np.stack(stacked), epochs)
+    labels = np.asarray(reference["labels"])
+    return TaskPool(task, members, reference["ids"], labels, np.stack(stacked), epochs, calibrate=calibrate)
 
 
-def task_pools(pool: Pool, tasks: Sequence[str] | None = None) -> dict[str, TaskPool]:
-    return {task: task_pool(pool, task) for task in (tasks or pool.tasks)}
+def task_pools(pool: Pool, tasks: Sequence[str] | None = None, calibrate: bool = False) -> dict[str, TaskPool]:
+    return {task: task_pool(pool, task, calibrate) for task in (tasks or pool.tasks)}

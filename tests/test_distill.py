@@ -251,7 +251,7 @@ def test_teacher_outputs_are_cached_and_recomputed_when_the_predictor_changes(tm
     examples = load_examples("sts", "train", DATA_DIR)[:24]
     model, cfg = load_trained(teacher_run)
     _, outputs = evaluate_model(model, cfg, "test", examples={"sts": [Example(e.id, e.texts, None) for e in examples]})
-    assert np.allclose(values[:24], apply_scale(outputs["sts"]["values"], STS_SCALE), atol=1e-5)
+    assert np.allclose(values[:24], apply_scale(outputs["sts"]["values"], STS_SCALE, "sts"), atol=1e-5)
     assert len(values) == 24 + 6 and len(load_examples("sts", "train", DATA_DIR)) > 24
     digest = distill_digest(transfer, ALL)
 

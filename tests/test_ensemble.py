@@ -21,6 +21,7 @@ from ensemble import predict as ensemble_predict
 from ensemble.logits import align_outputs, average_outputs, fit_weights
 from ensemble.members import EnsembleError, MemberArtifactError, MemberSkippedWarning, NoUsableTrialError, load_pool
 from ensemble.soup import IncompatibleMembersError, SoupEvaluator, average_checkpoints, check_compatible, init_signature
+from ensemble.taskpool import apply_scale, fit_scale
 from model.metrics import task_metric
 from model.train import train
 
@@ -262,6 +263,33 @@ def test_predict_round_trip(tmp_path, study_url, runs, method):
         assert set(predicted) <= set(expected)
         if task == "sts":
             assert all(float(predicted[i]) == pytest.approx(expected[i], abs=1e-4) for i in predicted)
+
+
+def test_a_calibrated_build_scales_each_member_and_predict_applies_the_same_temperatures(tmp_path, study_url, runs):
+    with pytest.warns(MemberSkippedWarning):
+        flags = ["--method", "top-k", "--top-k", "3", "--exclude-early-stopped", "--calibrate"]
+        args = build_args(tmp_path, study_url, "tiny", *flags)
+        results = ensemble_build.build(args)
+    out = tmp_path / "out" / "top-k"
+    manifest = json.loads((out / "predictor" / "manifest.json").read_text())
+    for task in ("sst", "para"):
+        with np.load(runs[0] / "outputs" / f"{task}-dev.npz") as npz:
+            labels = npz["labels"]
+        scales = {run: fit_scale(npz_values(run, task, "dev"), labels, task) for run in runs}
+        assert {m["artifact_dir"]: tuple(m["scale"]) for m in manifest["tasks"][task]["members"]} == {
+            str(run): scale for run, scale in scales.items()
+        }
+        for split, values in (("dev", results[task].choices["top-k"].values), ("test", results[task].test["top-k"]["values"])):
+            by_hand = sum(apply_scale(npz_values(run, task, split), scales[run], task) for run in runs) / len(runs)
+            np.testing.assert_allclose(values, by_hand, rtol=0, atol=1e-12)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["calibrate"] is True
+    # ensemble.predict runs the members again and applies the manifest's temperatures: the same classes.
+    assert ensemble_predict.main(["--ensemble", str(out), "--splits", "dev", "--data-dir", str(DATA_DIR)]) == 0
+    for task in ("sst", "para"):
+        expected = dict(zip(results[task].pool.ids, results[task].choices["top-k"].values, strict=True))
+        predicted = {r[0]: float(r[1]) for r in read_csv(out / "predict" / f"{task}-dev-out.csv")[1:]}
+        decided = {i: float(v.argmax() if task == "sst" else v > 0.5) for i, v in expected.items()}
+        assert {i: predicted[i] for i in decided} == decided  # the build's dev rows (eval_limit) among the file's
 
 
 def test_predict_infers_the_task_or_asks(tmp_path):

@@ -1,5 +1,6 @@
 """Every dev-dependent choice is made on the selection rows only (TaskPool.prepared): each member's
-epoch, and for STS each member's map to the labels' scale."""
+epoch, for STS each member's map to the labels' scale, and in a calibrated pool each SST or paraphrase
+member's temperature."""
 
 from __future__ import annotations
 
@@ -11,17 +12,23 @@ from scipy.stats import pearsonr
 from ensemble.estimate import halves, out_of_selection
 from ensemble.members import Member
 from ensemble.selection import Selector, Settings
-from ensemble.taskpool import TaskPool, epoch_chosen_on_rows
+from ensemble.taskpool import TaskPool, apply_scale, epoch_chosen_on_rows, fit_scale, from_log_odds
 
 ROWS = 200
 rng = np.random.default_rng(0)
 
 
-def pool_of(task: str, labels: np.ndarray, values: list[np.ndarray], epochs: list[np.ndarray | None] | None = None) -> TaskPool:
+def pool_of(
+    task: str,
+    labels: np.ndarray,
+    values: list[np.ndarray],
+    epochs: list[np.ndarray | None] | None = None,
+    calibrate: bool = False,
+) -> TaskPool:
     config = {"train": {"tasks": [task], "pair_encoding": "bi"}, "bert": {}}
     members = [Member("made-up", n, None, Path(f"/nowhere/{n}"), False, {}, config) for n in range(len(values))]
     ids = np.array([f"id{i}" for i in range(len(labels))])
-    return TaskPool(task, members, ids, labels, np.stack(values), epochs or [None] * len(values))
+    return TaskPool(task, members, ids, labels, np.stack(values), epochs or [None] * len(values), calibrate=calibrate)
 
 
 def one_hot(classes: np.ndarray) -> np.ndarray:
@@ -77,10 +84,49 @@ def test_sts_members_are_put_on_the_labels_scale_before_averaging():
     assert selector.fixed([0, 1])(rows).scales == prepared.scales
 
 
-def test_classification_members_are_not_rescaled():
+def test_classification_members_are_not_rescaled_unless_calibrated():
     labels = rng.integers(0, 5, ROWS)
     pool = pool_of("sst", labels, [one_hot(labels)])
     assert pool.prepared(np.arange(ROWS // 2)).scales is None
+
+
+def noisy_sentiment(labels: np.ndarray, temperature: float) -> np.ndarray:
+    """Class probabilities of a member right on about 60% of rows, at this temperature."""
+    logits = rng.normal(0, 1, (len(labels), 5))
+    logits[np.arange(len(labels)), labels] += 1.5
+    return from_log_odds(logits / temperature, "sst")
+
+
+def test_a_temperature_fitted_on_the_selection_rows_keeps_each_members_predictions():
+    labels = rng.integers(0, 5, ROWS)
+    calibrated = noisy_sentiment(labels, 1.0)
+    overconfident = from_log_odds(np.log(calibrated) * 4.0, "sst")  # the same member, four times as sure
+    rows = np.arange(ROWS // 2)
+    pool = pool_of("sst", labels, [calibrated, overconfident], calibrate=True)
+    prepared = pool.prepared(rows)
+    # Each member's own predictions are unchanged; the overconfident one's temperature undoes the 4x.
+    for before, after in zip((calibrated, overconfident), prepared.values, strict=True):
+        np.testing.assert_array_equal(before.argmax(1), after.argmax(1))
+    assert prepared.scales[1][1] < 0.5 * prepared.scales[0][1]
+    np.testing.assert_allclose(prepared.values[1], prepared.values[0], atol=0.02)
+    # Fitted on the selection rows only: the same fit as on those rows alone, not on all of dev.
+    assert prepared.scales == [fit_scale(v[rows], labels[rows], "sst") for v in (calibrated, overconfident)]
+    assert prepared.scales != pool.prepared(np.arange(ROWS)).scales
+    # A predictor built from the prepared pool carries the maps that ensemble.predict applies again.
+    choice = Selector(pool, None, Settings()).fixed([0, 1])(rows)
+    again = (apply_scale(calibrated, choice.scales[0], "sst") + apply_scale(overconfident, choice.scales[1], "sst")) / 2
+    np.testing.assert_allclose(choice.values, again)
+
+
+def test_a_paraphrase_members_temperature_keeps_its_side_of_one_half():
+    labels = rng.integers(0, 2, ROWS).astype(float)
+    logits = np.where(labels > 0.5, 1.0, -1.0) + rng.normal(0, 1.2, ROWS)
+    overconfident = from_log_odds(5.0 * logits, "para")
+    scale = fit_scale(overconfident, labels, "para")
+    assert scale[0] == 0.0 and 0.1 < scale[1] < 0.4  # about 1/5: the logits' own scale
+    np.testing.assert_array_equal(apply_scale(overconfident, scale, "para") > 0.5, overconfident > 0.5)
+    # Probabilities of exactly 0 and 1 (float32 saturates) map to finite values.
+    assert np.isfinite(apply_scale(np.array([0.0, 1.0, 0.5]), scale, "para")).all()
 
 
 def test_only_a_single_task_members_epoch_is_chosen_on_the_rows():
