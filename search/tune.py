@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from data.atomic import atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
+from model.runtime import cpu_has_bf16_matmul
 from search.adapters import TRIAL_NUMBER_KEY, ended_trials, fail_running_trials
 from search.cluster import ClusterError
 from search.lease import LeaseError, current_holder, refuse_if_held
@@ -121,10 +122,25 @@ def delete_study_run(name: str, url: str, paths: StudyPaths, in_storage: bool, s
         shutil.rmtree(paths.root)
 
 
+def fp32_note(study: StudySpec, options: SearchOptions) -> str | None:
+    """Why a local CPU study will take longer than README's figures, when it will: precision "auto" on a
+    CPU without bf16 matrix hardware trains in fp32 (model.runtime.use_bf16)."""
+    on_this_cpu = not options.address and study.budget.gpus_per_trial == 0
+    if not on_this_cpu or study.fixed.get("precision", "auto") != "auto" or cpu_has_bf16_matmul():
+        return None
+    return (
+        "Note: this CPU multiplies no bf16 matrices in hardware (no AMX, no AVX512_BF16), so the trials train in fp32, "
+        "2-3x the wall time of the bf16 CPUs that README's figures come from (README, 'Speed, per CPU kind')."
+    )
+
+
 def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> Outcome:
     """Run (or restore) the Ray Tune experiment of a study to its end, an interruption or a full disk."""
     started = time.monotonic()
     TIME_BUDGET.start(study.budget.time_s, study.budget.max_epochs)
+    note = fp32_note(study, options)
+    if note:
+        print(note)
     # A local cluster's processes are this driver's: they must not outlive it, even after a SIGKILL.
     with contextlib.nullcontext() if options.address else reaping():
         grid, stop = run_on_ray(study, options, paths, data_dir)

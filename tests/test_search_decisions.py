@@ -158,3 +158,25 @@ def test_missing_data_fails_before_anything_starts(tmp_path, capsys):
     assert main_exit(options) == EXIT_REFUSED
     assert f"{tmp_path / 'no-data' / 'sts-train.csv'}: file not found" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_cpu_without_bf16_hardware_is_told_its_trials_train_in_fp32(no_ray, monkeypatch):
+    import dataclasses
+
+    import search.tune
+
+    calls, options, _ = no_ray
+    run_search(options)
+    study = calls[0]["study"]
+    cpu_only = dataclasses.replace(study, budget=dataclasses.replace(study.budget, gpus_per_trial=0))
+    monkeypatch.setattr(search.tune, "cpu_has_bf16_matmul", lambda: False)
+    assert "fp32" in search.tune.fp32_note(cpu_only, options)
+    # Not when the CPU has it, the study fixes a precision, trials get GPUs, or a cluster runs them.
+    assert search.tune.fp32_note(dataclasses.replace(cpu_only, fixed={**cpu_only.fixed, "precision": "fp32"}), options) is None
+    assert (
+        search.tune.fp32_note(dataclasses.replace(study, budget=dataclasses.replace(study.budget, gpus_per_trial=1)), options)
+        is None
+    )
+    assert search.tune.fp32_note(cpu_only, dataclasses.replace(options, address="10.0.0.1:6379")) is None
+    monkeypatch.setattr(search.tune, "cpu_has_bf16_matmul", lambda: True)
+    assert search.tune.fp32_note(cpu_only, options) is None
