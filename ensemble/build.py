@@ -27,8 +27,9 @@ checkpoint is run). Soups are run on dev once per member set and cached (``--no-
 Honest estimates (ensemble.estimate): every dev-selected predictor (the best single trial and each
 method) is reported with its in-sample dev score and an out-of-selection estimate: the same procedure
 run on half A of ``--splits`` seeded random halves of dev, scored on half B (mean ± sd over the
-halves). Every dev-dependent choice is inside the procedure: each member's epoch, and for STS each
-member's map to the 0-5 scale (ensemble.taskpool). The baseline of each task is its usual single-task
+halves). Every dev-dependent choice is inside the procedure: each member's epoch, for STS each
+member's map to the 0-5 scale, and with ``--calibrate`` each SST, CFIMDB or paraphrase member's
+temperature (ensemble.taskpool). The baseline of each task is its usual single-task
 recipe (ensemble.baselines; ``--baseline [TASK=]STUDY/N`` names another); it and the uniform average
 of its seed runs ("usual recipe x k seeds") are not selected, and every row shows its paired gain over
 the baseline on the same halves. Each row also gives its inference cost: encoder passes per example
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--calibrate",
         action="store_true",
-        help="SST and paraphrase: temperature-scale each member on the selection rows before any averaging "
+        help="SST, CFIMDB and paraphrase: temperature-scale each member on the selection rows before any averaging "
         "(a member's own predictions do not change; see ensemble.taskpool.fit_scale)",
     )
     parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")

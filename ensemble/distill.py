@@ -2,7 +2,7 @@
 ``ensemble.build``, or one trainer output dir) into one multitask student (MT-DNN-KD, Liu et al. 2019;
 AugSBERT, Thakur et al. 2021).
 
-1. The teacher: DIR's predictor, run as ``ensemble.predict`` runs it (members, weights, STS scales,
+1. The teacher: DIR's predictor, run as ``ensemble.predict`` runs it (members, weights, maps (STS scales, temperatures),
    soups). Every member folder is checked before anything runs.
 2. The transfer set, per covered task (``--tasks``, default all): the training rows the student uses
    (its ``train_limit``) and ``--augment`` new unlabelled rows, per task (ensemble.augment). The teacher labels

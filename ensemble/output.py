@@ -32,9 +32,11 @@ from model.rundir import TaskOutputs
 
 # 3: STS members carry the "scale" that puts them on the labels' 0-5 scale; an older reader would
 # average them unscaled, so ensemble.predict refuses a format newer than it knows.
-# 4: SST and paraphrase members may carry a "scale" too (a temperature on their log-odds, --calibrate),
-# which a format-3 reader would apply as a line to probabilities.
+# 4: SST, CFIMDB and paraphrase members may carry a "scale" too (the slope, 1 / temperature, of their
+# log-odds: --calibrate), which a format-3 reader would apply as a line to probabilities. A manifest
+# without such a scale is still written as format 3, which older code reads.
 MANIFEST_FORMAT = 4
+SCORE_SCALES_FORMAT = 3
 BASELINE = "baseline (usual recipe)"
 SEED_AVERAGE = "usual recipe x seeds"  # the uniform average of the baseline's seed runs
 
@@ -142,7 +144,7 @@ def curves_of(result: TaskResult) -> dict[str, Curve]:
 
 
 def described(result: TaskResult, choice: Choice) -> list[dict]:
-    """The manifest's members: where each is and its weight, and for STS its map to the 0-5 scale."""
+    """The manifest's members: where each is and its weight, and its map if any (STS scale, temperature)."""
     scales = choice.scales or [None] * len(choice.members)
     return [
         {"name": m.name, "study": m.study, "trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": float(w)}
@@ -174,7 +176,15 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
             r = entry["dev"]
             title = f"{method}: STS dev, Pearson r = {r:.3f}"
             plot_sts_scatter(directory / "sts_dev_scatter.png", choice.values, result.pool.labels, title)
-    manifest = {"format": MANIFEST_FORMAT, "method": method, "studies": header["studies"], "tasks": tasks}
+    calibrated = any(
+        "scale" in member for task, entry in tasks.items() if TASKS[task].label_kind != "score" for member in entry["members"]
+    )
+    manifest = {
+        "format": MANIFEST_FORMAT if calibrated else SCORE_SCALES_FORMAT,
+        "method": method,
+        "studies": header["studies"],
+        "tasks": tasks,
+    }
     atomic_write_text(directory / "predictor" / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     rows = [r for result in results.values() for r in rows_of(result) if r.name in (method, BASELINE, SEED_AVERAGE)]
     write_summary(directory, f"Ensemble {method} of {' + '.join(header['studies'])}", header, rows)
@@ -193,7 +203,7 @@ def write_build(root: Path, methods: tuple[str, ...], results: dict[str, TaskRes
     rows = [row for result in results.values() for row in rows_of(result)]
     preamble = (
         "In-sample: chosen and scored on all of dev (optimistic). Out-of-selection: the same procedure (members' "
-        "epochs and STS scales included) run on one half of dev and scored on the other, over "
+        "epochs, STS scales and temperatures included) run on one half of dev and scored on the other, over "
         f"{header['settings']['splits']} random halves: mean ± the standard deviation over those overlapping halves, "
         "which is close to the full dev set's standard error (not a half-size set's). Gain: paired with the baseline "
         "on the same halves, its ± the same spread of the paired differences. Passes: encoder passes per example. "

@@ -53,7 +53,7 @@ class TaskPlan:
     model_dirs: list[Path]
     weights: list[float]
     names: list[str]
-    scales: list[Scale | None] | None = None  # STS: each model's map to the 0-5 scale, fitted by the build
+    scales: list[Scale | None] | None = None  # each model's map fitted by the build (STS scale, temperature)
 
 
 def find_predictor(directory: Path) -> Path:

@@ -1,6 +1,7 @@
 """Per-task selection procedures: each turns the rows of a selection set (all of dev, or half of it for
 ensemble.estimate) into a chosen predictor for one task, judged by that task's own metric. Each sees
-the pool as TaskPool.prepared makes it for those rows (members' epochs and STS scales fitted on them).
+the pool as TaskPool.prepared makes it for those rows (members' epochs, STS scales and, when calibrated,
+temperatures fitted on them).
 
 - best single: the member with the best score;
 - top-k: the k best members, outputs averaged with uniform weights;
@@ -49,7 +50,7 @@ class Choice:
     weights: list[float]  # same length; a soup's are uniform
     values: np.ndarray  # its dev outputs on all rows
     details: dict = field(default_factory=dict)
-    scales: list[Scale] | None = None  # a logit average's members' maps to the labels' scale (STS), same order
+    scales: list[Scale] | None = None  # a logit average's members' maps (STS scale, temperature), same order
 
     def cost(self, pool: TaskPool) -> int:
         """Encoder passes per example: a soup is one model; a logit average runs each distinct member
@@ -181,7 +182,7 @@ class Selector:
         return sorted(indexes, key=ranking.index), refusals
 
     def soup(self, method: str, indexes: list[int], **details) -> Choice:
-        # A soup of one member is that member, on the labels' scale like any (STS); a real soup is run as is.
+        # A soup of one member is that member, mapped like any (STS scale, temperature); a real soup is run as is.
         scales = [self.pool.scales[indexes[0]]] if self.pool.scales is not None and len(indexes) == 1 else None
         return Choice(method, "soup", indexes, [1.0 / len(indexes)] * len(indexes), self.soup_values(indexes), details, scales)
 

@@ -9,7 +9,9 @@ out-of-selection estimates (ensemble.estimate) repeat it on each half:
   weights exist for a per-task choice, so that small leak stays, as it does for soups;
 - for STS, each member's scale: members differ in output scale (5 cos, a regression head, CoSENT,
   which fixes only the order), so each is mapped to the labels' 0-5 scale by a least-squares line
-  fitted on the rows before any averaging.
+  fitted on the rows before any averaging;
+- in a calibrated pool (``--calibrate``) of probabilities (SST, CFIMDB, paraphrase), each member's
+  temperature, fitted on the rows (fit_scale).
 
 Also the inference cost of a predictor: encoder passes per example.
 """
@@ -75,8 +77,11 @@ Scale = tuple[float, float]  # (offset, slope): a member's map onto the labels (
 # Probabilities are clipped this far from 0 and 1 before their log or logit: float32 outputs can be
 # exactly 0 or 1, and the clip (log-odds within +-16) changes no prediction.
 PROBABILITY_CLIP = 1e-7
-# A temperature is searched between 1/20 and 20 (its log between these bounds).
-LOG_SLOPE_BOUNDS = (-3.0, 3.0)
+# The slope (1 / temperature) is searched between 1/4 and 4: room for label smoothing's underconfidence
+# and over-training's overconfidence (fitted temperatures of trained networks are typically 1-3, Guo et
+# al. 2017), while a member right on nearly every selection row, whose likelihood keeps growing as it
+# sharpens, cannot be made to outvote the others by more than that.
+LOG_SLOPE_BOUNDS = (-math.log(4.0), math.log(4.0))
 
 
 def to_log_odds(values: np.ndarray, task: str) -> np.ndarray:
@@ -106,10 +111,12 @@ def fit_scale(values: np.ndarray, labels: np.ndarray, task: str) -> Scale:
 
     - STS (scores): the least-squares line from its outputs to the gold scores (a constant output keeps
       slope 1: nothing to fit).
-    - SST, paraphrase (probabilities): temperature scaling (Guo et al. 2017): its log-odds times the
-      slope that maximises the gold labels' likelihood (offset 0). A member's own predictions do not
-      change (the same class is most probable, the same side of 0.5); only how confidently it speaks in
-      an average: a label-smoothed member is underconfident, one trained longer overconfident."""
+    - SST, CFIMDB, paraphrase (probabilities): temperature scaling (Guo et al. 2017): its log-odds
+      times the slope (1 / temperature, within LOG_SLOPE_BOUNDS) that maximises the gold labels'
+      likelihood (offset 0); slope 1 when it is right on every row (nothing to fit: the likelihood
+      grows without bound). A member's own predictions do not change (the same class is most probable,
+      the same side of 0.5); only how confidently it speaks in an average: a label-smoothed member
+      is underconfident, one trained longer overconfident."""
     values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     if TASKS[task].label_kind == "score":
         spread = values.var()
@@ -119,6 +126,9 @@ def fit_scale(values: np.ndarray, labels: np.ndarray, task: str) -> Scale:
         return float(labels.mean() - slope * values.mean()), slope
     from scipy.optimize import minimize_scalar
 
+    predicted = values.argmax(axis=-1) if values.ndim == 2 else (values >= 0.5).astype(float)
+    if np.array_equal(predicted, labels):
+        return 0.0, 1.0
     z = to_log_odds(values, task)
     fit = minimize_scalar(
         lambda log_slope: -mean_log_likelihood(from_log_odds(np.exp(log_slope) * z, task), labels),

@@ -126,7 +126,8 @@ def fp32_note(study: StudySpec, options: SearchOptions) -> str | None:
     """Why a local CPU study will take longer than README's figures, when it will: precision "auto" on a
     CPU without bf16 matrix hardware trains in fp32 (model.runtime.use_bf16)."""
     on_this_cpu = not options.address and study.budget.gpus_per_trial == 0
-    if not on_this_cpu or study.fixed.get("precision", "auto") != "auto" or cpu_has_bf16_matmul():
+    searched = "precision" in study.space or any("precision" in v for vs in study.variants.values() for v in vs.values())
+    if not on_this_cpu or searched or study.fixed.get("precision", "auto") != "auto" or cpu_has_bf16_matmul():
         return None
     return (
         "Note: this CPU multiplies no bf16 matrices in hardware (no AMX, no AVX512_BF16), so the trials train in fp32, "

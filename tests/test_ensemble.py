@@ -16,6 +16,7 @@ from test_ensemble_pool import add_trial, new_study
 from tiny_model import DATA_DIR, needs_data, tiny_config
 
 from data.files import TASKS as TASK_TABLE
+from data.files import load_examples
 from ensemble import build as ensemble_build
 from ensemble import predict as ensemble_predict
 from ensemble.logits import align_outputs, average_outputs, fit_weights
@@ -283,13 +284,18 @@ def test_a_calibrated_build_scales_each_member_and_predict_applies_the_same_temp
             by_hand = sum(apply_scale(npz_values(run, task, split), scales[run], task) for run in runs) / len(runs)
             np.testing.assert_allclose(values, by_hand, rtol=0, atol=1e-12)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["settings"]["calibrate"] is True
-    # ensemble.predict runs the members again and applies the manifest's temperatures: the same classes.
-    assert ensemble_predict.main(["--ensemble", str(out), "--splits", "dev", "--data-dir", str(DATA_DIR)]) == 0
+    assert manifest["format"] == 4  # an older reader would apply the temperatures as lines: it must refuse
+    # ensemble.predict runs the members again and applies the manifest's temperatures: the build's values.
+    plans = ensemble_predict.load_plans(out / "predictor")
+    runner = ensemble_predict.Runner("cpu")
     for task in ("sst", "para"):
-        expected = dict(zip(results[task].pool.ids, results[task].choices["top-k"].values, strict=True))
-        predicted = {r[0]: float(r[1]) for r in read_csv(out / "predict" / f"{task}-dev-out.csv")[1:]}
-        decided = {i: float(v.argmax() if task == "sst" else v > 0.5) for i, v in expected.items()}
-        assert {i: predicted[i] for i in decided} == decided  # the build's dev rows (eval_limit) among the file's
+        pool = results[task].pool
+        rows = {e.id: e for e in load_examples(task, "dev", DATA_DIR)}
+        predicted = runner.predict(plans[task], task, [rows[i] for i in pool.ids])
+        np.testing.assert_array_equal(predicted["ids"], pool.ids)
+        np.testing.assert_allclose(predicted["values"], results[task].choices["top-k"].values, atol=1e-5)
+        unscaled = sum(npz_values(run, task, "dev").astype(np.float64) for run in runs) / len(runs)
+        assert np.abs(unscaled - results[task].choices["top-k"].values).max() > 1e-3  # the temperatures mattered
 
 
 def test_predict_infers_the_task_or_asks(tmp_path):

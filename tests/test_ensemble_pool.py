@@ -154,7 +154,7 @@ def test_per_task_selection_across_two_studies(tmp_path, two_studies):
         and weights.get("multi/trial 0", 0) + weights.get("multi/trial 1", 0) < 0.25
     )
     manifest = json.loads((tmp_path / "out" / "caruana" / "predictor" / "manifest.json").read_text())
-    assert manifest["format"] == 4 and set(manifest["tasks"]) == {"sst", "sts"}
+    assert manifest["format"] == 3 and set(manifest["tasks"]) == {"sst", "sts"}
     sts_entry = manifest["tasks"]["sts"]
     assert abs(sum(m["weight"] for m in sts_entry["members"]) - 1) < 1e-9
     # Bi-encoded sts trials cost 2 passes per pair, the cross-encoded multitask trial 1.

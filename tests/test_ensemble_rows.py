@@ -84,17 +84,28 @@ def test_sts_members_are_put_on_the_labels_scale_before_averaging():
     assert selector.fixed([0, 1])(rows).scales == prepared.scales
 
 
-def test_classification_members_are_not_rescaled_unless_calibrated():
-    labels = rng.integers(0, 5, ROWS)
-    pool = pool_of("sst", labels, [one_hot(labels)])
-    assert pool.prepared(np.arange(ROWS // 2)).scales is None
-
-
 def noisy_sentiment(labels: np.ndarray, temperature: float) -> np.ndarray:
     """Class probabilities of a member right on about 60% of rows, at this temperature."""
     logits = rng.normal(0, 1, (len(labels), 5))
     logits[np.arange(len(labels)), labels] += 1.5
     return from_log_odds(logits / temperature, "sst")
+
+
+def test_classification_members_are_not_rescaled_unless_calibrated():
+    labels = rng.integers(0, 5, ROWS)
+    member = noisy_sentiment(labels, 0.5)
+    assert pool_of("sst", labels, [member]).prepared(np.arange(ROWS // 2)).scales is None
+    calibrated = pool_of("sst", labels, [member], calibrate=True).prepared(np.arange(ROWS // 2))
+    assert calibrated.scales[0][1] < 1.0 and not np.allclose(calibrated.values[0], member)  # a sure member is softened
+
+
+def test_a_member_right_on_every_row_keeps_its_confidence():
+    """Its likelihood grows without bound as it sharpens: no temperature is fitted to it."""
+    labels = rng.integers(0, 5, ROWS)
+    perfect = 0.6 * one_hot(labels) + 0.1  # right on every row, at 0.7 against 0.075 for each other class
+    assert fit_scale(perfect, labels, "sst") == (0.0, 1.0)
+    binary = (labels > 2).astype(float)
+    assert fit_scale(np.where(binary > 0.5, 0.8, 0.3), binary, "para") == (0.0, 1.0)
 
 
 def test_a_temperature_fitted_on_the_selection_rows_keeps_each_members_predictions():

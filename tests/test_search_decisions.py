@@ -171,7 +171,9 @@ def test_a_cpu_without_bf16_hardware_is_told_its_trials_train_in_fp32(no_ray, mo
     cpu_only = dataclasses.replace(study, budget=dataclasses.replace(study.budget, gpus_per_trial=0))
     monkeypatch.setattr(search.tune, "cpu_has_bf16_matmul", lambda: False)
     assert "fp32" in search.tune.fp32_note(cpu_only, options)
-    # Not when the CPU has it, the study fixes a precision, trials get GPUs, or a cluster runs them.
+    # Not when the CPU has it, the study fixes or searches a precision, trials get GPUs, or a cluster runs them.
+    variants = {"numbers": {"fast": {"precision": "bf16"}, "exact": {"precision": "fp32"}}}
+    assert search.tune.fp32_note(dataclasses.replace(cpu_only, variants=variants), options) is None
     assert search.tune.fp32_note(dataclasses.replace(cpu_only, fixed={**cpu_only.fixed, "precision": "fp32"}), options) is None
     assert (
         search.tune.fp32_note(dataclasses.replace(study, budget=dataclasses.replace(study.budget, gpus_per_trial=1)), options)
