@@ -28,8 +28,13 @@ Honest estimates (ensemble.estimate): every dev-selected predictor (the best sin
 method) is reported with its in-sample dev score and an out-of-selection estimate: the same procedure
 run on half A of ``--splits`` seeded random halves of dev, scored on half B (mean ± sd over the
 halves). Every dev-dependent choice is inside the procedure: each member's epoch, for STS each
-member's map to the 0-5 scale, and with ``--calibrate`` each SST, CFIMDB or paraphrase member's
-temperature (ensemble.taskpool). The baseline of each task is its usual single-task
+member's map to the 0-5 scale, with ``--calibrate`` each SST, CFIMDB or paraphrase member's
+temperature (ensemble.taskpool), and with ``--cross-task`` each lent member's logistic map.
+
+``--cross-task`` (ensemble.lend): the paraphrase pool also takes every STS member of the given studies
+(one that does not train paraphrase itself), its similarity score on the question pairs mapped to
+P(duplicate); named ``<study>/trial <n> (sts head)``. Each is run once on paraphrase dev (cached), and
+the chosen ones on test. The baseline of each task is its usual single-task
 recipe (ensemble.baselines; ``--baseline [TASK=]STUDY/N`` names another); it and the uniform average
 of its seed runs ("usual recipe x k seeds") are not selected, and every row shows its paired gain over
 the baseline on the same halves. Each row also gives its inference cost: encoder passes per example
@@ -60,6 +65,7 @@ from data.files import DATA_DIR_ENV
 from ensemble.baselines import seed_runs, task_baselines
 from ensemble.caruana import DEFAULT_BAGS, DEFAULT_INIT_SIZE, DEFAULT_ROUNDS
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, out_of_selection
+from ensemble.lend import LENDERS, lent_pool, lent_test_outputs
 from ensemble.members import EnsembleError, Member, Pool, load_pool
 from ensemble.output import SEED_AVERAGE, TaskResult, write_build
 from ensemble.selection import METHODS, Choice, Selector, Settings
@@ -112,6 +118,8 @@ def run_task(
 
 
 def member_test_outputs(member: Member, task: str, evaluate: SoupEvaluator, notes: list[str]) -> TaskOutputs:
+    if member.head is not None:  # lent: its head run on the task's test rows (cached)
+        return lent_test_outputs(member, task, evaluate)
     if not member.has_split("test", task):  # e.g. an early-stopped trial: its test outputs were never written
         missing = [t for t in member.tasks if not member.has_split("test", t)]
         notes.append(f"{member.name} saved no test outputs for {', '.join(missing)}: ran its checkpoint on test")
@@ -154,6 +162,7 @@ def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], no
             "caruana_criterion": args.caruana_criterion,
             "caruana_bags": args.caruana_bags,
             "calibrate": args.calibrate,
+            "cross_task": args.cross_task,
             "folds": args.folds,
             "splits": args.splits,
             "seed": args.seed,
@@ -178,6 +187,17 @@ def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], no
     }
 
 
+def lent_members(pool: Pool, evaluate: SoupEvaluator) -> dict[str, list[Member]]:
+    """--cross-task: each borrowing task's lent members (ensemble.lend); an error when there are none."""
+    lent = {task: lent_pool(pool, task, evaluate) for task in LENDERS if task in pool.tasks}
+    if not any(lent.values()):
+        loans = ", ".join(f"{head} members to the {task} pool" for task, head in LENDERS.items())
+        raise EnsembleError(f"--cross-task lends {loans}: no study given trains both sides (studies: {pool.studies})")
+    for task, members in lent.items():
+        print(f"{task}: lent {len(members)} {LENDERS[task]} member(s), each run on {task} dev", file=sys.stderr)
+    return lent
+
+
 def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     """Choose every task's predictors and estimate them; then (only then) write everything."""
     methods = chosen_methods(args)
@@ -194,8 +214,9 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     settings = Settings(
         args.top_k, args.caruana_init, args.caruana_rounds, args.folds, args.caruana_criterion, caruana_bags=args.caruana_bags
     )
+    lent = lent_members(pool, evaluate) if args.cross_task else {}
     results: dict[str, TaskResult] = {}
-    for task, task_pool in task_pools(pool, calibrate=args.calibrate).items():
+    for task, task_pool in task_pools(pool, calibrate=args.calibrate, lent=lent).items():
         print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)
         baseline = baselines[task]
         seeds = [] if baseline is None else seed_runs(pool, baseline)
@@ -260,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="SST, CFIMDB and paraphrase: temperature-scale each member on the selection rows before any averaging "
         "(a member's own predictions do not change; see ensemble.taskpool.fit_scale)",
+    )
+    parser.add_argument(
+        "--cross-task",
+        action="store_true",
+        help="the paraphrase pool also takes the STS members: each one's similarity score on the question pairs, "
+        "mapped to P(duplicate) by a logistic line fitted on the selection rows (ensemble.lend; runs each STS "
+        "member on paraphrase dev, and the chosen ones on test)",
     )
     parser.add_argument("--fit-weights", action="store_true", help="also build 'fitted' (top-k with CV-guarded fitted weights)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fitted weights (default 5)")

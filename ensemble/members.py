@@ -64,10 +64,15 @@ class Member:
     epoch_outputs: dict[str, dict[int, TaskOutputs]] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # metrics.json's per-epoch records
     best_epoch: int | None = None  # the epoch whose weights and outputs were saved
+    # A lent member (ensemble.lend) speaks in another task's pool with the head of ``head``, its own task;
+    # ``standardize`` (mean, sd) is that head's score on the borrowing task's dev rows.
+    head: str | None = None
+    standardize: tuple[float, float] | None = None
 
     @property
     def name(self) -> str:
-        return f"{self.study}/trial {self.trial_number}"
+        trial = f"{self.study}/trial {self.trial_number}"
+        return trial if self.head is None else f"{trial} ({self.head} head)"
 
     @property
     def tasks(self) -> list[str]:

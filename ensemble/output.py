@@ -26,7 +26,7 @@ from ensemble.report import (
 )
 from ensemble.selection import Choice
 from ensemble.soup import write_soup_predictor
-from ensemble.taskpool import TaskPool, encoder_passes
+from ensemble.taskpool import TaskPool, member_passes
 from model.metrics import write_predictions
 from model.rundir import TaskOutputs
 
@@ -35,7 +35,10 @@ from model.rundir import TaskOutputs
 # 4: SST, CFIMDB and paraphrase members may carry a "scale" too (the slope, 1 / temperature, of their
 # log-odds: --calibrate), which a format-3 reader would apply as a line to probabilities. A manifest
 # without such a scale is still written as format 3, which older code reads.
-MANIFEST_FORMAT = 4
+# 5: a member may be lent (ensemble.lend): run with its "head" on another task's rows, its score
+# standardised by "standardize"; a format-4 reader would run its own head there. Written only then.
+MANIFEST_FORMAT = 5
+CALIBRATED_FORMAT = 4
 SCORE_SCALES_FORMAT = 3
 BASELINE = "baseline (usual recipe)"
 SEED_AVERAGE = "usual recipe x seeds"  # the uniform average of the baseline's seed runs
@@ -72,9 +75,10 @@ def training(members: list[Member]) -> dict:
 
 
 def member_row(pool: TaskPool, index: int, name: str, kind: str, **fields) -> Row:
+    """One member alone, as the predictors see it on all of dev (mapped: a lent member's offset matters)."""
     member = pool.members[index]
-    score = pool.score(pool.values[index], who=member.name)
-    passes = encoder_passes(member.config, pool.task)
+    score = pool.score(pool.prepared(np.arange(len(pool.labels))).values[index], who=member.name)
+    passes = member_passes(member, pool.task)
     return Row(pool.task, name, kind, [member.name], passes, score, training=training([member]), **fields)
 
 
@@ -120,8 +124,11 @@ def rows_of(result: TaskResult) -> list[Row]:
                 note, {"details": choice.details}, training=everything)
         )  # fmt: skip
     rows += [Row(pool.task, name, "refused", [], 0, float("nan"), note=short_reason(why)) for name, why in result.refused.items()]
-    for index in pool.ranking():
-        note = "early-stopped" if pool.members[index].early_stopped else ""
+    for index in pool.prepared(np.arange(len(pool.labels))).ranking():
+        member = pool.members[index]
+        note = "early-stopped" if member.early_stopped else ""
+        if member.head is not None:
+            note = f"lent: its {member.head} score, mapped on the selection rows" + (f"; {note}" if note else "")
         rows.append(member_row(pool, index, pool.members[index].name, MEMBER_ROW, note=note))
     return rows
 
@@ -144,11 +151,13 @@ def curves_of(result: TaskResult) -> dict[str, Curve]:
 
 
 def described(result: TaskResult, choice: Choice) -> list[dict]:
-    """The manifest's members: where each is and its weight, and its map if any (STS scale, temperature)."""
+    """The manifest's members: where each is and its weight, its map if any (STS scale, temperature,
+    a lent member's logistic map), and a lent member's head and the standardisation of its score."""
     scales = choice.scales or [None] * len(choice.members)
     return [
         {"name": m.name, "study": m.study, "trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": float(w)}
         | ({} if scale is None else {"scale": list(scale)})
+        | ({} if m.head is None else {"head": m.head, "standardize": list(m.standardize)})
         for m, w, scale in zip(result.members(choice), choice.weights, scales, strict=True)
         if w > 0  # a fitted weight of 0 would only cost a model run
     ]
@@ -179,8 +188,9 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
     calibrated = any(
         "scale" in member for task, entry in tasks.items() if TASKS[task].label_kind != "score" for member in entry["members"]
     )
+    lent = any("head" in member for entry in tasks.values() for member in entry["members"])
     manifest = {
-        "format": MANIFEST_FORMAT if calibrated else SCORE_SCALES_FORMAT,
+        "format": MANIFEST_FORMAT if lent else CALIBRATED_FORMAT if calibrated else SCORE_SCALES_FORMAT,
         "method": method,
         "studies": header["studies"],
         "tasks": tasks,

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from data.files import TASKS, DataError, Example, load_examples, read_file
+from ensemble.lend import lent_probabilities
 from ensemble.logits import Outputs, align_outputs, average_outputs
 from ensemble.members import EnsembleError, check_checkpoint
 from ensemble.output import MANIFEST_FORMAT
@@ -54,6 +55,8 @@ class TaskPlan:
     weights: list[float]
     names: list[str]
     scales: list[Scale | None] | None = None  # each model's map fitted by the build (STS scale, temperature)
+    # Per model: None, or (head, standardize) for a member lent from another task (ensemble.lend).
+    loans: list[tuple[str, tuple[float, float]] | None] | None = None
 
 
 def find_predictor(directory: Path) -> Path:
@@ -71,7 +74,8 @@ def member_plan(members: list[dict]) -> TaskPlan:
     names = [m.get("name") or f"{m.get('study', '')}/trial {m['trial']}".lstrip("/") for m in members]
     scales = [tuple(map(float, m["scale"])) if "scale" in m else None for m in members]
     weights = [float(m["weight"]) for m in members]
-    return TaskPlan("logits", [Path(m["artifact_dir"]) for m in members], weights, names, scales)
+    loans = [(str(m["head"]), tuple(map(float, m["standardize"]))) if "head" in m else None for m in members]
+    return TaskPlan("logits", [Path(m["artifact_dir"]) for m in members], weights, names, scales, loans)
 
 
 def load_plans(predictor: Path) -> dict[str, TaskPlan]:
@@ -155,10 +159,22 @@ class Runner:
         _, outputs = evaluate_model(model, cfg, "test", examples={task: examples})
         return as_numpy_outputs(outputs)
 
+    def member(
+        self, model_dir: Path, task: str, examples: list[Example], loan: tuple[str, tuple[float, float]] | None
+    ) -> Outputs:
+        """One member's outputs on ``task``'s examples; a lent one runs its own head and its scores are made
+        probabilities as the build made them (ensemble.lend)."""
+        if loan is None:
+            return self(model_dir, task, examples)
+        head, standardize = loan
+        out = self(model_dir, head, examples)[head]
+        return {task: {**out, "values": lent_probabilities(out["values"], standardize)}}
+
     def predict(self, plan: TaskPlan, task: str, examples: list[Example]) -> TaskOutputs:
         """The plan's outputs on ``examples``: its members' outputs, weighted; EnsembleError when a member's
         are NaN or infinite (finite weights can still overflow)."""
-        outputs = [self(model_dir, task, examples) for model_dir in plan.model_dirs]
+        loans = plan.loans or [None] * len(plan.model_dirs)
+        outputs = [self.member(model_dir, task, examples, loan) for model_dir, loan in zip(plan.model_dirs, loans, strict=True)]
         scales = plan.scales or [None] * len(outputs)
         for out, scale, name, model_dir in zip(outputs, scales, plan.names, plan.model_dirs, strict=True):
             if not np.isfinite(out[task]["values"]).all():  # one bad member would silently spoil the average

@@ -33,7 +33,7 @@ from ensemble.caruana import (
 from ensemble.logits import fit_weights
 from ensemble.members import EnsembleError, Member
 from ensemble.soup import SoupEvaluator, compatible_members, greedy_soup
-from ensemble.taskpool import Scale, TaskPool, encoder_passes
+from ensemble.taskpool import Scale, TaskPool, member_passes
 
 LOGIT_METHODS = ("caruana", "caruana-bagged", "top-k", "fitted")
 SOUP_METHODS = ("uniform-soup", "greedy-soup")
@@ -50,7 +50,7 @@ class Choice:
     weights: list[float]  # same length; a soup's are uniform
     values: np.ndarray  # its dev outputs on all rows
     details: dict = field(default_factory=dict)
-    scales: list[Scale] | None = None  # a logit average's members' maps (STS scale, temperature), same order
+    scales: list[Scale | None] | None = None  # a logit average's members' maps (STS scale, temperature), same order
 
     def cost(self, pool: TaskPool) -> int:
         """Encoder passes per example: a soup is one model; a logit average runs each distinct member
@@ -58,7 +58,7 @@ class Choice:
         used = [pool.members[i] for i, w in zip(self.members, self.weights, strict=True) if w > 0]
         if self.kind == "soup":
             used = used[:1]
-        return sum(encoder_passes(m.config, pool.task) for m in used)
+        return sum(member_passes(m, pool.task) for m in used)
 
 
 Procedure = Callable[[np.ndarray], Choice]  # selection rows -> chosen predictor
@@ -171,12 +171,14 @@ class Selector:
         return self.soups[key]
 
     def soup_pool(self, rows: np.ndarray) -> tuple[list[int], list[str]]:
-        """The best member on ``rows`` and the members that can be averaged with it, by score on rows."""
-        ranking = self.pool.ranking(rows)
+        """The best member on ``rows`` and the members that can be averaged with it, by score on rows.
+        Lent members (ensemble.lend) are left out: their weights serve another task's head."""
+        members: list[Member] = self.pool.members
+        ranking = [i for i in self.pool.ranking(rows) if members[i].head is None]
         reference = ranking[0]
         if reference not in self.compatible:
-            members: list[Member] = self.pool.members
-            found, refusals = compatible_members(members[reference], members)
+            own = [m for m in members if m.head is None]
+            found, refusals = compatible_members(members[reference], own)
             self.compatible[reference] = ([self.pool.index(m) for m in found], refusals)
         indexes, refusals = self.compatible[reference]
         return sorted(indexes, key=ranking.index), refusals

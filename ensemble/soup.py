@@ -21,7 +21,7 @@ import joblib
 import numpy as np
 import torch
 
-from data.files import TASKS, resolve_data_dir
+from data.files import TASKS, load_examples, resolve_data_dir
 from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
 from model.bert import default_model_path, load_strict
@@ -145,9 +145,11 @@ def run_soup(
     data_dir: str,
     device: str | None,
     cache_key: tuple,
+    lent: tuple[str, str] | None = None,
 ) -> Outputs:
     """Build the soup of ``checkpoints`` (fingerprints of model.safetensors files) and run it on
-    ``split`` with the first member's config. ``cache_key`` (that config's and the data files'
+    ``split`` with the first member's config; ``lent`` = (head, task): run its ``head`` on ``task``'s
+    rows instead of its own tasks (ensemble.lend). ``cache_key`` (that config's and the data files'
     fingerprints, the precision) only tells joblib.Memory when a cached result is stale."""
     from model.build import load_trained
     from model.evaluation import evaluate_model
@@ -157,8 +159,13 @@ def run_soup(
     soup_state = average_checkpoints(artifact_dirs, weights)
     load_strict(model, soup_state, f"soup of {[str(d) for d in artifact_dirs]}")
     model.eval()
-    _, outputs = evaluate_model(model, cfg, split, data_dir=data_dir)
-    return as_numpy_outputs(outputs)
+    if lent is None:
+        _, outputs = evaluate_model(model, cfg, split, data_dir=data_dir)
+        return as_numpy_outputs(outputs)
+    head, task = lent
+    rows = load_examples(task, split, data_dir)[: cfg.eval_limit]  # the rows its own evaluations cover
+    _, outputs = evaluate_model(model, cfg, split, examples={head: rows})
+    return as_numpy_outputs({task: outputs[head]})
 
 
 class SoupEvaluator:
@@ -171,10 +178,13 @@ class SoupEvaluator:
         self.run = None  # made on first use: joblib.Memory creates its folder, and a refused build writes nothing
         self.seen: dict[tuple, Outputs] = {}
 
-    def __call__(self, members: Sequence[Member], split: str = "dev") -> Outputs:
+    def __call__(self, members: Sequence[Member], split: str = "dev", lent_to: str | None = None) -> Outputs:
+        """{task: outputs} of the soup on ``split``; with ``lent_to`` (members lent by ensemble.lend, each
+        with its ``head``): {lent_to: its head's outputs on lent_to's rows}."""
         checkpoints = tuple(fingerprint(m.run.weights_file) for m in members)
-        if (checkpoints, split) not in self.seen:
-            tasks = members[0].tasks
+        lent = None if lent_to is None else (members[0].head, lent_to)
+        if (checkpoints, split, lent) not in self.seen:
+            tasks = members[0].tasks if lent_to is None else [lent_to]
             data_files = tuple(fingerprint(TASKS[t].path(split, self.data_dir)) for t in tasks)
             # The device as resolved (None means a GPU on one machine, the CPU on another) and the
             # precision evaluate_model will use on it: the outputs differ with each.
@@ -183,8 +193,8 @@ class SoupEvaluator:
             cache_key = (fingerprint(members[0].run.config_file), data_files, "bf16" if bf16 else "fp32")
             if self.run is None:
                 self.run = joblib.Memory(None if self.cache_dir is None else str(self.cache_dir), verbose=0).cache(run_soup)
-            self.seen[checkpoints, split] = self.run(checkpoints, None, split, self.data_dir, str(device), cache_key)
-        return self.seen[checkpoints, split]
+            self.seen[checkpoints, split, lent] = self.run(checkpoints, None, split, self.data_dir, str(device), cache_key, lent)
+        return self.seen[checkpoints, split, lent]
 
 
 @dataclass

@@ -11,7 +11,8 @@ out-of-selection estimates (ensemble.estimate) repeat it on each half:
   which fixes only the order), so each is mapped to the labels' 0-5 scale by a least-squares line
   fitted on the rows before any averaging;
 - in a calibrated pool (``--calibrate``) of probabilities (SST, CFIMDB, paraphrase), each member's
-  temperature, fitted on the rows (fit_scale).
+  temperature, fitted on the rows (fit_scale);
+- each lent member's (``--cross-task``, ensemble.lend) logistic map, offset and slope, fitted on the rows.
 
 Also the inference cost of a predictor: encoder passes per example.
 """
@@ -38,6 +39,11 @@ def encoder_passes(config: dict, task: str) -> int:
     alone), else 1 (a single sentence, or a cross-encoded pair)."""
     bi = TASKS[task].is_pair and value_for_task(config["train"].get("pair_encoding"), task) == "bi"
     return 2 if bi else 1
+
+
+def member_passes(member: Member, task: str) -> int:
+    """A member's encoder passes per example in ``task``'s pool (a lent member runs its own head)."""
+    return encoder_passes(member.config, member.head or task)
 
 
 def checked_metric(task: str, values: np.ndarray, labels: np.ndarray, who: str) -> float:
@@ -82,6 +88,8 @@ PROBABILITY_CLIP = 1e-7
 # al. 2017), while a member right on nearly every selection row, whose likelihood keeps growing as it
 # sharpens, cannot be made to outvote the others by more than that.
 LOG_SLOPE_BOUNDS = (-math.log(4.0), math.log(4.0))
+# A lent member's offset (in log-odds): its standardised score's 0 may sit anywhere in the labels' odds.
+OFFSET_BOUNDS = (-8.0, 8.0)
 
 
 def to_log_odds(values: np.ndarray, task: str) -> np.ndarray:
@@ -106,7 +114,7 @@ def mean_log_likelihood(values: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(np.log(np.clip(p, 1e-9, 1.0))))
 
 
-def fit_scale(values: np.ndarray, labels: np.ndarray, task: str) -> Scale:
+def fit_scale(values: np.ndarray, labels: np.ndarray, task: str, offset: bool = False) -> Scale:
     """One member's map onto the labels, fitted on these rows.
 
     - STS (scores): the least-squares line from its outputs to the gold scores (a constant output keeps
@@ -116,7 +124,10 @@ def fit_scale(values: np.ndarray, labels: np.ndarray, task: str) -> Scale:
       likelihood (offset 0); slope 1 when it is right on every row (nothing to fit: the likelihood
       grows without bound). A member's own predictions do not change (the same class is most probable,
       the same side of 0.5); only how confidently it speaks in an average: a label-smoothed member
-      is underconfident, one trained longer overconfident."""
+      is underconfident, one trained longer overconfident.
+    - ``offset`` (P(duplicate) of a lent member, ensemble.lend): logistic regression of the labels on its
+      log-odds, offset (within OFFSET_BOUNDS) and slope (within LOG_SLOPE_BOUNDS) both fitted: its
+      probabilities were made from another head's score, so its 0.5 need not be the labels' boundary."""
     values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels, dtype=np.float64)
     if TASKS[task].label_kind == "score":
         spread = values.var()
@@ -124,6 +135,8 @@ def fit_scale(values: np.ndarray, labels: np.ndarray, task: str) -> Scale:
             return float(labels.mean() - values.mean()), 1.0
         slope = float(((values - values.mean()) * (labels - labels.mean())).mean() / spread)
         return float(labels.mean() - slope * values.mean()), slope
+    if offset:
+        return fit_logistic(to_log_odds(values, task), labels, task)
     from scipy.optimize import minimize_scalar
 
     predicted = values.argmax(axis=-1) if values.ndim == 2 else (values >= 0.5).astype(float)
@@ -136,6 +149,20 @@ def fit_scale(values: np.ndarray, labels: np.ndarray, task: str) -> Scale:
         method="bounded",
     )
     return 0.0, float(np.exp(fit.x))
+
+
+def fit_logistic(z: np.ndarray, labels: np.ndarray, task: str) -> Scale:
+    """(offset, slope) of P(label 1) = sigmoid(offset + slope * z) with the greatest likelihood on these rows."""
+    if TASKS[task].label_kind != "binary":
+        raise ValueError(f"{task}: a fitted offset needs one probability per row (P(duplicate)), not class probabilities")
+    from scipy.optimize import minimize
+
+    def loss(w: np.ndarray) -> float:  # the mean negative log-likelihood, computed without overflow
+        s = w[0] + np.exp(w[1]) * z
+        return float(np.mean(np.logaddexp(0.0, s) - labels * s))
+
+    fit = minimize(loss, np.zeros(2), method="L-BFGS-B", bounds=[OFFSET_BOUNDS, LOG_SLOPE_BOUNDS])
+    return float(fit.x[0]), float(np.exp(fit.x[1]))
 
 
 def apply_scale(values: np.ndarray, scale: Scale | None, task: str) -> np.ndarray:
@@ -157,27 +184,36 @@ class TaskPool:
     values: np.ndarray  # (M, N) or (M, N, C): each member's dev outputs (the saved epoch's, unscaled)
     # Per member: (E, N[, C]) its dev outputs after each epoch it kept, or None (a run that kept none).
     epoch_values: list[np.ndarray | None] = field(default_factory=list)
-    scales: list[Scale] | None = None  # set by prepared(): each member's map to the labels (STS; calibrated pools)
+    # Set by prepared(): each member's map to the labels (STS; calibrated pools; lent members), None: none.
+    scales: list[Scale | None] | None = None
     calibrate: bool = False  # SST, paraphrase: temperature-scale each member on the selection rows (fit_scale)
     _prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def prepared(self, rows: np.ndarray) -> TaskPool:
         """The pool as a procedure that selects on ``rows`` must see it. On part of dev, each member's
         epoch is the one best on ``rows`` (first of equals, as the trainer chooses); on all of dev it is
-        the saved epoch, the trainer's own choice on all of dev, whose weights exist. For a score task
-        (STS) each member is then put on the labels' scale by a line fitted on ``rows``; in a calibrated
-        pool of probabilities (SST, paraphrase) each gets its temperature fitted on ``rows``."""
+        the saved epoch, the trainer's own choice on all of dev, whose weights exist. Then each member
+        gets its map fitted on ``rows`` (``mapped``)."""
         key = np.asarray(rows).tobytes()
         if key not in self._prepared:  # only the last rows are kept: the estimates prepare each half once
             values = self.values
             if len(rows) < len(self.labels):
                 values = np.stack([self._best_epoch_values(i, rows) for i in range(len(self.members))])
             scales = None
-            if TASKS[self.task].label_kind == "score" or self.calibrate:
-                scales = [fit_scale(v[rows], self.labels[rows], self.task) for v in values]
+            if any(self.mapped(m) for m in self.members):
+                scales = [
+                    fit_scale(v[rows], self.labels[rows], self.task, offset=m.head is not None) if self.mapped(m) else None
+                    for m, v in zip(self.members, values, strict=True)
+                ]
                 values = np.stack([apply_scale(v, scale, self.task) for v, scale in zip(values, scales, strict=True)])
             self._prepared = {key: dataclasses.replace(self, values=values, scales=scales, _prepared={})}
         return self._prepared[key]
+
+    def mapped(self, member: Member) -> bool:
+        """Whether ``member`` is mapped onto the labels before any averaging: every STS member (onto the 0-5
+        scale), every member of a calibrated pool of probabilities (SST, paraphrase: its temperature),
+        and every lent member (its offset and slope)."""
+        return TASKS[self.task].label_kind == "score" or self.calibrate or member.head is not None
 
     def _best_epoch_values(self, index: int, rows: np.ndarray) -> np.ndarray:
         stack = self.epoch_values[index] if self.epoch_values else None
@@ -240,22 +276,24 @@ def epoch_chosen_on_rows(member: Member, task: str) -> bool:
     return member.best_epoch in member.epoch_outputs.get(task, {}) and len(member.tasks) == 1
 
 
-def task_pool(pool: Pool, task: str, calibrate: bool = False) -> TaskPool:
-    """The members of ``pool`` that train ``task``, their dev outputs aligned to the first one's ids;
-    ``calibrate``: see TaskPool.calibrate (STS members are always put on the labels' scale)."""
-    members = [m for m in pool.members if task in m.tasks]
+def task_pool(pool: Pool, task: str, calibrate: bool = False, lent: Sequence[Member] = ()) -> TaskPool:
+    """The members of ``pool`` that train ``task``, then the ``lent`` ones (ensemble.lend), their dev outputs
+    aligned to the first one's ids; ``calibrate``: see TaskPool.calibrate (STS members are always put on
+    the labels' scale)."""
+    members = [m for m in pool.members if task in m.tasks] + list(lent)
     if not members:
         raise EnsembleError(f"no member of {pool.studies} trains {task!r}")
     first = members[0]
     reference = first.outputs["dev"][task]
     reference_where = f"{first.name} ({first.outputs_file(task, 'dev')})"
 
-    def aligned(member: Member, outputs: TaskOutputs, where: Path) -> np.ndarray:
+    def aligned(member: Member, outputs: TaskOutputs, where: Path | str) -> np.ndarray:
         return np.asarray(align_to(reference, outputs, f"{member.name} ({where})", reference_where)["values"], dtype=np.float64)
 
     stacked, epochs = [], []
     for member in members:
-        stacked.append(aligned(member, member.outputs["dev"][task], member.outputs_file(task, "dev")))
+        where = member.outputs_file(task, "dev") if member.head is None else f"its {member.head} head run on {task} dev"
+        stacked.append(aligned(member, member.outputs["dev"][task], where))
         kept = member.epoch_outputs.get(task, {})
         epochs.append(
             np.stack([aligned(member, out, member.run.epoch_outputs_file(task, e)) for e, out in sorted(kept.items())])
@@ -269,5 +307,8 @@ def task_pool(pool: Pool, task: str, calibrate: bool = False) -> TaskPool:
     return TaskPool(task, members, reference["ids"], labels, np.stack(stacked), epochs, calibrate=calibrate)
 
 
-def task_pools(pool: Pool, tasks: Sequence[str] | None = None, calibrate: bool = False) -> dict[str, TaskPool]:
-    return {task: task_pool(pool, task, calibrate) for task in (tasks or pool.tasks)}
+def task_pools(
+    pool: Pool, tasks: Sequence[str] | None = None, calibrate: bool = False, lent: dict[str, list[Member]] | None = None
+) -> dict[str, TaskPool]:
+    """Every task's pool; ``lent``: {task: its lent members} (ensemble.lend)."""
+    return {task: task_pool(pool, task, calibrate, (lent or {}).get(task, ())) for task in (tasks or pool.tasks)}
