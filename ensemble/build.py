@@ -136,7 +136,10 @@ def choice_test_outputs(result: TaskResult, choice: Choice, evaluate: SoupEvalua
         out["values"] = apply_scale(out["values"], choice.scales[0] if choice.scales else None, task)
     else:
         first = member_test_outputs(members[0], task, evaluate, notes)
-        where = [f"{m.name} ({m.outputs_file(task, 'test')})" for m in members]
+        where = [
+            f"{m.name} ({m.outputs_file(task, 'test') if m.head is None else f'its {m.head} head run on {task} test'})"
+            for m in members
+        ]
         outs = [
             align_to(first, member_test_outputs(m, task, evaluate, notes), w, where[0])
             for m, w in zip(members, where, strict=True)
@@ -191,8 +194,13 @@ def lent_members(pool: Pool, evaluate: SoupEvaluator) -> dict[str, list[Member]]
     """--cross-task: each borrowing task's lent members (ensemble.lend); an error when there are none."""
     lent = {task: lent_pool(pool, task, evaluate) for task in LENDERS if task in pool.tasks}
     if not any(lent.values()):
-        loans = ", ".join(f"{head} members to the {task} pool" for task, head in LENDERS.items())
-        raise EnsembleError(f"--cross-task lends {loans}: no study given trains both sides (studies: {pool.studies})")
+        why = [
+            f"{head} members to the {task} pool, but "
+            + (f"no member of {pool.studies} trains {task}" if task not in pool.tasks else
+               f"every member of {pool.studies} that trains {head} trains {task} too (it is in that pool already)")
+            for task, head in LENDERS.items()
+        ]  # fmt: skip
+        raise EnsembleError(f"--cross-task lends {'; '.join(why)}; add a study that trains {' or '.join(LENDERS.values())} alone")
     for task, members in lent.items():
         print(f"{task}: lent {len(members)} {LENDERS[task]} member(s), each run on {task} dev", file=sys.stderr)
     return lent

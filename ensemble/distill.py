@@ -90,7 +90,8 @@ def file_digest(path: Path, digest: hashlib._Hash) -> None:
 def plan_digest(plan: TaskPlan) -> str:
     """What the teacher's outputs on one task depend on: its members' configs and weights, and how
     they are combined."""
-    digest = hashlib.sha256(json.dumps([plan.kind, plan.weights, plan.scales, plan.loans]).encode())
+    loans = [plan.loans] if any(plan.loans or []) else []  # absent without lent members: older caches stay valid
+    digest = hashlib.sha256(json.dumps([plan.kind, plan.weights, plan.scales, *loans]).encode())
     for model_dir in plan.model_dirs:
         run = RunDir(model_dir)
         file_digest(run.config_file, digest)

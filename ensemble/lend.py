@@ -41,13 +41,19 @@ def lenders(pool: Pool, task: str) -> list[Member]:
     return [m for m in pool.members if head in m.tasks and task not in m.tasks] if head else []
 
 
+def head_outputs(member: Member, task: str, split: str, evaluate: SoupEvaluator) -> TaskOutputs:
+    """A lent member's head run on ``task``'s ``split`` rows (cached like a soup): its raw scores."""
+    out = evaluate([member], split, lent_to=task)[task]
+    if not np.isfinite(out["values"]).all():
+        raise EnsembleError(f"{member.name} ({member.run.weights_file}): NaN or infinite {member.head} scores on {task} {split}")
+    return out
+
+
 def lend(member: Member, task: str, evaluate: SoupEvaluator) -> Member:
-    """``member`` as a member of ``task``'s pool: its head run on ``task``'s dev rows (cached like a soup)."""
+    """``member`` as a member of ``task``'s pool: its head run on ``task``'s dev rows."""
     lent = dataclasses.replace(member, head=LENDERS[task], outputs={"dev": {}, "test": {}}, epoch_outputs={})
-    out = evaluate([lent], "dev", lent_to=task)[task]
+    out = head_outputs(lent, task, "dev", evaluate)
     scores = out["values"]
-    if not np.isfinite(scores).all():
-        raise EnsembleError(f"{lent.name}: non-finite {lent.head} scores on {task} dev")
     if not scores.std() > 0:
         raise EnsembleError(f"{lent.name}: the same {lent.head} score on every {task} dev row; nothing to lend")
     lent.standardize = (float(scores.mean()), float(scores.std()))
@@ -59,7 +65,7 @@ def lent_test_outputs(member: Member, task: str, evaluate: SoupEvaluator) -> Tas
     """A lent member's outputs on ``task``'s test rows, standardised as on dev."""
     if member.head is None or member.standardize is None:
         raise ValueError(f"{member.name} is not a lent member")
-    out = evaluate([member], "test", lent_to=task)[task]
+    out = head_outputs(member, task, "test", evaluate)
     return {**out, "values": lent_probabilities(out["values"], member.standardize)}
 
 

@@ -74,10 +74,17 @@ def training(members: list[Member]) -> dict:
     return history_training([record for m in members for record in m.history])
 
 
+def member_values(pool: TaskPool, index: int) -> np.ndarray:
+    """One member's dev outputs as its row reports them: its own; a lent member's through its map fitted on
+    all of dev (ensemble.lend: before it, its 0.5 is only its score's mean)."""
+    if pool.members[index].head is None:
+        return pool.values[index]
+    return pool.prepared(np.arange(len(pool.labels))).values[index]
+
+
 def member_row(pool: TaskPool, index: int, name: str, kind: str, **fields) -> Row:
-    """One member alone, as the predictors see it on all of dev (mapped: a lent member's offset matters)."""
     member = pool.members[index]
-    score = pool.score(pool.prepared(np.arange(len(pool.labels))).values[index], who=member.name)
+    score = pool.score(member_values(pool, index), who=member.name)
     passes = member_passes(member, pool.task)
     return Row(pool.task, name, kind, [member.name], passes, score, training=training([member]), **fields)
 
@@ -124,12 +131,13 @@ def rows_of(result: TaskResult) -> list[Row]:
                 note, {"details": choice.details}, training=everything)
         )  # fmt: skip
     rows += [Row(pool.task, name, "refused", [], 0, float("nan"), note=short_reason(why)) for name, why in result.refused.items()]
-    for index in pool.prepared(np.arange(len(pool.labels))).ranking():
-        member = pool.members[index]
+    members = []
+    for index, member in enumerate(pool.members):
         note = "early-stopped" if member.early_stopped else ""
         if member.head is not None:
             note = f"lent: its {member.head} score, mapped on the selection rows" + (f"; {note}" if note else "")
-        rows.append(member_row(pool, index, pool.members[index].name, MEMBER_ROW, note=note))
+        members.append(member_row(pool, index, member.name, MEMBER_ROW, note=note))
+    rows += sorted(members, key=lambda row: -row.dev)  # best first; pool order breaks ties
     return rows
 
 

@@ -21,7 +21,7 @@ import joblib
 import numpy as np
 import torch
 
-from data.files import TASKS, load_examples, resolve_data_dir
+from data.files import TASKS, Example, load_examples, resolve_data_dir
 from ensemble.logits import Outputs
 from ensemble.members import EnsembleError, Member
 from model.bert import default_model_path, load_strict
@@ -163,7 +163,9 @@ def run_soup(
         _, outputs = evaluate_model(model, cfg, split, data_dir=data_dir)
         return as_numpy_outputs(outputs)
     head, task = lent
-    rows = load_examples(task, split, data_dir)[: cfg.eval_limit]  # the rows its own evaluations cover
+    # The first eval_limit rows, as every member's own evaluations cover (pools need the same rows); no
+    # labels, so the head's own metric is not computed against another task's labels.
+    rows = [Example(e.id, e.texts, None) for e in load_examples(task, split, data_dir)[: cfg.eval_limit]]
     _, outputs = evaluate_model(model, cfg, split, examples={head: rows})
     return as_numpy_outputs({task: outputs[head]})
 

@@ -111,7 +111,8 @@ def test_cross_task_without_a_lender_is_a_clear_error(tmp_path, storage, capsys)
     argv = ["--study", "multi", "--storage", storage, "--output-dir", str(tmp_path / "out"), "--cross-task"]
     assert ensemble_build.main([*argv, "--data-dir", str(DATA_DIR)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --cross-task") and "sts members to the para pool" in err and "'multi'" in err
+    assert err.startswith("error: --cross-task lends sts members to the para pool")
+    assert "every member of ['multi'] that trains sts trains para too" in err and "\n" not in err
     assert not (tmp_path / "out").exists()
 
 
