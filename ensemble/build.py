@@ -29,18 +29,19 @@ method) is reported with its in-sample dev score and an out-of-selection estimat
 run on half A of ``--splits`` seeded random halves of dev, scored on half B (mean ± sd over the
 halves). Every dev-dependent choice is inside the procedure: each member's epoch, for STS each
 member's map to the 0-5 scale, with ``--calibrate`` each SST, CFIMDB or paraphrase member's
-temperature (ensemble.taskpool), and with ``--cross-task`` each lent member's logistic map.
-
-``--cross-task`` (ensemble.lend): the paraphrase pool also takes every STS member of the given studies
-(one that does not train paraphrase itself), its similarity score on the question pairs mapped to
-P(duplicate); named ``<study>/trial <n> (sts head)``. Each is run once on paraphrase dev (cached), and
-the chosen ones on test. The baseline of each task is its usual single-task
-recipe (ensemble.baselines; ``--baseline [TASK=]STUDY/N`` names another); it and the uniform average
-of its seed runs ("usual recipe x k seeds") are not selected, and every row shows its paired gain over
+temperature (ensemble.taskpool), and with ``--cross-task`` each lent member's logistic map. The
+baseline of each task is its usual single-task recipe (ensemble.baselines; ``--baseline
+[TASK=]STUDY/N`` names another); it and the uniform average of its seed runs ("usual recipe x k
+seeds") are not selected, and every row shows its paired gain over
 the baseline on the same halves. Each row also gives its inference cost: encoder passes per example
 (1 per single-sentence or cross-encoded member, 2 per bi-encoded pair member, summed over the distinct
 members of a logit ensemble; a soup costs one model's), and the training it took: trial-epochs and
 minutes of training steps (a dev-selected row needed the whole pool).
+
+``--cross-task`` (ensemble.lend): the paraphrase pool also takes every STS member of the given studies
+(one that does not train paraphrase itself), its similarity score on the question pairs mapped to
+P(duplicate); named ``<study>/trial <n> (sts head)``. Each is run once on paraphrase dev (cached), and
+the chosen ones on test.
 
 Outputs, under ``--output-dir`` (default ``<results-dir>/<study>[+<study>...]/ensemble/``):
   summary.md, summary.json        per task: baseline, best single, each method, each member
