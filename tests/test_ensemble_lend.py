@@ -96,15 +96,20 @@ def test_lent_sts_members_join_the_paraphrase_pool_and_predict_repeats_the_build
     assert "sts/trial 0 (sts head)" in summary and "lent" in summary
 
 
-def test_a_lent_members_map_is_fitted_on_the_selection_rows_only(tmp_path, storage):
-    args = build_args(tmp_path, storage, "multi", "--study", "sts", "--cross-task", "--method", "top-k")
-    pool = ensemble_build.build(args)["para"].pool
-    lent = [i for i, m in enumerate(pool.members) if m.head is not None]
+@pytest.mark.parametrize("calibrate", [False, True], ids=["plain", "calibrated"])
+def test_a_lent_members_map_is_fitted_on_the_selection_rows_only(tmp_path, storage, calibrate):
+    flags = ["--cross-task", "--method", "top-k"] + (["--calibrate"] if calibrate else [])
+    pool = ensemble_build.build(build_args(tmp_path, storage, "multi", "--study", "sts", *flags))["para"].pool
     rows = np.arange(0, len(pool.labels), 2)
     prepared = pool.prepared(rows)
-    for i in lent:
-        assert prepared.scales[i] == fit_scale(pool.values[i][rows], pool.labels[rows], "para", offset=True)
-    assert all(prepared.scales[i] is None for i in range(len(pool.members)) if i not in lent)  # not calibrated
+    for i, member in enumerate(pool.members):
+        own = member.head is None
+        if own and not calibrate:
+            assert prepared.scales[i] is None
+            continue
+        expected = fit_scale(pool.values[i][rows], pool.labels[rows], "para", offset=not own)
+        assert prepared.scales[i] == expected
+        assert (expected[0] == 0.0) == own  # a temperature has no offset; a lent member's line has one
 
 
 def test_cross_task_without_a_lender_is_a_clear_error(tmp_path, storage, capsys):
