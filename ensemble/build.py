@@ -191,6 +191,14 @@ def header_of(pool: Pool, args: argparse.Namespace, methods: tuple[str, ...], no
     }
 
 
+def cache_dir(args: argparse.Namespace, results_dir: Path) -> Path:
+    """Where model runs (soups, lent heads) are cached: RESULTS_DIR/.ensemble-cache, shared by every build
+    of that results folder (runs are keyed by the checkpoints', config's and data files' identities,
+    the device and the precision, so one study's runs serve every combination it is built in); with
+    --output-dir, OUTPUT/.cache."""
+    return args.output_dir / ".cache" if args.output_dir else results_dir / ".ensemble-cache"
+
+
 def lent_members(pool: Pool, evaluate: SoupEvaluator) -> dict[str, list[Member]]:
     """--cross-task: each borrowing task's lent members (ensemble.lend); an error when there are none."""
     lent = {task: lent_pool(pool, task, evaluate) for task in LENDERS if task in pool.tasks}
@@ -219,7 +227,7 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     root = args.output_dir or results_dir / "+".join(pool.studies) / "ensemble"
     # Where the members were trained is the best guess when neither --data-dir nor $MINBERT_DATA says.
     data_dir = args.data_dir or os.environ.get(DATA_DIR_ENV) or pool.members[0].config["train"].get("data_dir")
-    evaluate = SoupEvaluator(data_dir, args.device, None if args.no_cache else root / ".cache")
+    evaluate = SoupEvaluator(data_dir, args.device, None if args.no_cache else cache_dir(args, results_dir))
     settings = Settings(
         args.top_k, args.caruana_init, args.caruana_rounds, args.folds, args.caruana_criterion, caruana_bags=args.caruana_bags
     )
@@ -324,7 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CS224N data directory for running models (default: $MINBERT_DATA, else the first member's data_dir)",
     )
     parser.add_argument("--device", help="cpu, cuda or cuda:N for running models (default: cuda when available)")
-    parser.add_argument("--no-cache", action="store_true", help="do not cache model runs on disk (default cache: OUTPUT/.cache)")
+    parser.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="do not cache model runs on disk (default cache: RESULTS_DIR/.ensemble-cache, shared by its builds; "
+        "with --output-dir, OUTPUT/.cache)",
+    )
     return parser
 
 

@@ -63,6 +63,14 @@ def test_the_greedy_soup_is_built_on_request_only():
     assert chosen("--method", "default", "greedy-soup") == ("caruana", "top-k", "uniform-soup", "greedy-soup")
 
 
+def test_model_runs_are_cached_per_results_folder_or_in_the_output_folder(tmp_path):
+    parser = ensemble_build.build_parser()
+    shared = parser.parse_args(["--study", "a", "--study", "b"])
+    assert ensemble_build.cache_dir(shared, tmp_path) == tmp_path / ".ensemble-cache"  # every build of tmp_path
+    alone = parser.parse_args(["--study", "a", "--output-dir", str(tmp_path / "out")])
+    assert ensemble_build.cache_dir(alone, tmp_path) == tmp_path / "out" / ".cache"
+
+
 def tiny_study(url: str, name: str, dirs: list[Path]) -> optuna.Study:
     study = new_study(url, name, TASKS)
     for index, run in enumerate(dirs):
