@@ -66,7 +66,7 @@ from data.files import DATA_DIR_ENV
 from ensemble.baselines import seed_runs, task_baselines
 from ensemble.caruana import DEFAULT_BAGS, DEFAULT_INIT_SIZE, DEFAULT_ROUNDS
 from ensemble.estimate import DEFAULT_SEED, DEFAULT_SPLITS, out_of_selection
-from ensemble.lend import LENDERS, lent_pool, lent_test_outputs
+from ensemble.lend import LENDERS, lent_members, lent_test_outputs
 from ensemble.members import EnsembleError, Member, Pool, load_pool
 from ensemble.output import SEED_AVERAGE, TaskResult, write_build
 from ensemble.selection import METHODS, Choice, Selector, Settings
@@ -199,22 +199,6 @@ def cache_dir(args: argparse.Namespace, results_dir: Path) -> Path:
     return args.output_dir / ".cache" if args.output_dir else results_dir / ".ensemble-cache"
 
 
-def lent_members(pool: Pool, evaluate: SoupEvaluator) -> dict[str, list[Member]]:
-    """--cross-task: each borrowing task's lent members (ensemble.lend); an error when there are none."""
-    lent = {task: lent_pool(pool, task, evaluate) for task in LENDERS if task in pool.tasks}
-    if not any(lent.values()):
-        why = [
-            f"{head} members to the {task} pool, but "
-            + (f"no member of {pool.studies} trains {task}" if task not in pool.tasks else
-               f"every member of {pool.studies} that trains {head} trains {task} too (it is in that pool already)")
-            for task, head in LENDERS.items()
-        ]  # fmt: skip
-        raise EnsembleError(f"--cross-task lends {'; '.join(why)}; add a study that trains {' or '.join(LENDERS.values())} alone")
-    for task, members in lent.items():
-        print(f"{task}: lent {len(members)} {LENDERS[task]} member(s), each run on {task} dev", file=sys.stderr)
-    return lent
-
-
 def build(args: argparse.Namespace) -> dict[str, TaskResult]:
     """Choose every task's predictors and estimate them; then (only then) write everything."""
     methods = chosen_methods(args)
@@ -232,6 +216,8 @@ def build(args: argparse.Namespace) -> dict[str, TaskResult]:
         args.top_k, args.caruana_init, args.caruana_rounds, args.folds, args.caruana_criterion, caruana_bags=args.caruana_bags
     )
     lent = lent_members(pool, evaluate) if args.cross_task else {}
+    for task, members in lent.items():
+        print(f"{task}: lent {len(members)} {LENDERS[task]} member(s), each run on {task} dev", file=sys.stderr)
     results: dict[str, TaskResult] = {}
     for task, task_pool in task_pools(pool, calibrate=args.calibrate, lent=lent).items():
         print(f"{task}: selecting from {len(task_pool.members)} member(s)", file=sys.stderr)

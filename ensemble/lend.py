@@ -22,16 +22,18 @@ import numpy as np
 
 from ensemble.members import EnsembleError, Member, Pool
 from ensemble.soup import SoupEvaluator
+from ensemble.taskpool import from_log_odds
 from model.rundir import TaskOutputs
 
 # The borrowing task -> the task whose members it borrows.
 LENDERS: dict[str, str] = {"para": "sts"}
 
 
-def lent_probabilities(scores: np.ndarray, standardize: tuple[float, float]) -> np.ndarray:
-    """A lent member's head scores as the probabilities the borrowing pool holds."""
+def lent_probabilities(scores: np.ndarray, standardize: tuple[float, float], task: str) -> np.ndarray:
+    """A lent member's head scores as the probabilities ``task``'s pool holds: the standardised score
+    read as log-odds."""
     mean, sd = standardize
-    return 1.0 / (1.0 + np.exp(-(np.asarray(scores, dtype=np.float64) - mean) / sd))
+    return from_log_odds((np.asarray(scores, dtype=np.float64) - mean) / sd, task)
 
 
 def lenders(pool: Pool, task: str) -> list[Member]:
@@ -57,7 +59,7 @@ def lend(member: Member, task: str, evaluate: SoupEvaluator) -> Member:
     if not scores.std() > 0:
         raise EnsembleError(f"{lent.name}: the same {lent.head} score on every {task} dev row; nothing to lend")
     lent.standardize = (float(scores.mean()), float(scores.std()))
-    lent.outputs["dev"][task] = {**out, "values": lent_probabilities(scores, lent.standardize)}
+    lent.outputs["dev"][task] = {**out, "values": lent_probabilities(scores, lent.standardize, task)}
     return lent
 
 
@@ -66,9 +68,19 @@ def lent_test_outputs(member: Member, task: str, evaluate: SoupEvaluator) -> Tas
     if member.head is None or member.standardize is None:
         raise ValueError(f"{member.name} is not a lent member")
     out = head_outputs(member, task, "test", evaluate)
-    return {**out, "values": lent_probabilities(out["values"], member.standardize)}
+    return {**out, "values": lent_probabilities(out["values"], member.standardize, task)}
 
 
-def lent_pool(pool: Pool, task: str, evaluate: SoupEvaluator) -> list[Member]:
-    """Every member ``task``'s pool may borrow, lent (each run once on ``task``'s dev rows)."""
-    return [lend(m, task, evaluate) for m in lenders(pool, task)]
+def lent_members(pool: Pool, evaluate: SoupEvaluator) -> dict[str, list[Member]]:
+    """``--cross-task``: {borrowing task: its lent members}, each run once on the task's dev rows; an
+    EnsembleError saying which side is missing when there is nothing to lend."""
+    lent = {task: [lend(m, task, evaluate) for m in lenders(pool, task)] for task in LENDERS if task in pool.tasks}
+    if not any(lent.values()):
+        why = [
+            f"{head} members to the {task} pool, but "
+            + (f"no member of {pool.studies} trains {task}" if task not in pool.tasks else
+               f"every member of {pool.studies} that trains {head} trains {task} too (it is in that pool already)")
+            for task, head in LENDERS.items()
+        ]  # fmt: skip
+        raise EnsembleError(f"--cross-task lends {'; '.join(why)}; add a study that trains {' or '.join(LENDERS.values())} alone")
+    return lent

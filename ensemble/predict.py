@@ -168,7 +168,7 @@ class Runner:
             return self(model_dir, task, examples)
         head, standardize = loan
         out = self(model_dir, head, examples)[head]
-        return {task: {**out, "values": lent_probabilities(out["values"], standardize)}}
+        return {task: {**out, "values": lent_probabilities(out["values"], standardize, task)}}
 
     def predict(self, plan: TaskPlan, task: str, examples: list[Example]) -> TaskOutputs:
         """The plan's outputs on ``examples``: its members' outputs, weighted; EnsembleError when a member's
