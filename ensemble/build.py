@@ -33,7 +33,7 @@ temperature (ensemble.taskpool), and with ``--cross-task`` each lent member's lo
 baseline of each task is its usual single-task recipe (ensemble.baselines; ``--baseline
 [TASK=]STUDY/N`` names another); it and the uniform average of its seed runs ("usual recipe x k
 seeds") are not selected, and every row shows its paired gain over
-the baseline on the same halves. Each row also gives its inference cost: encoder passes per example
+the baseline on the same halves, and over that seed average. Each row also gives its inference cost: encoder passes per example
 (1 per single-sentence or cross-encoded member, 2 per bi-encoded pair member, summed over the distinct
 members of a logit ensemble; a soup costs one model's), and the training it took: trial-epochs and
 minutes of training steps (a dev-selected row needed the whole pool).
@@ -113,7 +113,8 @@ def run_task(
     indexes = [pool.index(m) for m in seeds]
     fixed = {SEED_AVERAGE: selector.fixed(indexes, SEED_AVERAGE)} if len(indexes) > 1 else {}
     baseline = selector.fixed(indexes[:1], "baseline") if indexes else None
-    estimates = out_of_selection(pool, kept | fixed, baseline, splits=args.splits, seed=args.seed)
+    reference = SEED_AVERAGE if fixed else None  # every row is also paired with the seed average
+    estimates = out_of_selection(pool, kept | fixed, baseline, splits=args.splits, seed=args.seed, reference=reference)
     fixed_choices = {name: procedure(full) for name, procedure in fixed.items()}
     return TaskResult(pool, choices, refused, estimates, indexes[0] if indexes else None, fixed=fixed_choices)
 

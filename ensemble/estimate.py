@@ -9,7 +9,9 @@ then scored on the same dev looks better than it is. The out-of-selection estima
 
 and reports mean_s score_s and their standard deviation. The baseline (the usual recipe, a fixed
 trial, no selection) is scored on the same B halves, so each procedure's gain over it is paired:
-gain_s = score_s - metric(baseline, B_s), reported as mean and sd.
+gain_s = score_s - metric(baseline, B_s), reported as mean and sd. With a ``reference`` (the usual recipe
+averaged over its seeds, a user's other cheap alternative) every other procedure's gain over it is
+paired the same way.
 
 What the ± is: the standard deviation over the ``splits`` halves. The halves overlap (each is half
 of one dev set), so it is close to the standard error of a score on the full dev set, not the wider
@@ -49,6 +51,14 @@ class Estimate:
 
     scores: list[float]
     gains: list[float] | None  # None without a baseline
+    reference_gains: list[float] | None = None  # paired with the reference procedure; None without one, or for it
+
+    @staticmethod
+    def spread(values: list[float] | None) -> tuple[float | None, float | None]:
+        """Mean and sd (ddof 1; NaN for one value) of ``values``; (None, None) for None."""
+        if values is None:
+            return None, None
+        return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
     @property
     def mean(self) -> float:
@@ -60,23 +70,25 @@ class Estimate:
 
     @property
     def gain_mean(self) -> float | None:
-        return None if self.gains is None else float(np.mean(self.gains))
+        return self.spread(self.gains)[0]
 
     @property
     def gain_sd(self) -> float | None:
-        if self.gains is None:
-            return None
-        return float(np.std(self.gains, ddof=1)) if len(self.gains) > 1 else float("nan")
+        return self.spread(self.gains)[1]
 
     def to_dict(self) -> dict:
+        reference_mean, reference_sd = self.spread(self.reference_gains)
         return {
             "mean": self.mean,
             "sd": self.sd,
             "gain_mean": self.gain_mean,
             "gain_sd": self.gain_sd,
+            "reference_gain_mean": reference_mean,
+            "reference_gain_sd": reference_sd,
             "splits": len(self.scores),
             "scores": self.scores,
             "gains": self.gains,
+            "reference_gains": self.reference_gains,
         }
 
 
@@ -86,16 +98,24 @@ def out_of_selection(
     baseline: Procedure | None = None,
     splits: int = DEFAULT_SPLITS,
     seed: int = DEFAULT_SEED,
+    reference: str | None = None,
 ) -> dict[str, Estimate]:
     """Select with each procedure on half A of each split and score on half B; the baseline (when
-    given) is scored on the same B halves and appears under "baseline"."""
+    given) is scored on the same B halves and appears under "baseline". ``reference``: the name of one
+    of ``procedures`` that every other procedure (the baseline included) is also paired with."""
+    if reference is not None and reference not in procedures:
+        raise ValueError(f"reference {reference!r} is not one of the procedures {sorted(procedures)}")
     named = dict(procedures) | ({"baseline": baseline} if baseline is not None else {})
     scores: dict[str, list[float]] = {name: [] for name in named}
     for a, b in halves(len(pool.labels), splits, seed):
         for name, procedure in named.items():
             scores[name].append(pool.score(procedure(a).values, b, f"{pool.task} {name}"))
-    base = scores.get("baseline")
+
+    def paired(values: list[float], other: list[float] | None) -> list[float] | None:
+        return None if other is None else [s - s0 for s, s0 in zip(values, other, strict=True)]
+
+    base, ref = scores.get("baseline"), scores.get(reference) if reference else None
     return {
-        name: Estimate(values, None if base is None else [s - s0 for s, s0 in zip(values, base, strict=True)])
+        name: Estimate(values, paired(values, base), None if name == reference else paired(values, ref))
         for name, values in scores.items()
     }

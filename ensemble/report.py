@@ -37,6 +37,7 @@ class Row:
 
 
 METRIC_NAMES = {"sts": "Pearson r"}
+SEED_GAIN_COLUMN = "gain over the baseline's seeds averaged (mean ± sd)"
 
 
 def format_number(value: float | None, signed: bool = False) -> str:
@@ -55,34 +56,32 @@ def format_training(training: dict | None) -> str:
 
 def markdown_table(rows: Sequence[Row], task: str) -> str:
     metric = METRIC_NAMES.get(task, "accuracy")
-    header = [
-        "predictor",
-        "members (weight)",
-        "passes/example",
-        f"dev {metric}, in-sample",
-        "out-of-selection (mean ± sd)",
-        "gain over baseline (mean ± sd)",
-        "training (trial-epochs, min)",
-        "note",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
+
+    def members_cell(row: Row) -> str:
         weights = row.weights or [None] * len(row.members)
-        members = ", ".join(
-            n if w is None or len(row.members) == 1 else f"{n} ({w:.2f})" for n, w in zip(row.members, weights, strict=True)
-        )
-        estimate = row.estimate or {}
-        cells = [
-            row.name,
-            members,
-            str(row.cost),
-            format_number(row.dev),
-            format_spread(estimate.get("mean"), estimate.get("sd")),
-            format_spread(estimate.get("gain_mean"), estimate.get("gain_sd"), signed=True),
-            format_training(row.training),
-            row.note,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        pairs = zip(row.members, weights, strict=True)
+        return ", ".join(n if w is None or len(row.members) == 1 else f"{n} ({w:.2f})" for n, w in pairs)
+
+    def spread(mean: str, sd: str, signed: bool = False):
+        return lambda row: format_spread((row.estimate or {}).get(mean), (row.estimate or {}).get(sd), signed)
+
+    columns = [
+        ("predictor", lambda row: row.name),
+        ("members (weight)", members_cell),
+        ("passes/example", lambda row: str(row.cost)),
+        (f"dev {metric}, in-sample", lambda row: format_number(row.dev)),
+        ("out-of-selection (mean ± sd)", spread("mean", "sd")),
+        ("gain over baseline (mean ± sd)", spread("gain_mean", "gain_sd", signed=True)),
+        (SEED_GAIN_COLUMN, spread("reference_gain_mean", "reference_gain_sd", signed=True)),
+        ("training (trial-epochs, min)", lambda row: format_training(row.training)),
+        ("note", lambda row: row.note),
+    ]
+    # The seed-average column only where there is a seed average (a build whose baseline has seed runs;
+    # a distillation summary has none).
+    if all((row.estimate or {}).get("reference_gain_mean") is None for row in rows):
+        columns = [c for c in columns if c[0] != SEED_GAIN_COLUMN]
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row) for _, cell in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

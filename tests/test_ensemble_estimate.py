@@ -79,3 +79,20 @@ def test_a_real_signal_survives_out_of_selection():
     caruana = estimates["caruana"]
     assert caruana.gain_mean > 0.1 and min(caruana.gains) > 0
     assert estimates["best single"].gain_mean == pytest.approx(0.0, abs=1e-9)  # the baseline is the best single
+
+
+def test_every_procedure_is_also_paired_with_the_reference():
+    """The seed average is a user's other cheap choice: each row's gain over it, on the same halves."""
+    rng = np.random.default_rng(1)
+    gold = rng.uniform(0, 5, ROWS)
+    pool = sts_pool([gold + rng.normal(0, s, ROWS) for s in (1.5, 1.0, 0.7)], gold)
+    selector = Selector(pool, None, Settings())
+    procedures = {"seeds": selector.fixed([0, 1]), "better": selector.fixed([2])}
+    estimates = out_of_selection(pool, procedures, selector.fixed([0]), splits=10, reference="seeds")
+    better, seeds = estimates["better"], estimates["seeds"]
+    assert better.reference_gains == pytest.approx([b - s for b, s in zip(better.scores, seeds.scores, strict=True)])
+    assert min(better.reference_gains) > 0  # the least noisy member beats the two noisier ones averaged on every half
+    assert seeds.reference_gains is None and seeds.to_dict()["reference_gain_mean"] is None
+    assert estimates["baseline"].to_dict()["reference_gain_mean"] == pytest.approx(-seeds.gain_mean)
+    with pytest.raises(ValueError, match="'nope' is not one of the procedures"):
+        out_of_selection(pool, procedures, splits=2, reference="nope")

@@ -288,3 +288,12 @@ def test_the_usual_recipe_with_its_seeds_is_a_row_of_its_own(tmp_path, storage):
     assert row["estimate"]["gain_mean"] > 0 and row["estimate"]["splits"] == 20
     assert "usual recipe x seeds" not in results["sts"].choices  # not among the dev-selected predictors
     assert "usual recipe x seeds" in (tmp_path / "out" / "caruana" / "summary.md").read_text()
+    # Every row is also paired with the seed average on the same halves (a user's other cheap choice).
+    rows = {r["name"]: r for r in summary["rows"]}
+    caruana, baseline = rows["caruana"]["estimate"], rows["baseline (usual recipe)"]["estimate"]
+    expected = [c - s for c, s in zip(caruana["scores"], row["estimate"]["scores"], strict=True)]
+    assert caruana["reference_gains"] == pytest.approx(expected)
+    assert caruana["reference_gain_mean"] == pytest.approx(np.mean(expected))
+    assert baseline["reference_gain_mean"] == pytest.approx(-row["estimate"]["gain_mean"])
+    assert row["estimate"]["reference_gains"] is None  # not paired with itself
+    assert "gain over the baseline's seeds averaged" in (tmp_path / "out" / "summary.md").read_text()
