@@ -33,10 +33,10 @@ temperature (ensemble.taskpool), and with ``--cross-task`` each lent member's lo
 baseline of each task is its usual single-task recipe (ensemble.baselines; ``--baseline
 [TASK=]STUDY/N`` names another); it and the uniform average of its seed runs ("usual recipe x k
 seeds") are not selected, and every row shows its paired gain over
-the baseline on the same halves, and over that seed average. Each row also gives its inference cost: encoder passes per example
-(1 per single-sentence or cross-encoded member, 2 per bi-encoded pair member, summed over the distinct
-members of a logit ensemble; a soup costs one model's), and the training it took: trial-epochs and
-minutes of training steps (a dev-selected row needed the whole pool).
+the baseline on the same halves, and over that seed average. Each row also gives its inference cost:
+encoder passes per example (1 per single-sentence or cross-encoded member, 2 per bi-encoded pair
+member, summed over the distinct members of a logit ensemble; a soup costs one model's), and the
+training it took: trial-epochs and minutes of training steps (a dev-selected row needed the whole pool).
 
 ``--cross-task`` (ensemble.lend): the paraphrase pool also takes every STS member of the given studies
 (one that does not train paraphrase itself), its similarity score on the question pairs mapped to
