@@ -24,7 +24,8 @@ import sys
 from pathlib import Path
 
 from data.atomic import atomic_write_text
-from data.files import SPLITS, TASKS, DataError, resolve_data_dir
+from data.fetch import data_file_names
+from data.files import TASKS, DataError, resolve_data_dir
 
 
 def records(path: Path) -> tuple[str, list[str]]:
@@ -36,6 +37,11 @@ def records(path: Path) -> tuple[str, list[str]]:
     ends = [reader.line_num for _ in reader]  # the physical line each record ends on (1-based)
     starts = [1, *ends[:-1]]
     return lines[0] if lines else "", ["".join(lines[s:e]) for s, e in zip(starts, ends, strict=True)]
+
+
+def taken(path: Path) -> bool:
+    """Whether something (a file, a folder, a link, even a broken one) is at ``path``."""
+    return path.exists() or path.is_symlink()
 
 
 def heldout_path(task: str, data_dir: Path) -> Path:
@@ -53,7 +59,7 @@ def carve(task: str, rows: int, source: Path, dest: Path, seed: int = 0) -> tupl
     if not 0 < rows < len(body):
         raise DataError(f"{train}: has {len(body)} rows; --rows must be between 1 and {len(body) - 1}, not {rows}")
     new_train, held = spec.path("train", dest), heldout_path(task, dest)
-    existing = [p for p in (new_train, held) if p.exists() or p.is_symlink()]
+    existing = [p for p in (new_train, held) if taken(p)]
     if existing:
         raise DataError(f"{existing[0]} exists; give --dest an empty folder (nothing there is overwritten)")
     order = list(range(len(body)))
@@ -62,9 +68,9 @@ def carve(task: str, rows: int, source: Path, dest: Path, seed: int = 0) -> tupl
     dest.mkdir(parents=True, exist_ok=True)
     atomic_write_text(held, header + "".join(r for i, r in enumerate(body) if i in chosen))
     atomic_write_text(new_train, header + "".join(r for i, r in enumerate(body) if i not in chosen))
-    for other in (s.path(split, source) for s in TASKS.values() for split in SPLITS):
-        link = dest / other.name
-        if other.is_file() and other.name != new_train.name and not (link.exists() or link.is_symlink()):
+    for name in data_file_names():
+        other, link = source / name, dest / name
+        if other.is_file() and name != new_train.name and not taken(link):
             link.symlink_to(other.resolve())
     return new_train, held
 
@@ -79,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", type=Path, help="the CS224N data folder (default: $MINBERT_DATA, else ./datasets)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     args = parser.parse_args(argv)
+    source = resolve_data_dir(args.source)
     try:
-        train, held = carve(args.task, args.rows, resolve_data_dir(args.source), args.dest, args.seed)
+        train, held = carve(args.task, args.rows, source, args.dest, args.seed)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote {train} and {held} ({args.rows} rows held out); other files linked from {resolve_data_dir(args.source)}")
+    print(f"wrote {train} and {held} ({args.rows} rows held out); other files linked from {source}")
     return 0
 
 

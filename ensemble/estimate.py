@@ -66,7 +66,7 @@ class Estimate:
 
     @property
     def sd(self) -> float:
-        return float(np.std(self.scores, ddof=1)) if len(self.scores) > 1 else float("nan")
+        return self.spread(self.scores)[1]
 
     @property
     def gain_mean(self) -> float | None:

@@ -62,7 +62,7 @@ def markdown_table(rows: Sequence[Row], task: str) -> str:
         pairs = zip(row.members, weights, strict=True)
         return ", ".join(n if w is None or len(row.members) == 1 else f"{n} ({w:.2f})" for n, w in pairs)
 
-    def spread(mean: str, sd: str, signed: bool = False):
+    def spread_cell(mean: str, sd: str, signed: bool = False):
         return lambda row: format_spread((row.estimate or {}).get(mean), (row.estimate or {}).get(sd), signed)
 
     columns = [
@@ -70,9 +70,9 @@ def markdown_table(rows: Sequence[Row], task: str) -> str:
         ("members (weight)", members_cell),
         ("passes/example", lambda row: str(row.cost)),
         (f"dev {metric}, in-sample", lambda row: format_number(row.dev)),
-        ("out-of-selection (mean ± sd)", spread("mean", "sd")),
-        ("gain over baseline (mean ± sd)", spread("gain_mean", "gain_sd", signed=True)),
-        (SEED_GAIN_COLUMN, spread("reference_gain_mean", "reference_gain_sd", signed=True)),
+        ("out-of-selection (mean ± sd)", spread_cell("mean", "sd")),
+        ("gain over baseline (mean ± sd)", spread_cell("gain_mean", "gain_sd", signed=True)),
+        (SEED_GAIN_COLUMN, spread_cell("reference_gain_mean", "reference_gain_sd", signed=True)),
         ("training (trial-epochs, min)", lambda row: format_training(row.training)),
         ("note", lambda row: row.note),
     ]
