@@ -97,15 +97,35 @@ def iterate_batches(
 
 class BatchStream:
     """An endless stream of training batches of one split, reshuffled at each pass.
-    Its position (pass and batch) is part of a checkpoint, so a resumed run sees the same data."""
+    Its position (pass and batch) is part of a checkpoint, so a resumed run sees the same data.
 
-    def __init__(self, split: EncodedSplit, batch_size: int, seed: int, pad_id: int = 0):
+    ``other_order``: the same rows with each pair's sentences the other way round. Each pass then
+    reads a random half of the rows in the other order and the next pass the other half, so that
+    every two passes show each pair once in each order, at the cost of one order's steps."""
+
+    def __init__(self, split: EncodedSplit, batch_size: int, seed: int, pad_id: int = 0, other_order: EncodedSplit | None = None):
+        if other_order is not None and (other_order.ids != split.ids or len(other_order.views) != len(split.views)):
+            raise ValueError("other_order must hold the same rows as split, encoded the same way")
         self.split, self.batch_size, self.seed, self.pad_id = split, batch_size, seed, pad_id
+        self.other_order = other_order
         self.passes, self.position = 0, 0
         self._batches = self._plan()
 
     def _plan(self) -> list[list[int]]:
-        return batch_indices(self.split, self.batch_size, True, random.Random(f"{self.seed}-{self.passes}"))
+        self._pass_split = self.split if self.other_order is None else self._orders_of_pass()
+        return batch_indices(self._pass_split, self.batch_size, True, random.Random(f"{self.seed}-{self.passes}"))
+
+    def _orders_of_pass(self) -> EncodedSplit:
+        """The split as this pass reads it: passes 2k and 2k + 1 swap complementary random halves."""
+        draw = random.Random(f"{self.seed}-orders-{self.passes // 2}")
+        swap = [draw.random() < 0.5 for _ in range(len(self.split))]
+        if self.passes % 2:
+            swap = [not s for s in swap]
+        views = [
+            [other if s else given for given, other, s in zip(view, other_view, swap, strict=True)]
+            for view, other_view in zip(self.split.views, self.other_order.views, strict=True)
+        ]
+        return EncodedSplit(self.split.ids, views, self.split.labels)
 
     def next(self) -> Batch:
         if self.position >= len(self._batches):
@@ -113,7 +133,7 @@ class BatchStream:
             self._batches = self._plan()
         index = self._batches[self.position]
         self.position += 1
-        return make_batch(self.split, index, self.pad_id)
+        return make_batch(self._pass_split, index, self.pad_id)
 
     def state_dict(self) -> dict:
         return {"passes": self.passes, "position": self.position}

@@ -67,6 +67,22 @@ class Tokenizer:
         return EncodedSplit([e.id for e in examples], views, labels)
 
 
+def swap_pair_order(split: EncodedSplit) -> EncodedSplit:
+    """A cross-encoded split with each pair's sentences in the other order: "[CLS] a [SEP] b [SEP]"
+    (segment ids 0 then 1) becomes "[CLS] b [SEP] a [SEP]". Swapped token by token, so each sentence
+    keeps the tokens it had (truncated as before) and the split needs no second tokenisation."""
+    if len(split.views) != 1:
+        raise ValueError(f"only a cross-encoded split (one view) has a pair order to swap; this one has {len(split.views)} views")
+    swapped = []
+    for ids, types in split.views[0]:
+        first = types.count(0)  # [CLS] a [SEP]
+        if first == len(types) or types[first:] != [1] * (len(types) - first):
+            raise ValueError("a sequence without a second segment (token type 1) is not a cross-encoded pair")
+        a, b = ids[1 : first - 1], ids[first:-1]
+        swapped.append(([ids[0], *b, ids[first - 1], *a, ids[-1]], [0] * (len(b) + 2) + [1] * (len(a) + 1)))
+    return EncodedSplit(split.ids, [swapped], split.labels)
+
+
 def cached_encode(
     tokenizer: Tokenizer,
     source: Path,

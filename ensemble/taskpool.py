@@ -29,16 +29,17 @@ import numpy as np
 
 from data.files import TASKS
 from ensemble.members import EnsembleError, Member, Pool
-from model.config import value_for_task
+from model.config import reads_both_orders, value_for_task
 from model.metrics import task_metric
 from model.rundir import TaskOutputs
 
 
 def encoder_passes(config: dict, task: str) -> int:
     """Encoder passes per example of one model on ``task``: 2 for a bi-encoded pair (each sentence
-    alone), else 1 (a single sentence, or a cross-encoded pair)."""
+    alone) or a cross-encoded pair read in both orders, else 1 (a single sentence, or a cross-encoded
+    pair read once)."""
     bi = TASKS[task].is_pair and value_for_task(config["train"].get("pair_encoding"), task) == "bi"
-    return 2 if bi else 1
+    return 2 if bi or reads_both_orders(config["train"], task) else 1
 
 
 def member_passes(member: Member, task: str) -> int:

@@ -16,6 +16,9 @@ from data.files import TASKS
 
 POOLINGS = ("mean", "cls", "pooler")
 PAIR_ENCODINGS = ("cross", "bi")
+# given: a cross-encoder reads each pair as the file has it; both: trained on both orders, and its output
+# is the mean of both (a cross-encoder's score depends on the order; similarity and paraphrase do not).
+CROSS_ORDERS = ("given", "both")
 SST_HEADS = ("linear", "hidden")
 STS_HEADS = ("regression", "cosine")
 STS_LOSSES = ("mse", "cosent")
@@ -33,6 +36,7 @@ CHOICE_FIELDS = {
     "surgery": SURGERIES,
     "schedule": SCHEDULES,
     "pair_encoding": PAIR_ENCODINGS,
+    "cross_order": CROSS_ORDERS,
     "sts_head": STS_HEADS,
     "sts_loss": STS_LOSSES,
     "sst_head": SST_HEADS,
@@ -63,6 +67,15 @@ def value_for_task(value: object, task: str) -> object:
     """A per-task setting's value for ``task``: the one value, or the {task: value} table's entry
     (None where the table has none). Reads a TrainConfig field or a saved config.json alike."""
     return value.get(task) if isinstance(value, dict) else value
+
+
+def reads_both_orders(train: TrainConfig | dict, task: str) -> bool:
+    """Whether a model reads ``task``'s pairs in both orders (cross_order "both", a cross-encoded pair
+    task): two encoder passes per pair, the mean of their outputs. Reads a TrainConfig or a saved
+    config's "train" table alike (a table from before cross_order reads them as given)."""
+    values = train if isinstance(train, dict) else vars(train)
+    encoding = value_for_task(values.get("pair_encoding", DEFAULT_PAIR_ENCODING), task)
+    return TASKS[task].is_pair and encoding == "cross" and values.get("cross_order") == "both"
 
 
 def _help(text: str, **kwargs) -> dict:
@@ -120,6 +133,14 @@ class TrainConfig:
             "para/sts: cross (one joint sequence) or bi (each sentence alone); one value, or per task as task=value "
             "(default: para=cross sts=bi, the better choice for each task on the embedded model)",
             default_factory=lambda: dict(DEFAULT_PAIR_ENCODING),
+        )
+    )
+    cross_order: str = field(
+        **_help(
+            "cross-encoded pairs: given (sentence 1 first, as in the file) or both: train on each pair in both orders "
+            "(each once every two passes, with no extra steps) and predict the mean of both orders' outputs (2 encoder "
+            "passes per pair instead of 1)",
+            default="given",
         )
     )
     sts_head: str = field(**_help("sts: regression (linear) or cosine (5 * cos(u, v); bi only)", default="cosine"))
@@ -226,6 +247,8 @@ class TrainConfig:
                     raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
         if self.sts_head == "cosine" and "sts" in self.tasks and self.task_value("pair_encoding", "sts") != "bi":
             raise ValueError("sts_head 'cosine' needs pair_encoding 'bi' for sts")
+        if self.cross_order == "both" and not any(reads_both_orders(self, t) for t in self.tasks):
+            raise ValueError("cross_order 'both' needs a cross-encoded pair task (para or sts with pair_encoding cross)")
         if isinstance(self.batch_size, dict):
             self.batch_size = {t: int(b) for t, b in self.batch_size.items()}
         if any(not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in self.values_of("batch_size")):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from data.batching import Batch, BatchStream, make_batch
 from data.files import TASKS, resolve_data_dir
+from data.tokenize import swap_pair_order
 from model.build import build_model
 from model.config import (
     CHOICE_FIELDS,
@@ -37,10 +38,11 @@ from model.config import (
     RUNTIME_FIELDS,
     TrainConfig,
     as_config,
+    reads_both_orders,
     with_defaults,
 )
 from model.distill import distill_loss, transfer_splits, with_distill_digest
-from model.evaluation import evaluate_splits
+from model.evaluation import both_order_tasks, evaluate_splits
 from model.multitask import multiple_negatives_ranking_loss, task_loss
 from model.optimizer import clip_grad_norm_
 from model.rundir import RunDir, RunFileError
@@ -96,7 +98,12 @@ class Trainer:
         self.dev_splits = {t: load_split(cfg, t, "dev", cfg.eval_limit) for t in cfg.tasks}
         self.sizes = {t: len(s) for t, s in self.train_splits.items()}
         self.streams = {
-            t: BatchStream(split, cfg.task_batch_size(t), seed=cfg.seed * 1000 + i)
+            t: BatchStream(
+                split,
+                cfg.task_batch_size(t),
+                seed=cfg.seed * 1000 + i,
+                other_order=swap_pair_order(split) if reads_both_orders(cfg, t) else None,
+            )
             for i, (t, split) in enumerate(self.train_splits.items())
         }
         self.steps_per_epoch = cfg.steps_per_epoch or default_steps_per_epoch(cfg, self.sizes)
@@ -310,7 +317,7 @@ class Trainer:
                 train_seconds = time.perf_counter() - started
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}: dev evaluation", refresh=True)
                 self._follow_threads()
-                metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16)
+                metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16, both_order_tasks(self.cfg))
             self.epoch += 1
             record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
             record["train_seconds"] = round(train_seconds, 2)
@@ -357,7 +364,7 @@ class Trainer:
         self.model.load_state_dict(best)
         try:
             splits = {t: load_split(self.cfg, t, "test", self.cfg.eval_limit) for t in self.cfg.tasks}
-            _, outputs = evaluate_splits(self.model, splits, self.bf16)
+            _, outputs = evaluate_splits(self.model, splits, self.bf16, both_order_tasks(self.cfg))
             self.run_dir.write_outputs("test", outputs)
         finally:
             self.model.load_state_dict(current)

@@ -17,7 +17,7 @@ from data import fetch as fetch_module
 from data.atomic import atomic_write_text
 from data.batching import BatchStream, batch_indices, iterate_batches, make_batch, pad
 from data.files import SPLITS, TASKS, DataError, Example, load_examples
-from data.tokenize import EncodedSplit, Tokenizer, cached_encode
+from data.tokenize import EncodedSplit, Tokenizer, cached_encode, swap_pair_order
 from model.bert import default_model_path
 
 SENTENCES = [
@@ -92,6 +92,20 @@ def test_encode_examples_cross_and_bi(tokenizer):
     assert unlabelled.labels is None
     with pytest.raises(ValueError, match="pair_encoding"):
         tokenizer.encode_examples(examples, "triple")
+
+
+def test_swapping_a_cross_encoded_pair_is_tokenising_it_the_other_way_round(tokenizer):
+    examples = [Example(str(i), (a, b), 1) for i, (a, b) in enumerate(zip(SENTENCES, SECONDS, strict=True))]
+    swapped_examples = [Example(e.id, (e.texts[1], e.texts[0]), e.label) for e in examples]
+    split = tokenizer.encode_examples(examples, "cross")
+    swapped = swap_pair_order(split)
+    assert swapped.views == tokenizer.encode_examples(swapped_examples, "cross").views
+    assert swapped.ids == split.ids and swapped.labels == split.labels
+    assert swap_pair_order(swapped).views == split.views
+    with pytest.raises(ValueError, match="cross-encoded split"):
+        swap_pair_order(tokenizer.encode_examples(examples, "bi"))
+    with pytest.raises(ValueError, match="second segment"):
+        swap_pair_order(tokenizer.encode_examples([Example("s", (SENTENCES[0],), 1)]))
 
 
 def test_missing_vocab_is_reported(tmp_path):
@@ -204,6 +218,28 @@ def test_batch_stream_reshuffles_each_pass_and_resumes_from_its_state():
     second_pass.load_state_dict({"passes": 1, "position": 0})
     second = [second_pass.next().index.tolist() for _ in range(5)]
     assert sorted(i for b in second for i in b) == list(range(23)) and second != first_pass
+
+
+def test_batch_stream_shows_each_pair_once_in_each_order_every_two_passes():
+    split = toy_split(list(range(1, 24)))
+    other = EncodedSplit(split.ids, [[([-i for i in ids], types) for ids, types in split.views[0]]], split.labels)
+    stream = BatchStream(split, batch_size=5, seed=3, other_order=other)
+    plain = BatchStream(split, batch_size=5, seed=3)
+    seen = {i: [] for i in range(23)}
+    for _ in range(10):  # two passes
+        batch, plain_batch = stream.next(), plain.next()
+        assert batch.index.tolist() == plain_batch.index.tolist(), "the same rows in the same batches, at no extra steps"
+        for row, i in enumerate(batch.index.tolist()):
+            seen[i].append("other" if batch.views[0][0][row, 0].item() < 0 else "given")
+    assert all(sorted(orders) == ["given", "other"] for orders in seen.values())
+    first_pass = [orders[0] for orders in seen.values()]
+    assert 0 < first_pass.count("other") < 23, "each pass mixes both orders"
+    resumed = BatchStream(split, batch_size=5, seed=3, other_order=other)
+    resumed.load_state_dict({"passes": 1, "position": 0})
+    stream.load_state_dict({"passes": 1, "position": 0})
+    assert all(torch.equal(resumed.next().views[0][0], stream.next().views[0][0]) for _ in range(5))
+    with pytest.raises(ValueError, match="same rows"):
+        BatchStream(split, 5, seed=3, other_order=toy_split(list(range(1, 23))))
 
 
 # --------------------------------------------------------------------------------- data files

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ensemble import build as ensemble_build
 from ensemble.members import EnsembleError, MemberSkippedWarning, NoUsableTrialError, load_pool
+from ensemble.taskpool import encoder_passes
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -297,3 +298,11 @@ def test_the_usual_recipe_with_its_seeds_is_a_row_of_its_own(tmp_path, storage):
     assert baseline["reference_gain_mean"] == pytest.approx(-row["estimate"]["gain_mean"])
     assert row["estimate"]["reference_gains"] is None  # not paired with itself
     assert "gain over the baseline's seeds averaged" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_encoder_passes_count_each_order_a_cross_encoder_reads():
+    cross = {"tasks": ["para", "sts"], "pair_encoding": {"para": "cross", "sts": "bi"}}
+    assert [encoder_passes({"train": cross}, t) for t in ("para", "sts")] == [1, 2]
+    both = cross | {"cross_order": "both"}
+    assert [encoder_passes({"train": both}, t) for t in ("para", "sts")] == [2, 2], "both orders: 2; bi: 2 anyway"
+    assert encoder_passes({"train": {"tasks": ["sst", "para"], "cross_order": "both"}}, "sst") == 1

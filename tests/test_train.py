@@ -13,11 +13,13 @@ import torch
 from tiny_model import DEVICE, needs_data, tiny_config
 
 from data.atomic import atomic_write
+from data.tokenize import swap_pair_order
 from model.build import load_trained
-from model.config import TrainConfig
-from model.evaluation import evaluate_model
+from model.config import TrainConfig, reads_both_orders
+from model.evaluation import evaluate_model, predict_values
 from model.metrics import overall_score, task_metric, write_predictions
 from model.rundir import RunDir
+from model.splits import load_split
 from model.train import NonFiniteLossError, Trainer, build_parser, config_from_args, main, parse_per_task, train
 
 pytestmark = needs_data
@@ -108,6 +110,44 @@ def test_evaluate_model_on_given_examples(trained):
     metrics, outputs = evaluate_model(model, cfg, "dev", examples=examples)
     assert list(outputs["sts"]["ids"]) == ["a", "b"] and outputs["sts"]["values"].shape == (2,)
     assert set(metrics) == {"sts", "overall"}
+
+
+def test_a_model_trained_on_both_pair_orders_predicts_their_mean(tmp_path):
+    """cross_order "both": the cross-encoded tasks train on both orders, and every output (dev, test,
+    a reloaded model's) is the mean of the two orders' head outputs; a bi-encoded task reads as before."""
+    config = tiny_config(
+        tasks=["para", "sts"], pair_encoding={"para": "cross", "sts": "bi"}, sts_head="regression", cross_order="both",
+    )  # fmt: skip
+    trainer = Trainer(TrainConfig.from_dict(config), tmp_path, report=None, fresh=True)
+    assert trainer.streams["para"].other_order is not None and trainer.streams["sts"].other_order is None
+    summary = train(config, tmp_path)
+    model, cfg = load_trained(tmp_path)
+    run = RunDir(tmp_path)
+    dev = {task: load_split(cfg, task, "dev", cfg.eval_limit) for task in cfg.tasks}
+    given = predict_values(model, "para", dev["para"])
+    other = predict_values(model, "para", swap_pair_order(dev["para"]))
+    logit = lambda p: np.log(p) - np.log1p(-p)  # noqa: E731
+    mean = 1 / (1 + np.exp(-(logit(given) + logit(other)) / 2))
+    np.testing.assert_allclose(run.read_outputs("para", "dev")["values"], mean, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(mean, given, atol=1e-5), "the two orders give different outputs: the mean is not one of them"
+    np.testing.assert_allclose(run.read_outputs("sts", "dev")["values"], predict_values(model, "sts", dev["sts"]), atol=1e-5)
+    test = load_split(cfg, "para", "test", cfg.eval_limit)
+    test_mean = predict_values(model, "para", test, both_orders=True)
+    np.testing.assert_allclose(run.read_outputs("para", "test")["values"], test_mean, rtol=1e-4, atol=1e-5)
+    metrics, _ = evaluate_model(model, cfg, "dev")
+    assert metrics["para"] == pytest.approx(summary["best"]["para"], abs=1e-6)
+
+
+def test_both_pair_orders_need_a_cross_encoded_pair_task():
+    with pytest.raises(ValueError, match="cross_order 'both' needs a cross-encoded pair task"):
+        TrainConfig(tasks=["sst", "sts"], pair_encoding="bi", sts_head="regression", cross_order="both")
+    with pytest.raises(ValueError, match="cross_order must be one of"):
+        TrainConfig(tasks=["para"], cross_order="reversed")
+    cfg = TrainConfig(tasks=["sst", "para", "sts"], cross_order="both")  # para cross-encoded by default
+    assert [reads_both_orders(cfg, t) for t in cfg.tasks] == [False, True, False]
+    saved_before_the_field = {k: v for k, v in cfg.to_dict().items() if k != "cross_order"}
+    assert not reads_both_orders(saved_before_the_field, "para")
+    assert reads_both_orders(cfg.to_dict(), "para")
 
 
 def test_same_seed_gives_the_same_metrics_and_resume_continues_exactly(tmp_path):
