@@ -38,7 +38,6 @@ from model.config import (
     RUNTIME_FIELDS,
     TrainConfig,
     as_config,
-    reads_both_orders,
     with_defaults,
 )
 from model.distill import distill_loss, transfer_splits, with_distill_digest
@@ -97,12 +96,13 @@ class Trainer:
         self.train_splits, self.soft_targets = transfer_splits(cfg, gold)
         self.dev_splits = {t: load_split(cfg, t, "dev", cfg.eval_limit) for t in cfg.tasks}
         self.sizes = {t: len(s) for t, s in self.train_splits.items()}
+        self.both_orders = both_order_tasks(cfg)  # trained on, and read in, both pair orders
         self.streams = {
             t: BatchStream(
                 split,
                 cfg.task_batch_size(t),
                 seed=cfg.seed * 1000 + i,
-                other_order=swap_pair_order(split) if reads_both_orders(cfg, t) else None,
+                other_order=swap_pair_order(split) if t in self.both_orders else None,
             )
             for i, (t, split) in enumerate(self.train_splits.items())
         }
@@ -317,7 +317,7 @@ class Trainer:
                 train_seconds = time.perf_counter() - started
                 bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}: dev evaluation", refresh=True)
                 self._follow_threads()
-                metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16, both_order_tasks(self.cfg))
+                metrics, dev_outputs = evaluate_splits(self.model, self.dev_splits, self.bf16, self.both_orders)
             self.epoch += 1
             record = {"epoch": self.epoch, "train_loss": float(np.mean(losses)), **metrics}
             record["train_seconds"] = round(train_seconds, 2)
@@ -364,7 +364,7 @@ class Trainer:
         self.model.load_state_dict(best)
         try:
             splits = {t: load_split(self.cfg, t, "test", self.cfg.eval_limit) for t in self.cfg.tasks}
-            _, outputs = evaluate_splits(self.model, splits, self.bf16, both_order_tasks(self.cfg))
+            _, outputs = evaluate_splits(self.model, splits, self.bf16, self.both_orders)
             self.run_dir.write_outputs("test", outputs)
         finally:
             self.model.load_state_dict(current)
