@@ -116,7 +116,10 @@ def run_task(
     reference = SEED_AVERAGE if fixed else None  # every row is also paired with the seed average
     estimates = out_of_selection(pool, kept | fixed, baseline, splits=args.splits, seed=args.seed, reference=reference)
     fixed_choices = {name: procedure(full) for name, procedure in fixed.items()}
-    return TaskResult(pool, choices, refused, estimates, indexes[0] if indexes else None, fixed=fixed_choices)
+    baseline_choice = None if baseline is None else baseline(full)
+    return TaskResult(
+        pool, choices, refused, estimates, indexes[0] if indexes else None, fixed=fixed_choices, baseline_choice=baseline_choice
+    )
 
 
 def member_test_outputs(member: Member, task: str, evaluate: SoupEvaluator, notes: list[str]) -> TaskOutputs:

@@ -17,6 +17,10 @@ What the ± is: the standard deviation over the ``splits`` halves. The halves ov
 of one dev set), so it is close to the standard error of a score on the full dev set, not the wider
 spread of a score on an independent half-size set. The paired gain's ± is the same spread of the
 paired differences, so a gain of about twice its ± stands out of the dev set's noise.
+
+On rows that no selection saw (a held-out file: ``ensemble.predict --compare``) there is nothing to
+split: ``paired_bootstrap`` gives the difference of two fixed predictors' metrics and its standard
+error, the spread of that difference over rows resampled with replacement, the same rows for both.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import numpy as np
 
 from ensemble.selection import Procedure
 from ensemble.taskpool import TaskPool
+from model.metrics import task_metric
 
 DEFAULT_SPLITS = 20
 DEFAULT_SEED = 0
+DEFAULT_RESAMPLES = 2000
 
 
 def halves(rows: int, splits: int = DEFAULT_SPLITS, seed: int = DEFAULT_SEED) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -119,3 +125,22 @@ def out_of_selection(
         name: Estimate(values, paired(values, base), None if name == reference else paired(values, ref))
         for name, values in scores.items()
     }
+
+
+def paired_bootstrap(
+    task: str,
+    values: np.ndarray,
+    other: np.ndarray,
+    labels: np.ndarray,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+) -> tuple[float, float]:
+    """metric(values) - metric(other) on all rows, and its standard error: the sd of that difference over
+    ``resamples`` draws of the rows with replacement, each draw scoring both predictors on the same rows."""
+    values, other, labels = np.asarray(values), np.asarray(other), np.asarray(labels)
+    if not len(values) == len(other) == len(labels):
+        raise ValueError(f"{task}: {len(values)} and {len(other)} outputs for {len(labels)} labels")
+    rng = np.random.default_rng(seed)
+    draws = [rng.integers(0, len(labels), len(labels)) for _ in range(resamples)]
+    differences = [task_metric(task, values[d], labels[d]) - task_metric(task, other[d], labels[d]) for d in draws]
+    return task_metric(task, values, labels) - task_metric(task, other, labels), float(np.std(differences, ddof=1))

@@ -55,6 +55,11 @@ class TaskResult:
     baseline: int | None  # pool index of the baseline member
     test: dict[str, TaskOutputs] = field(default_factory=dict)  # method -> the predictor's test outputs
     fixed: dict[str, Choice] = field(default_factory=dict)  # not selected on dev: SEED_AVERAGE
+    baseline_choice: Choice | None = None  # the baseline as a predictor (its epoch and scale fitted on all of dev)
+
+    def references(self) -> dict[str, Choice]:
+        """The predictors not selected on dev that every row is compared with: the baseline, its seeds."""
+        return ({} if self.baseline_choice is None else {BASELINE: self.baseline_choice}) | self.fixed
 
     def names(self, choice: Choice) -> list[str]:
         return [self.pool.members[i].name for i in choice.members]
@@ -180,6 +185,9 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
         choice = result.choices[method]
         entry = {"method": method, "kind": choice.kind, "members": described(result, choice)}
         entry |= {"inference_cost": choice.cost(result.pool), "dev": result.pool.score(choice.values, who=method)}
+        # What the build compared this predictor with, runnable on new rows (ensemble.predict --compare);
+        # readers that predate it ignore the key.
+        entry["references"] = {name: described(result, ref) for name, ref in result.references().items()}
         if choice.kind == "soup":  # one model folder per distinct member set, shared by the tasks choosing it
             key = tuple(result.names(choice))
             if key not in soups:

@@ -18,6 +18,12 @@ column is optional and, when present, the metric is printed). The task comes fro
 With ``--input`` the leaderboard CSV goes to ``--output``, by default to
 ``<DIR>/predict/<input name>-<task>-out.csv`` (next to the ensemble, since the input's folder, e.g. the
 shared data, may be read-only).
+
+``--compare`` (a labelled ``--input``, e.g. rows held out of training with ``python -m data.holdout``)
+also runs the predictors the build compared this one with, which no selection chose: the usual recipe
+and its seeds averaged. It prints each one's metric on the file and the predictor's paired difference
+with it, ± the standard error of a paired bootstrap over the file's rows, and writes them to
+``<output stem>-compare.json``. That is the check of a dev-selected predictor on data it never saw.
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data.atomic import atomic_write_text
 from data.files import TASKS, DataError, Example, load_examples, read_file
+from ensemble.estimate import DEFAULT_RESAMPLES, paired_bootstrap
 from ensemble.lend import lent_probabilities
 from ensemble.logits import Outputs, align_outputs, average_outputs
 from ensemble.members import EnsembleError, check_checkpoint
@@ -104,6 +112,23 @@ def load_plans(predictor: Path) -> dict[str, TaskPlan]:
         raise EnsembleError(f"{predictor}: unreadable ensemble description ({type(err).__name__}: {err})") from err
 
 
+def load_references(predictor: Path, task: str) -> dict[str, TaskPlan]:
+    """The predictors the build compared ``predictor``'s ``task`` with ({name: plan}: the usual recipe, its
+    seeds averaged); EnsembleError when its manifest records none."""
+    manifest_file = predictor / "manifest.json"
+    try:
+        entry = json.loads(manifest_file.read_text())["tasks"][task] if manifest_file.is_file() else {}
+        references = {name: member_plan(members) for name, members in entry.get("references", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise EnsembleError(f"{manifest_file}: unreadable references ({type(err).__name__}: {err})") from err
+    if not references:
+        raise EnsembleError(
+            f"{predictor}: no baseline recorded for {task} (a single model, a build without a baseline, or one made "
+            "before ensemble.build recorded them): --compare needs a predictor from python -m ensemble.build"
+        )
+    return references
+
+
 def check_plans(plans: dict[str, TaskPlan]) -> None:
     """Every model a plan runs still has a valid checkpoint with finite weights: a member may have been
     overwritten or have diverged since the build. EnsembleError names the member and the file."""
@@ -144,20 +169,24 @@ def infer_task(path: Path, header: list[str], available: list[str]) -> str:
 
 
 class Runner:
-    """Runs model folders on examples, loading each model once."""
+    """Runs model folders on examples, loading each model once and running it once per task and examples
+    (a member of the predictor may also be one of the baselines it is compared with)."""
 
     def __init__(self, device: str | None):
-        self.device, self.models = device, {}
+        self.device, self.models, self.outputs = device, {}, {}
 
     def __call__(self, model_dir: Path, task: str, examples: list[Example]) -> Outputs:
         from model.build import load_trained
         from model.evaluation import evaluate_model
 
-        if model_dir not in self.models:
-            self.models[model_dir] = load_trained(model_dir, device=self.device)
-        model, cfg = self.models[model_dir]
-        _, outputs = evaluate_model(model, cfg, "test", examples={task: examples})
-        return as_numpy_outputs(outputs)
+        key = (model_dir, task, id(examples))
+        if key not in self.outputs:
+            if model_dir not in self.models:
+                self.models[model_dir] = load_trained(model_dir, device=self.device)
+            model, cfg = self.models[model_dir]
+            _, outputs = evaluate_model(model, cfg, "test", examples={task: examples})
+            self.outputs[key] = (examples, as_numpy_outputs(outputs))  # the examples kept alive: id() stays theirs
+        return {t: dict(out) for t, out in self.outputs[key][1].items()}  # callers rescale values in place
 
     def member(
         self, model_dir: Path, task: str, examples: list[Example], loan: tuple[str, tuple[float, float]] | None
@@ -202,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", help="--splits: CS224N data directory (default: $MINBERT_DATA, else ./datasets)")
     parser.add_argument("--output-dir", type=Path, help="--splits: where the CSVs go (default: <ENSEMBLE>/predict)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="--input with labels: also run the usual recipe and its seeds averaged, as the build compared them, "
+        "and print the paired differences ± a bootstrap standard error",
+    )
     return parser
 
 
@@ -209,23 +244,76 @@ def build_parser() -> argparse.ArgumentParser:
 Written = tuple[Path, str, float | None]
 # One prediction to make: the task, its examples and the file its CSV goes to.
 Job = tuple[str, list[Example], Path]
+PREDICTOR = "predictor"
 
 
-def predict(args: argparse.Namespace) -> list[Written]:
-    """Write the predictions of ``--input`` or of every covered task's ``--splits``: every member is
-    checked and every output computed before the first CSV is written, so an error leaves none."""
+@dataclass
+class Comparison:
+    """``--compare``: a labelled file's metric for the predictor and for each predictor the build compared
+    it with, and the predictor's paired difference with each, ± its bootstrap standard error."""
+
+    source: Path  # the labelled file
+    path: Path  # the JSON written beside the predictions
+    task: str
+    rows: int
+    scores: dict[str, float]  # PREDICTOR first, then the references
+    differences: dict[str, tuple[float, float]]  # reference -> (predictor minus it, standard error)
+    models: dict[str, int]  # the models each one runs
+
+    def lines(self) -> list[str]:
+        metric = TASKS[self.task].metric_name
+        width = max(map(len, self.scores))
+        draws = f"paired bootstrap, {DEFAULT_RESAMPLES} draws"
+        lines = [f"{self.source}: {self.task}, {self.rows} labelled rows, {metric} ({draws}):"]
+        for name, score in self.scores.items():
+            line = f"  {name:<{width}}  {score:.4f}  ({self.models[name]} model(s))"
+            if name in self.differences:
+                difference, error = self.differences[name]
+                line += f"; predictor minus it {difference:+.4f} ± {error:.4f}"
+            lines.append(line)
+        return lines
+
+    def to_dict(self) -> dict:
+        differences = {name: {"mean": d, "standard_error": e} for name, (d, e) in self.differences.items()}
+        return {"input": str(self.source), "task": self.task, "rows": self.rows, "metric": TASKS[self.task].metric_name,
+                "scores": self.scores, "models": self.models, "differences": differences,
+                "bootstrap_draws": DEFAULT_RESAMPLES}  # fmt: skip
+
+
+def compare(predictor: Path, plan: TaskPlan, runner: Runner, job: Job, outputs: TaskOutputs, source: Path) -> Comparison:
+    """The predictor's ``outputs`` on a job's labelled examples against its references run on the same rows."""
+    task, examples, output = job
+    references = load_references(predictor, task)
+    check_plans(references)
+    labels = np.asarray([e.label for e in examples], dtype=float)
+    values = {PREDICTOR: outputs["values"]}
+    values |= {name: runner.predict(ref, task, examples)["values"] for name, ref in references.items()}
+    scores = {name: task_metric(task, v, labels) for name, v in values.items()}
+    differences = {name: paired_bootstrap(task, values[PREDICTOR], values[name], labels) for name in references}
+    models = {name: len(p.model_dirs) for name, p in ({PREDICTOR: plan} | references).items()}
+    path = output.with_name(f"{output.stem}-compare.json")
+    return Comparison(source, path, task, len(examples), scores, differences, models)
+
+
+def predict(args: argparse.Namespace) -> tuple[list[Written], list[Comparison]]:
+    """Write the predictions of ``--input`` or of every covered task's ``--splits``, and with ``--compare``
+    the comparison: every member is checked and every output computed before the first file is written,
+    so an error leaves none."""
     predictor = find_predictor(args.ensemble)
     plans = load_plans(predictor)
     jobs = prediction_jobs(args, predictor, plans)
     check_plans({task: plans[task] for task, _, _ in jobs})
     runner = Runner(args.device)
-    computed = [(task, examples, output, runner.predict(plans[task], task, examples)) for task, examples, output in jobs]
+    computed = [(job, runner.predict(plans[job[0]], job[0], job[1])) for job in jobs]
+    comparisons = [compare(predictor, plans[job[0]], runner, job, out, args.input) for job, out in computed if args.compare]
     written = []
-    for task, examples, output, outputs in computed:
+    for (task, examples, output), outputs in computed:
         write_predictions(output, task, outputs["ids"], outputs["values"])
         labels = [e.label for e in examples]
         written.append((output, task, None if None in labels else task_metric(task, outputs["values"], labels)))
-    return written
+    for comparison in comparisons:
+        atomic_write_text(comparison.path, json.dumps(comparison.to_dict(), indent=2) + "\n")
+    return written, comparisons
 
 
 def prediction_jobs(args: argparse.Namespace, predictor: Path, plans: dict[str, TaskPlan]) -> list[Job]:
@@ -242,20 +330,28 @@ def prediction_jobs(args: argparse.Namespace, predictor: Path, plans: dict[str, 
     if task not in plans:
         raise EnsembleError(f"the ensemble in {predictor} predicts {sorted(plans)}, not {task!r} (the task of {args.input})")
     spec = TASKS[task]
+    if args.compare and spec.label_column not in header:
+        raise DataError(f"{args.input}:1: --compare needs labels, and the header has no {spec.label_column!r} column")
     examples = read_file(args.input, spec, labelled=spec.label_column in header)
     return [(task, examples, args.output or default_output(args.ensemble, args.input, task))]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare and args.input is None:
+        parser.error("--compare needs --input (a labelled file; on dev, ensemble.build already compares them)")
     try:
-        written = predict(args)
+        written, comparisons = predict(args)
     except (EnsembleError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for output, task, score in written:
         metric = TASKS[task].metric_name
         print(f"wrote {output}" + ("" if score is None else f" ({metric} on the file's labels: {score:.4f})"))
+    for comparison in comparisons:
+        print("\n".join(comparison.lines()))
+        print(f"wrote {comparison.path}")
     return 0
 
 

@@ -19,6 +19,7 @@ from data.files import TASKS as TASK_TABLE
 from data.files import load_examples
 from ensemble import build as ensemble_build
 from ensemble import predict as ensemble_predict
+from ensemble.estimate import paired_bootstrap
 from ensemble.logits import align_outputs, average_outputs, fit_weights
 from ensemble.members import EnsembleError, MemberArtifactError, MemberSkippedWarning, NoUsableTrialError, load_pool
 from ensemble.soup import IncompatibleMembersError, SoupEvaluator, average_checkpoints, check_compatible, init_signature
@@ -304,6 +305,76 @@ def test_a_calibrated_build_scales_each_member_and_predict_applies_the_same_temp
         np.testing.assert_allclose(predicted["values"], results[task].choices["top-k"].values, atol=1e-5)
         unscaled = sum(npz_values(run, task, "dev").astype(np.float64) for run in runs) / len(runs)
         assert np.abs(unscaled - results[task].choices["top-k"].values).max() > 1e-3  # the temperatures mattered
+
+
+@pytest.fixture(scope="module")
+def recipe_seeds(tmp_path_factory) -> list[Path]:
+    """One recipe trained with seeds 0 and 1: a study's usual recipe and its seed run."""
+    root = tmp_path_factory.mktemp("recipe")
+    for seed in (0, 1):
+        train(tiny_config(lr=2e-3, seed=seed), root / f"seed{seed}")
+    return [root / "seed0", root / "seed1"]
+
+
+def rows_of_ids(source: Path, target: Path, ids: set[str]) -> None:
+    """The header and the rows of a CS224N file whose id is in ``ids``."""
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    target.write_text("".join([lines[0], *(line for line in lines[1:] if line.split("\t")[1] in ids)]), encoding="utf-8")
+
+
+def test_predict_compares_a_build_with_its_usual_recipe_and_seeds_on_a_labelled_file(tmp_path, runs, recipe_seeds, capsys):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tiny_study(url, "recipe", [*recipe_seeds, *runs])  # trial 0 is the baseline, trial 1 its seed run
+    results = ensemble_build.build(build_args(tmp_path, url, "recipe", "--method", "top-k", "--top-k", "3"))
+    out = tmp_path / "out" / "top-k"
+    references = json.loads((out / "predictor" / "manifest.json").read_text())["tasks"]["sts"]["references"]
+    assert {name: [(m["artifact_dir"], m["weight"]) for m in members] for name, members in references.items()} == {
+        "baseline (usual recipe)": [(str(recipe_seeds[0]), 1.0)],
+        "usual recipe x seeds": [(str(run), 0.5) for run in recipe_seeds],
+    }
+    # Labelled STS pairs as a held-out file would hold them (dev rows here, whose outputs are on disk).
+    with np.load(recipe_seeds[0] / "outputs" / "sts-dev.npz") as npz:
+        ids, labels = npz["ids"].tolist(), npz["labels"]
+    new_file = tmp_path / "held-out-sts.csv"
+    rows_of_ids(DATA_DIR / "sts-dev.csv", new_file, set(ids))
+    assert ensemble_predict.main(["--ensemble", str(out), "--input", str(new_file), "--compare"]) == 0
+    printed = capsys.readouterr().out
+    compared = json.loads((out / "predict" / "held-out-sts-sts-out-compare.json").read_text())
+    assert str(out / "predict" / "held-out-sts-sts-out-compare.json") in printed and "predictor minus it" in printed
+    build = dict(zip(results["sts"].pool.ids, results["sts"].choices["top-k"].values, strict=True))
+    by_hand = {
+        "predictor": np.array([build[i] for i in ids]),
+        "baseline (usual recipe)": npz_values(recipe_seeds[0], "sts", "dev"),
+        "usual recipe x seeds": hand_mean(recipe_seeds, "sts", "dev"),  # each seed on the labels' scale, averaged
+    }
+    assert compared["rows"] == len(ids) == len(set(ids))
+    assert compared["models"] == {"predictor": 3, "baseline (usual recipe)": 1, "usual recipe x seeds": 2}
+    for name, values in by_hand.items():
+        assert compared["scores"][name] == pytest.approx(task_metric("sts", values, labels), abs=1e-4), name
+    for name in ("baseline (usual recipe)", "usual recipe x seeds"):
+        difference = compared["differences"][name]
+        assert difference["mean"] == pytest.approx(compared["scores"]["predictor"] - compared["scores"][name], abs=1e-12)
+        expected = paired_bootstrap("sts", by_hand["predictor"], by_hand[name], labels)[1]  # the same draws of rows
+        assert difference["standard_error"] == pytest.approx(expected, rel=1e-2) and expected > 0
+
+
+def test_predict_compare_needs_a_labelled_file_and_a_built_predictor(tmp_path, runs, capsys):
+    unlabelled = tmp_path / "pairs-sts.csv"
+    head_of(DATA_DIR / "sts-test-student.csv", unlabelled, 5)
+    assert ensemble_predict.main(["--ensemble", str(runs[0]), "--input", str(unlabelled), "--compare"]) == 1
+    err = capsys.readouterr().err
+    assert str(unlabelled) in err and "--compare needs labels" in err and "'similarity'" in err
+    labelled = tmp_path / "labelled-sts.csv"
+    head_of(DATA_DIR / "sts-dev.csv", labelled, 5)
+    output = tmp_path / "out.csv"
+    argv = ["--ensemble", str(runs[0]), "--input", str(labelled), "--output", str(output), "--compare"]
+    assert ensemble_predict.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no baseline recorded for sts" in err and "python -m ensemble.build" in err
+    assert not output.exists()  # nothing written before the comparison could be made
+    with pytest.raises(SystemExit):
+        ensemble_predict.main(["--ensemble", str(runs[0]), "--splits", "dev", "--compare"])
+    assert "--compare needs --input" in capsys.readouterr().err
 
 
 def test_predict_infers_the_task_or_asks(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ensemble.estimate import halves, out_of_selection
+from ensemble.estimate import halves, out_of_selection, paired_bootstrap
 from ensemble.members import Member
 from ensemble.selection import Selector, Settings
 from ensemble.taskpool import TaskPool
@@ -96,3 +96,21 @@ def test_every_procedure_is_also_paired_with_the_reference():
     assert estimates["baseline"].to_dict()["reference_gain_mean"] == pytest.approx(-seeds.gain_mean)
     with pytest.raises(ValueError, match="'nope' is not one of the procedures"):
         out_of_selection(pool, procedures, splits=2, reference="nope")
+
+
+def test_a_paired_bootstrap_gives_the_standard_error_of_a_difference_on_the_same_rows():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 2000).astype(float)
+    right = rng.random(2000) < 0.8
+    other_right = np.where(rng.random(2000) < 0.9, right, ~right)  # agrees with the first on 90% of rows
+    values = np.where(right, labels, 1 - labels) * 0.8 + 0.1  # P(duplicate): right on `right`
+    other = np.where(other_right, labels, 1 - labels) * 0.8 + 0.1
+    difference, error = paired_bootstrap("para", values, other, labels, resamples=1000, seed=1)
+    assert difference == pytest.approx(right.mean() - other_right.mean(), abs=1e-12)
+    paired = (right.astype(float) - other_right).std() / np.sqrt(2000)  # the analytic standard error, paired
+    assert error == pytest.approx(paired, rel=0.1)
+    unpaired = np.sqrt(right.var() / 2000 + other_right.var() / 2000)  # what scoring each on other rows would give
+    assert error < 0.6 * unpaired  # independent draws for each would give about `unpaired`
+    assert paired_bootstrap("para", values, other, labels, resamples=1000, seed=1) == (difference, error)  # seeded
+    with pytest.raises(ValueError, match="1999 outputs for 2000 labels"):
+        paired_bootstrap("para", values, other[:-1], labels)
