@@ -4,7 +4,8 @@ member trained on and no selection saw.
     python -m data.holdout --task para --rows 2000 --dest ../heldout-data     # from $MINBERT_DATA
     MINBERT_DATA=../heldout-data python run_search.py --study para-diverse --name para-heldout
     MINBERT_DATA=../heldout-data python -m ensemble.build --study para-heldout
-    python -m ensemble.predict --ensemble results/para-heldout/ensemble/caruana --input ../heldout-data/quora-heldout.csv --compare
+    python -m ensemble.predict --ensemble results/para-heldout/ensemble/caruana \
+        --input ../heldout-data/quora-heldout.csv --compare   # beside the usual recipe and its seeds
 
 The dev set has been looked at by every selection and every design choice, so its out-of-selection
 estimates can still flatter; a held-out set is the check that does not. ``--dest`` gets the training

@@ -141,6 +141,8 @@ def paired_bootstrap(
     if not len(values) == len(other) == len(labels):
         raise ValueError(f"{task}: {len(values)} and {len(other)} outputs for {len(labels)} labels")
     rng = np.random.default_rng(seed)
-    draws = [rng.integers(0, len(labels), len(labels)) for _ in range(resamples)]
-    differences = [task_metric(task, values[d], labels[d]) - task_metric(task, other[d], labels[d]) for d in draws]
+    differences = []
+    for _ in range(resamples):  # one draw at a time: resamples x rows indexes at once can be gigabytes
+        d = rng.integers(0, len(labels), len(labels))
+        differences.append(task_metric(task, values[d], labels[d]) - task_metric(task, other[d], labels[d]))
     return task_metric(task, values, labels) - task_metric(task, other, labels), float(np.std(differences, ddof=1))

@@ -117,7 +117,8 @@ def load_references(predictor: Path, task: str) -> dict[str, TaskPlan]:
     seeds averaged); EnsembleError when its manifest records none."""
     manifest_file = predictor / "manifest.json"
     try:
-        entry = json.loads(manifest_file.read_text())["tasks"][task] if manifest_file.is_file() else {}
+        tasks = json.loads(manifest_file.read_text())["tasks"] if manifest_file.is_file() else {}
+        entry = tasks.get(task, {}) if isinstance(tasks, dict) else {}  # a list: a manifest older than per-task ones
         references = {name: member_plan(members) for name, members in entry.get("references", {}).items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise EnsembleError(f"{manifest_file}: unreadable references ({type(err).__name__}: {err})") from err
@@ -126,6 +127,10 @@ def load_references(predictor: Path, task: str) -> dict[str, TaskPlan]:
             f"{predictor}: no baseline recorded for {task} (a single model, a build without a baseline, or one made "
             "before ensemble.build recorded them): --compare needs a predictor from python -m ensemble.build"
         )
+    try:
+        check_plans(references)
+    except EnsembleError as err:
+        raise EnsembleError(f"--compare: {err} (a reference of {predictor}; without --compare it is not run)") from None
     return references
 
 
@@ -169,24 +174,31 @@ def infer_task(path: Path, header: list[str], available: list[str]) -> str:
 
 
 class Runner:
-    """Runs model folders on examples, loading each model once and running it once per task and examples
-    (a member of the predictor may also be one of the baselines it is compared with)."""
+    """Runs model folders on examples, loading each model once. With ``reuse`` it also keeps each run's
+    outputs, so that a model run again on the same examples (a member of the predictor that is also one
+    of the baselines it is compared with) is not run twice."""
 
-    def __init__(self, device: str | None):
-        self.device, self.models, self.outputs = device, {}, {}
+    def __init__(self, device: str | None, reuse: bool = False):
+        self.device, self.models = device, {}
+        self._runs: dict[tuple, tuple[list[Example], Outputs]] | None = {} if reuse else None
 
     def __call__(self, model_dir: Path, task: str, examples: list[Example]) -> Outputs:
+        key = (model_dir, task, id(examples))
+        if self._runs is None:
+            return self.run(model_dir, task, examples)
+        if key not in self._runs:
+            self._runs[key] = (examples, self.run(model_dir, task, examples))  # the examples kept: id() stays theirs
+        return {t: dict(out) for t, out in self._runs[key][1].items()}  # callers replace "values" with rescaled ones
+
+    def run(self, model_dir: Path, task: str, examples: list[Example]) -> Outputs:
         from model.build import load_trained
         from model.evaluation import evaluate_model
 
-        key = (model_dir, task, id(examples))
-        if key not in self.outputs:
-            if model_dir not in self.models:
-                self.models[model_dir] = load_trained(model_dir, device=self.device)
-            model, cfg = self.models[model_dir]
-            _, outputs = evaluate_model(model, cfg, "test", examples={task: examples})
-            self.outputs[key] = (examples, as_numpy_outputs(outputs))  # the examples kept alive: id() stays theirs
-        return {t: dict(out) for t, out in self.outputs[key][1].items()}  # callers rescale values in place
+        if model_dir not in self.models:
+            self.models[model_dir] = load_trained(model_dir, device=self.device)
+        model, cfg = self.models[model_dir]
+        _, outputs = evaluate_model(model, cfg, "test", examples={task: examples})
+        return as_numpy_outputs(outputs)
 
     def member(
         self, model_dir: Path, task: str, examples: list[Example], loan: tuple[str, tuple[float, float]] | None
@@ -254,11 +266,12 @@ class Comparison:
 
     source: Path  # the labelled file
     path: Path  # the JSON written beside the predictions
+    predictor: Path
     task: str
     rows: int
     scores: dict[str, float]  # PREDICTOR first, then the references
     differences: dict[str, tuple[float, float]]  # reference -> (predictor minus it, standard error)
-    models: dict[str, int]  # the models each one runs
+    members: dict[str, list[str]]  # the models each one runs
 
     def lines(self) -> list[str]:
         metric = TASKS[self.task].metric_name
@@ -266,7 +279,7 @@ class Comparison:
         draws = f"paired bootstrap, {DEFAULT_RESAMPLES} draws"
         lines = [f"{self.source}: {self.task}, {self.rows} labelled rows, {metric} ({draws}):"]
         for name, score in self.scores.items():
-            line = f"  {name:<{width}}  {score:.4f}  ({self.models[name]} model(s))"
+            line = f"  {name:<{width}}  {score:.4f}  ({len(self.members[name])} model(s))"
             if name in self.differences:
                 difference, error = self.differences[name]
                 line += f"; predictor minus it {difference:+.4f} ± {error:.4f}"
@@ -275,24 +288,29 @@ class Comparison:
 
     def to_dict(self) -> dict:
         differences = {name: {"mean": d, "standard_error": e} for name, (d, e) in self.differences.items()}
-        return {"input": str(self.source), "task": self.task, "rows": self.rows, "metric": TASKS[self.task].metric_name,
-                "scores": self.scores, "models": self.models, "differences": differences,
-                "bootstrap_draws": DEFAULT_RESAMPLES}  # fmt: skip
+        return {"input": str(self.source), "predictor": str(self.predictor), "task": self.task, "rows": self.rows,
+                "metric": TASKS[self.task].metric_name, "scores": self.scores, "members": self.members,
+                "differences": differences, "bootstrap_draws": DEFAULT_RESAMPLES}  # fmt: skip
 
 
-def compare(predictor: Path, plan: TaskPlan, runner: Runner, job: Job, outputs: TaskOutputs, source: Path) -> Comparison:
-    """The predictor's ``outputs`` on a job's labelled examples against its references run on the same rows."""
+# Fewer labelled rows than this give a bootstrap whose draws often hold one label only.
+MIN_COMPARE_ROWS = 20
+
+
+def compare(
+    predictor: Path, plans: dict[str, TaskPlan], runner: Runner, job: Job, outputs: TaskOutputs, source: Path
+) -> Comparison:
+    """The predictor's ``outputs`` on a job's labelled examples against its references (``plans`` besides
+    PREDICTOR) run on the same rows."""
     task, examples, output = job
-    references = load_references(predictor, task)
-    check_plans(references)
     labels = np.asarray([e.label for e in examples], dtype=float)
     values = {PREDICTOR: outputs["values"]}
-    values |= {name: runner.predict(ref, task, examples)["values"] for name, ref in references.items()}
+    values |= {name: runner.predict(plan, task, examples)["values"] for name, plan in plans.items() if name != PREDICTOR}
     scores = {name: task_metric(task, v, labels) for name, v in values.items()}
-    differences = {name: paired_bootstrap(task, values[PREDICTOR], values[name], labels) for name in references}
-    models = {name: len(p.model_dirs) for name, p in ({PREDICTOR: plan} | references).items()}
+    differences = {name: paired_bootstrap(task, values[PREDICTOR], v, labels) for name, v in values.items() if name != PREDICTOR}
+    members = {name: plan.names for name, plan in plans.items()}
     path = output.with_name(f"{output.stem}-compare.json")
-    return Comparison(source, path, task, len(examples), scores, differences, models)
+    return Comparison(source, path, predictor, task, len(examples), scores, differences, members)
 
 
 def predict(args: argparse.Namespace) -> tuple[list[Written], list[Comparison]]:
@@ -303,9 +321,11 @@ def predict(args: argparse.Namespace) -> tuple[list[Written], list[Comparison]]:
     plans = load_plans(predictor)
     jobs = prediction_jobs(args, predictor, plans)
     check_plans({task: plans[task] for task, _, _ in jobs})
-    runner = Runner(args.device)
+    # --compare: the references are read and checked before anything runs.
+    compared = {task: {PREDICTOR: plans[task]} | load_references(predictor, task) for task, _, _ in jobs if args.compare}
+    runner = Runner(args.device, reuse=args.compare)
     computed = [(job, runner.predict(plans[job[0]], job[0], job[1])) for job in jobs]
-    comparisons = [compare(predictor, plans[job[0]], runner, job, out, args.input) for job, out in computed if args.compare]
+    comparisons = [compare(predictor, compared[job[0]], runner, job, out, args.input) for job, out in computed if args.compare]
     written = []
     for (task, examples, output), outputs in computed:
         write_predictions(output, task, outputs["ids"], outputs["values"])
@@ -333,6 +353,8 @@ def prediction_jobs(args: argparse.Namespace, predictor: Path, plans: dict[str, 
     if args.compare and spec.label_column not in header:
         raise DataError(f"{args.input}:1: --compare needs labels, and the header has no {spec.label_column!r} column")
     examples = read_file(args.input, spec, labelled=spec.label_column in header)
+    if args.compare and len(examples) < MIN_COMPARE_ROWS:
+        raise DataError(f"{args.input}: {len(examples)} labelled rows; --compare needs at least {MIN_COMPARE_ROWS}")
     return [(task, examples, args.output or default_output(args.ensemble, args.input, task))]
 
 

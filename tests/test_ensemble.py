@@ -348,7 +348,12 @@ def test_predict_compares_a_build_with_its_usual_recipe_and_seeds_on_a_labelled_
         "usual recipe x seeds": hand_mean(recipe_seeds, "sts", "dev"),  # each seed on the labels' scale, averaged
     }
     assert compared["rows"] == len(ids) == len(set(ids))
-    assert compared["models"] == {"predictor": 3, "baseline (usual recipe)": 1, "usual recipe x seeds": 2}
+    assert {name: len(members) for name, members in compared["members"].items()} == {
+        "predictor": 3,
+        "baseline (usual recipe)": 1,
+        "usual recipe x seeds": 2,
+    }
+    assert compared["predictor"] == str(out / "predictor")
     for name, values in by_hand.items():
         assert compared["scores"][name] == pytest.approx(task_metric("sts", values, labels), abs=1e-4), name
     for name in ("baseline (usual recipe)", "usual recipe x seeds"):
@@ -356,6 +361,25 @@ def test_predict_compares_a_build_with_its_usual_recipe_and_seeds_on_a_labelled_
         assert difference["mean"] == pytest.approx(compared["scores"]["predictor"] - compared["scores"][name], abs=1e-12)
         expected = paired_bootstrap("sts", by_hand["predictor"], by_hand[name], labels)[1]  # the same draws of rows
         assert difference["standard_error"] == pytest.approx(expected, rel=1e-2) and expected > 0
+
+
+def test_predict_compare_checks_the_references_before_running_anything(tmp_path, runs, recipe_seeds, capsys):
+    seeds = [shutil.copytree(run, tmp_path / run.name) for run in recipe_seeds]
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tiny_study(url, "recipe", [*seeds, runs[0]])
+    ensemble_build.build(build_args(tmp_path, url, "recipe", "--method", "top-k", "--top-k", "1"))
+    (seeds[1] / "model.safetensors").unlink()  # a seed run pruned after the build: the predictor does not need it
+    new_file = tmp_path / "held-out-sts.csv"
+    head_of(DATA_DIR / "sts-dev.csv", new_file, 25)
+    output = tmp_path / "out.csv"
+    argv = ["--ensemble", str(tmp_path / "out" / "top-k"), "--input", str(new_file), "--output", str(output)]
+    assert ensemble_predict.main(argv) == 0
+    output.unlink()
+    capsys.readouterr()
+    assert ensemble_predict.main([*argv, "--compare"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --compare: member recipe/trial 1") and "without --compare it is not run" in err, err
+    assert len(err.splitlines()) == 1 and not output.exists()
 
 
 def test_predict_compare_needs_a_labelled_file_and_a_built_predictor(tmp_path, runs, capsys):
@@ -367,14 +391,39 @@ def test_predict_compare_needs_a_labelled_file_and_a_built_predictor(tmp_path, r
     labelled = tmp_path / "labelled-sts.csv"
     head_of(DATA_DIR / "sts-dev.csv", labelled, 5)
     output = tmp_path / "out.csv"
+    assert ensemble_predict.main(["--ensemble", str(runs[0]), "--input", str(labelled), "--compare"]) == 1
+    assert "5 labelled rows; --compare needs at least 20" in capsys.readouterr().err  # a bootstrap of 5 rows is noise
+    head_of(DATA_DIR / "sts-dev.csv", labelled, 25)
     argv = ["--ensemble", str(runs[0]), "--input", str(labelled), "--output", str(output), "--compare"]
     assert ensemble_predict.main(argv) == 1
     err = capsys.readouterr().err
     assert "no baseline recorded for sts" in err and "python -m ensemble.build" in err
     assert not output.exists()  # nothing written before the comparison could be made
+    # A manifest written before per-task entries (one member list for every task) records no baseline either.
+    old = tmp_path / "old-predictor"
+    old.mkdir()
+    members = [{"trial": 0, "artifact_dir": str(runs[0]), "weight": 1.0}]
+    (old / "manifest.json").write_text(json.dumps({"tasks": TASKS, "members": members}))
+    assert ensemble_predict.main(["--ensemble", str(old), "--input", str(labelled), "--output", str(output), "--compare"]) == 1
+    assert "no baseline recorded for sts" in capsys.readouterr().err and not output.exists()
     with pytest.raises(SystemExit):
         ensemble_predict.main(["--ensemble", str(runs[0]), "--splits", "dev", "--compare"])
     assert "--compare needs --input" in capsys.readouterr().err
+
+
+def test_a_reusing_runner_runs_a_model_once_per_examples_and_keeps_its_outputs_intact(runs, monkeypatch):
+    calls = []
+    run = ensemble_predict.Runner.run
+    monkeypatch.setattr(ensemble_predict.Runner, "run", lambda self, *args: calls.append(args[:2]) or run(self, *args))
+    examples = load_examples("sts", "dev", DATA_DIR)[:8]
+    runner = ensemble_predict.Runner("cpu", reuse=True)
+    first = runner(runs[0], "sts", examples)
+    first["sts"]["values"] = first["sts"]["values"] * 0  # as Runner.predict replaces them with rescaled ones
+    again = runner(runs[0], "sts", examples)
+    assert calls == [(runs[0], "sts")] and np.abs(again["sts"]["values"]).sum() > 0
+    runner(runs[0], "sts", list(examples))  # other examples: run again
+    ensemble_predict.Runner("cpu")(runs[0], "sts", examples)  # without reuse: every call runs
+    assert len(calls) == 3
 
 
 def test_predict_infers_the_task_or_asks(tmp_path):
