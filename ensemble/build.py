@@ -46,8 +46,9 @@ the chosen ones on test.
 Outputs, under ``--output-dir`` (default ``<results-dir>/<study>[+<study>...]/ensemble/``):
   summary.md, summary.json        per task: baseline, best single, each method, each member
   <task>_dev_vs_size.png          dev score against ensemble size (top-n, Caruana, greedy soup)
-  <method>/predictor/manifest.json   per task: method, members, weights (and soup-<n>/ model folders);
-                                  ``python -m ensemble.predict`` runs it
+  <method>/predictor/manifest.json   per task: method, members, weights (and soup-<n>/ model folders),
+                                  and the baseline and seed average it was compared with;
+                                  ``python -m ensemble.predict`` runs it (``--compare``: beside those)
   <method>/predictions/<task>-<split>-out.csv   leaderboard CSVs for dev and test
   <method>/summary.md, summary.json, sts_dev_scatter.png
 Everything is computed before anything is written, and each file is written atomically.
