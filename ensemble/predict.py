@@ -304,10 +304,9 @@ def compare(
     PREDICTOR) run on the same rows."""
     task, examples, output = job
     labels = np.asarray([e.label for e in examples], dtype=float)
-    values = {PREDICTOR: outputs["values"]}
-    values |= {name: runner.predict(plan, task, examples)["values"] for name, plan in plans.items() if name != PREDICTOR}
-    scores = {name: task_metric(task, v, labels) for name, v in values.items()}
-    differences = {name: paired_bootstrap(task, values[PREDICTOR], v, labels) for name, v in values.items() if name != PREDICTOR}
+    references = {name: runner.predict(plan, task, examples)["values"] for name, plan in plans.items() if name != PREDICTOR}
+    scores = {name: task_metric(task, v, labels) for name, v in ({PREDICTOR: outputs["values"]} | references).items()}
+    differences = {name: paired_bootstrap(task, outputs["values"], v, labels) for name, v in references.items()}
     members = {name: plan.names for name, plan in plans.items()}
     path = output.with_name(f"{output.stem}-compare.json")
     return Comparison(source, path, predictor, task, len(examples), scores, differences, members)
