@@ -350,7 +350,7 @@ def test_a_second_driver_refuses_while_the_first_runs(scenario):
     assert "study 'tiny' is being run by driver pid" in second["said"] and socket.gethostname() in second["said"]
 
 
-WORKER_PREFIX = re.compile(r"\(run_trial pid=(\d+)\)")
+WORKER_PREFIX = re.compile(r"\(run_trial pid=\d+\)")
 
 
 def crash_tracebacks(log: str) -> list[str]:
@@ -387,7 +387,8 @@ def test_sigterm_stops_as_gracefully_as_ctrl_c(scenario):
     assert terminated.fired, f"the run ended before SIGTERM could be sent:\n{terminated.log[-3000:]}"
     assert terminated.returncode == 130, terminated.log[-3000:]
     assert "The run was interrupted. Continue it with: python run_search.py --study" in terminated.log
-    assert not crash_tracebacks(terminated.log), crash_tracebacks(terminated.log)
+    crashes = crash_tracebacks(terminated.log)
+    assert not crashes, crashes
     assert not terminated.leftovers
 
 
