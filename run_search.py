@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="wall-clock budget of this run, e.g. 15m or 1.5h (overrides budget.time): no trial starts that cannot "
         "finish, trials stop in time (recorded as early-stopped); --resume continues with a new budget",
     )
+    parser.add_argument(
+        "--start-rule",
+        choices=["finish", "first_rung"],
+        help="under a time budget, start a trial only if it can finish (finish, the default), or if it can reach "
+        "ASHA's first rung (first_rung: more, cheaper members in the budget's tail); overrides budget.start_rule",
+    )
     parser.add_argument("--name", help="name of the Optuna study and results folder (default: the study file's name)")
     parser.add_argument(
         "--no-early-stopping",

@@ -28,6 +28,7 @@ class SearchOptions:
     name: str | None = None  # Optuna study and results folder name; default: the study file's name
     early_stopping: bool = True  # False: no ASHA, every trial runs max_epochs (to measure what ASHA saves)
     time_budget: float | None = None  # seconds; overrides budget.time, on a resumed run too
+    start_rule: str | None = None  # overrides budget.start_rule, on a resumed run too
     top: int = 5
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import optuna
 
 from model.config import TrainConfig, applies_to
+from search.timebudget import START_RULES
 
 # Every dev metric (accuracy, Pearson r, overall) is higher-is-better: studies only maximise.
 OPTUNA_DIRECTION, RAY_MODE = "maximize", "max"
@@ -39,6 +40,8 @@ class Budget:
     trial_seeds: bool = False
     # Wall-clock limit of one run of the study, in seconds (search.timebudget); None: none.
     time_s: float | None = None
+    # Under a time budget, which trials may still start (search.timebudget.START_RULES).
+    start_rule: str = "finish"
 
 
 def check_budget(budget: Budget, where: str) -> None:
@@ -52,6 +55,7 @@ def check_budget(budget: Budget, where: str) -> None:
         ("gpus_per_trial", budget.gpus_per_trial >= 0, "at least 0"),
         ("startup_trials", budget.startup_trials >= 0, "at least 0"),
         ("time", budget.time_s is None or budget.time_s > 0, "a positive duration"),
+        ("start_rule", budget.start_rule in START_RULES, f"one of {sorted(START_RULES)}"),
     ]
     for key, ok, rule in checks:
         if not ok:

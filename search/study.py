@@ -21,6 +21,8 @@ A study file names the tasks, the objective, the search space, the budget and fi
     startup_trials = 4        # random trials before TPE models the results
     trial_seeds = false       # true: trial n trains with seed = seed + n (more diverse ensemble members)
     time = "20m"              # optional: wall-clock budget of a run (90s, 15m, 1.5h); --time-budget overrides
+    start_rule = "finish"     # under a time budget, start a trial only if it can finish; "first_rung": if it
+                              # can reach ASHA's first rung (more, cheaper members); --start-rule overrides
 
     [search]                  # TrainConfig fields; floats/ints take low/high (log, step), any field takes choices
     lr = { low = 1e-5, high = 3e-4, log = true }
@@ -203,7 +205,7 @@ def _parse_budget(table: dict, where: str) -> Budget:
     values = {}
     for f in dataclasses.fields(Budget):
         if f.name in table:
-            kind = {"int": (int,), "bool": (bool,)}.get(str(f.type), (int, float))
+            kind = {"int": (int,), "bool": (bool,), "str": (str,)}.get(str(f.type), (int, float))
             values[f.name] = _typed(table[f.name], kind, where, f"budget.{f.name}")
     budget = Budget(**values)
     check_budget(budget, where)

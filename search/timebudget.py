@@ -2,7 +2,10 @@
 one run of the study, measured from the driver's start.
 
 - No trial starts that cannot finish: the searcher hands out a new trial only while max_epochs of
-  the slowest epoch seen so far (evaluation included) still fit before the deadline.
+  the slowest epoch seen so far (evaluation included) still fit before the deadline. With
+  ``start_rule = "first_rung"`` (``--start-rule first_rung``) grace_period epochs must fit instead: a
+  trial starts if it can reach ASHA's first rung, where ASHA stops most trials anyway. The budget's
+  tail then trains more (cheaper) members; one that ASHA promotes is cut by the rule below.
 - Running trials stop in time: after each epoch, a trial whose next epoch would end past the deadline
   stops there. It ends with fewer epochs than max_epochs and is recorded PRUNED, as an early-stopped
   trial, with its epochs (and ``stopped_for_time``); its folder is a usable ensemble member.
@@ -25,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
+# budget.start_rule: which trials may start under a time budget, and what the run's end message says.
+START_RULES = {"finish": "finish", "first_rung": "reach its first rung"}
 # Ray's start, the trial's actor and the model's load come before a trial's first epoch.
 TRIAL_START_SECONDS = 20.0
 
@@ -62,20 +67,26 @@ class TimeBudget:
 
     deadline: float | None = None  # time.time() at which the run must have ended; None: no budget
     max_epochs: int = 1
+    start_epochs: int = 1  # the epochs a new trial must have time for: max_epochs, or grace_period (first_rung)
+    start_rule: str = "finish"
     epoch_seconds: list[float] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
     refused: bool = False  # a trial was not started for lack of time
 
-    def start(self, seconds: float | None, max_epochs: int) -> None:
+    def start(self, seconds: float | None, max_epochs: int, grace_period: int | None = None, start_rule: str = "finish") -> None:
+        if start_rule not in START_RULES:
+            raise ValueError(f"start_rule: {start_rule!r} is not one of {sorted(START_RULES)}")
         self.deadline = None if seconds is None else time.time() + seconds
-        self.max_epochs, self.refused = max_epochs, False
+        self.max_epochs, self.refused, self.start_rule = max_epochs, False, start_rule
+        self.start_epochs = max_epochs if start_rule == "finish" else (grace_period or 1)
         self.epoch_seconds.clear()
         self.running.clear()
 
     def trial_seconds(self) -> float:
-        """A pessimistic length of one whole trial: max_epochs of the slowest epoch seen (0 before any)."""
+        """A pessimistic time from a trial's start to where the start rule needs it to get (the end, or
+        the first rung): that many of the slowest epoch seen (0 before any)."""
         slowest = max(self.epoch_seconds, default=0.0)
-        return TRIAL_START_SECONDS + self.max_epochs * slowest if slowest else 0.0
+        return TRIAL_START_SECONDS + self.start_epochs * slowest if slowest else 0.0
 
     def sizing(self) -> str:
         """What a trial is estimated to take here, for a message that helps size the next budget ("" before
@@ -84,7 +95,13 @@ class TimeBudget:
         if not seconds:
             return ""
         took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-        return f" (a trial takes about {took} here, estimated as its start and {self.max_epochs} x the slowest epoch)"
+        goal = "" if self.start_rule == "finish" else " to reach its first rung"
+        return f" (a trial takes about {took}{goal} here, estimated as its start and {self.start_epochs} x the slowest epoch)"
+
+    @property
+    def goal(self) -> str:
+        """What a trial must have time for to start: "finish" or "reach its first rung"."""
+        return START_RULES[self.start_rule]
 
     def may_start_trial(self, now: float | None = None) -> bool:
         if self.deadline is None:

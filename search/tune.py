@@ -105,6 +105,7 @@ def run_search(options: SearchOptions) -> Outcome:
         cpus_per_trial=options.cpus_per_trial,
         gpus_per_trial=options.gpus_per_trial,
         time_s=options.time_budget,  # a resumed run may take a new time budget
+        start_rule=options.start_rule,
     )
     data_dir = check_data(study, options.data_dir)
     check_storage(options.storage)  # before Ray starts and anything is written: a refusal leaves nothing behind
@@ -138,7 +139,7 @@ def fp32_note(study: StudySpec, options: SearchOptions) -> str | None:
 def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: Path) -> Outcome:
     """Run (or restore) the Ray Tune experiment of a study to its end, an interruption or a full disk."""
     started = time.monotonic()
-    TIME_BUDGET.start(study.budget.time_s, study.budget.max_epochs)
+    TIME_BUDGET.start(study.budget.time_s, study.budget.max_epochs, study.budget.grace_period, study.budget.start_rule)
     note = fp32_note(study, options)
     if note:
         print(note)
@@ -159,7 +160,8 @@ def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_di
         ended = len(ended_trials(ot_study.get_trials(deepcopy=False)))
         print(
             f"\nThe time budget ({format_duration(study.budget.time_s)}) is spent after {wall_seconds / 60:.1f} min: "
-            f"{ended} of {study.budget.trials} trials have ended, and no other could finish in time{TIME_BUDGET.sizing()}.\n"
+            f"{ended} of {study.budget.trials} trials have ended, "
+            f"and no other could {TIME_BUDGET.goal} in time{TIME_BUDGET.sizing()}.\n"
             f"  To continue with a new budget: {command_line(options, '--resume')} --time-budget DURATION"
         )
         return outcome

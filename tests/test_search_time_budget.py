@@ -3,9 +3,11 @@ tiny study run under a budget too short for it, then resumed with a new one."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import re
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import optuna
 import pytest
@@ -17,7 +19,7 @@ from search import storage as names
 from search.spec import StudyError
 from search.study import load_spec
 from search.summary import summarize
-from search.timebudget import TRIAL_START_SECONDS, TimeBudget, next_epoch_fits, parse_duration
+from search.timebudget import TIME_BUDGET, TRIAL_START_SECONDS, TimeBudget, next_epoch_fits, parse_duration
 from search.tune import SearchOptions, StudyPaths, main_exit
 
 
@@ -63,6 +65,40 @@ def test_no_trial_starts_that_cannot_finish():
     assert budget.spent
     budget.start(100.0, max_epochs=3)  # a resumed run: a new deadline, nothing refused yet
     assert not budget.spent and budget.trial_seconds() == 0.0
+
+
+def test_the_first_rung_rule_starts_a_trial_that_can_reach_its_first_rung():
+    budget = TimeBudget()
+    budget.start(200.0, max_epochs=4, grace_period=1, start_rule="first_rung")
+    now = budget.deadline - 100.0
+    budget.observe({"epoch": 1, "epoch_seconds": 40.0})
+    # Four epochs (180 s) do not fit in the 100 s left, one (60 s) does.
+    assert budget.trial_seconds() == TRIAL_START_SECONDS + 40.0 and budget.may_start_trial(now)
+    assert budget.goal == "reach its first rung" and "to reach its first rung" in budget.sizing()
+    budget.start(200.0, max_epochs=4, grace_period=1)  # the default rule: the whole trial must fit
+    budget.observe({"epoch": 1, "epoch_seconds": 40.0})
+    assert not budget.may_start_trial(now) and budget.goal == "finish"
+    with pytest.raises(ValueError, match="start_rule: 'rung' is not one of"):
+        budget.start(200.0, max_epochs=4, start_rule="rung")
+
+
+def test_a_study_file_and_the_command_line_take_a_start_rule(tmp_path):
+    script = importlib.util.spec_from_file_location("run_search", Path(__file__).resolve().parent.parent / "run_search.py")
+    run_search = importlib.util.module_from_spec(script)
+    script.loader.exec_module(run_search)  # a script at the project's root, not an installed module
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML.replace("[budget]\n", '[budget]\nstart_rule = "first_rung"\n'))
+    assert load_spec(study_file).budget.start_rule == "first_rung"
+    study_file.write_text(STUDY_TOML.replace("[budget]\n", '[budget]\nstart_rule = "rung"\n'))
+    with pytest.raises(StudyError, match=r"tiny.toml: budget.start_rule: must be one of \['finish', 'first_rung'\]"):
+        load_spec(study_file)
+    study_file.write_text(STUDY_TOML.replace("[budget]\n", "[budget]\nstart_rule = 1\n"))
+    with pytest.raises(StudyError, match=r"budget.start_rule: must be a string"):
+        load_spec(study_file)
+    study_file.write_text(STUDY_TOML)
+    assert load_spec(study_file).budget.start_rule == "finish"
+    assert run_search.build_parser().parse_args(["--start-rule", "first_rung"]).start_rule == "first_rung"
+    assert run_search.build_parser().parse_args([]).start_rule is None  # the study file's rule
 
 
 def test_the_spent_message_sizes_a_trial_once_an_epoch_was_measured():
@@ -120,9 +156,10 @@ def test_a_study_stops_within_its_time_budget_and_resumes_with_a_new_one(tmp_pat
     for trial in trials:
         if trial.user_attrs.get(names.TRIAL_STOPPED_FOR_TIME):
             assert trial.state == TrialState.PRUNED and trial.user_attrs[names.TRIAL_EPOCHS_RUN] >= 1
-    resumed = SearchOptions(**{**options.__dict__, "resume": True, "time_budget": 600.0})
+    resumed = SearchOptions(**{**options.__dict__, "resume": True, "time_budget": 600.0, "start_rule": "first_rung"})
     with redirect_stdout(io.StringIO()):
         main_exit(resumed)
+    assert TIME_BUDGET.start_rule == "first_rung"  # the command line's rule reached the driver's budget
     trials = study.get_trials(deepcopy=False)
     assert len([t for t in trials if t.state.is_finished()]) == 3
     assert StudyPaths(tmp_path / "r" / "tiny").finished.is_file()
