@@ -27,6 +27,7 @@ def duration(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from search.storage import DEFAULT_STORAGE_URL, RESULTS_DIR_ENV
+    from search.timebudget import START_RULES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", default="sts", help="study name (studies/<name>.toml) or path to a .toml file (default: sts)")
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--start-rule",
-        choices=["finish", "first_rung"],
+        choices=sorted(START_RULES),
         help="under a time budget, start a trial only if it can finish (finish, the default), or if it can reach "
         "ASHA's first rung (first_rung: more, cheaper members in the budget's tail); overrides budget.start_rule",
     )

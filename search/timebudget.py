@@ -95,7 +95,7 @@ class TimeBudget:
         if not seconds:
             return ""
         took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
-        goal = "" if self.start_rule == "finish" else " to reach its first rung"
+        goal = "" if self.start_rule == "finish" else f" to {self.goal}"
         return f" (a trial takes about {took}{goal} here, estimated as its start and {self.start_epochs} x the slowest epoch)"
 
     @property
