@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=duration,
         metavar="DURATION",
         help="wall-clock budget of this run, e.g. 15m or 1.5h (overrides budget.time): no trial starts that cannot "
-        "finish, trials stop in time (recorded as early-stopped); --resume continues with a new budget",
+        "finish (see --start-rule), trials stop in time (recorded as early-stopped); --resume continues with a new budget",
     )
     parser.add_argument(
         "--start-rule",

@@ -1,11 +1,13 @@
 """A study's time budget (``--time-budget 15m``, or ``[budget] time = "15m"``): a wall-clock limit on
 one run of the study, measured from the driver's start.
 
-- No trial starts that cannot finish: the searcher hands out a new trial only while max_epochs of
-  the slowest epoch seen so far (evaluation included) still fit before the deadline. With
-  ``start_rule = "first_rung"`` (``--start-rule first_rung``) grace_period epochs must fit instead: a
-  trial starts if it can reach ASHA's first rung, where ASHA stops most trials anyway. The budget's
-  tail then trains more (cheaper) members; one that ASHA promotes is cut by the rule below.
+- A trial starts only if it can get far enough before the deadline, estimated from the slowest epoch
+  seen so far (evaluation included). Under ``start_rule = "finish"`` (the default) max_epochs of it
+  must fit: no trial starts that cannot finish. Under ``"first_rung"`` (``--start-rule first_rung``)
+  grace_period epochs must fit: a trial starts if it can reach ASHA's first rung, where ASHA stops the
+  weaker sampled trials anyway, so the budget's tail trains more, cheaper members. A trial that goes
+  on past that rung (promoted by ASHA, or a start point, which ASHA never stops) is cut by the rule
+  below.
 - Running trials stop in time: after each epoch, a trial whose next epoch would end past the deadline
   stops there. It ends with fewer epochs than max_epochs and is recorded PRUNED, as an early-stopped
   trial, with its epochs (and ``stopped_for_time``); its folder is a usable ensemble member.
@@ -28,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 
 UNITS = {"s": 1, "m": 60, "h": 3600}
-# budget.start_rule: which trials may start under a time budget, and what the run's end message says.
+# budget.start_rule -> what a new trial must have time to do before the deadline (the run's end
+# message says it: "no other could <this> in time").
 START_RULES = {"finish": "finish", "first_rung": "reach its first rung"}
 # Ray's start, the trial's actor and the model's load come before a trial's first epoch.
 TRIAL_START_SECONDS = 20.0
@@ -66,23 +69,22 @@ class TimeBudget:
     """The driver's view: the deadline, the epochs measured so far, the trials it let run."""
 
     deadline: float | None = None  # time.time() at which the run must have ended; None: no budget
-    max_epochs: int = 1
     start_epochs: int = 1  # the epochs a new trial must have time for: max_epochs, or grace_period (first_rung)
     start_rule: str = "finish"
     epoch_seconds: list[float] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
     refused: bool = False  # a trial was not started for lack of time
 
-    def start(self, seconds: float | None, max_epochs: int, grace_period: int | None = None, start_rule: str = "finish") -> None:
+    def start(self, seconds: float | None, max_epochs: int, grace_period: int = 1, start_rule: str = "finish") -> None:
         if start_rule not in START_RULES:
             raise ValueError(f"start_rule: {start_rule!r} is not one of {sorted(START_RULES)}")
         self.deadline = None if seconds is None else time.time() + seconds
-        self.max_epochs, self.refused, self.start_rule = max_epochs, False, start_rule
-        self.start_epochs = max_epochs if start_rule == "finish" else (grace_period or 1)
+        self.refused, self.start_rule = False, start_rule
+        self.start_epochs = max_epochs if start_rule == "finish" else grace_period
         self.epoch_seconds.clear()
         self.running.clear()
 
-    def trial_seconds(self) -> float:
+    def start_seconds(self) -> float:
         """A pessimistic time from a trial's start to where the start rule needs it to get (the end, or
         the first rung): that many of the slowest epoch seen (0 before any)."""
         slowest = max(self.epoch_seconds, default=0.0)
@@ -91,7 +93,7 @@ class TimeBudget:
     def sizing(self) -> str:
         """What a trial is estimated to take here, for a message that helps size the next budget ("" before
         any epoch was measured)."""
-        seconds = self.trial_seconds()
+        seconds = self.start_seconds()
         if not seconds:
             return ""
         took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
@@ -106,7 +108,7 @@ class TimeBudget:
     def may_start_trial(self, now: float | None = None) -> bool:
         if self.deadline is None:
             return True
-        fits = (now or time.time()) + self.trial_seconds() <= self.deadline
+        fits = (now or time.time()) + self.start_seconds() <= self.deadline
         self.refused = self.refused or not fits
         return fits
 

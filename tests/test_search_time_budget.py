@@ -57,26 +57,26 @@ def test_no_trial_starts_that_cannot_finish():
     budget.started("a")
     budget.observe({"epoch": 1, "epoch_seconds": 20.0})
     budget.observe({"epoch": 2, "epoch_seconds": 25.0})  # the slowest epoch sets the estimate
-    assert budget.trial_seconds() == TRIAL_START_SECONDS + 3 * 25.0
+    assert budget.start_seconds() == TRIAL_START_SECONDS + 3 * 25.0
     assert budget.may_start_trial(now)  # 95 s <= 100 s
     assert not budget.may_start_trial(now + 10.0) and budget.refused
     assert not budget.spent  # trial "a" still runs
     budget.ended("a")
     assert budget.spent
     budget.start(100.0, max_epochs=3)  # a resumed run: a new deadline, nothing refused yet
-    assert not budget.spent and budget.trial_seconds() == 0.0
+    assert not budget.spent and budget.start_seconds() == 0.0
 
 
 def test_the_first_rung_rule_starts_a_trial_that_can_reach_its_first_rung():
     budget = TimeBudget()
-    budget.start(200.0, max_epochs=4, grace_period=1, start_rule="first_rung")
+    budget.start(200.0, max_epochs=4, grace_period=2, start_rule="first_rung")
     now = budget.deadline - 100.0
-    budget.observe({"epoch": 1, "epoch_seconds": 40.0})
-    # Four epochs (180 s) do not fit in the 100 s left, one (60 s) does.
-    assert budget.trial_seconds() == TRIAL_START_SECONDS + 40.0 and budget.may_start_trial(now)
+    budget.observe({"epoch": 1, "epoch_seconds": 30.0})
+    # Four epochs (140 s with the start) do not fit in the 100 s left, the first rung's two (80 s) do.
+    assert budget.start_seconds() == TRIAL_START_SECONDS + 2 * 30.0 and budget.may_start_trial(now)
     assert budget.goal == "reach its first rung" and "to reach its first rung" in budget.sizing()
-    budget.start(200.0, max_epochs=4, grace_period=1)  # the default rule: the whole trial must fit
-    budget.observe({"epoch": 1, "epoch_seconds": 40.0})
+    budget.start(200.0, max_epochs=4, grace_period=2)  # the default rule: the whole trial must fit
+    budget.observe({"epoch": 1, "epoch_seconds": 30.0})
     assert not budget.may_start_trial(now) and budget.goal == "finish"
     with pytest.raises(ValueError, match="start_rule: 'rung' is not one of"):
         budget.start(200.0, max_epochs=4, start_rule="rung")
