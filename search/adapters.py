@@ -173,8 +173,9 @@ class RecordingOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if not TIME_BUDGET.may_start_trial():
-            # No trial can get far enough in time (the start rule): wait for the running ones to end, then end the run (Ray would
-            # otherwise block for 10 minutes asking for a trial). A restored run may start trials again.
+            # No trial can get far enough in time (the start rule): wait for the running ones to end, then
+            # end the run (Ray would otherwise block for 10 minutes asking for a trial). A restored run may
+            # start trials again.
             SEARCH_FINISHED.set()
             return None if TIME_BUDGET.running else Searcher.FINISHED
         if self._adoptable:
