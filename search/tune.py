@@ -93,10 +93,7 @@ def run_search(options: SearchOptions) -> Outcome:
             print(f"Note: {study.path} changed since the run started; resuming with the copy in {paths.snapshot}.")
         study = dataclasses.replace(load_spec(paths.snapshot), name=study.name, path=study.path)
     if options.resume and in_storage:
-        # The budget the run started with, command-line overrides included (Ray keeps its own copy of it).
-        started = optuna.load_study(study_name=study.name, storage=open_storage(options.storage)).user_attrs.get("budget")
-        if started:
-            study = dataclasses.replace(study, budget=Budget(**started))
+        study = with_started_budget(study, options.storage)
     if options.resume and (options.trials is not None or options.max_concurrent is not None):
         print("Note: --trials and --max-concurrent do not change a resumed run; it keeps the budget it started with.")
     study = study.with_budget(
@@ -107,9 +104,30 @@ def run_search(options: SearchOptions) -> Outcome:
         time_s=options.time_budget,  # a resumed run may take a new time budget
         start_rule=options.start_rule,
     )
+    if not options.early_stopping and study.budget.time_s and study.budget.start_rule == "first_rung":
+        print(
+            "Note: with --no-early-stopping there is no first rung to reach: under start_rule first_rung every "
+            "trial started in the budget's tail runs until the deadline cuts it."
+        )
     data_dir = check_data(study, options.data_dir)
     check_storage(options.storage)  # before Ray starts and anything is written: a refusal leaves nothing behind
     return execute(study, options, paths, data_dir)
+
+
+def with_started_budget(study: StudySpec, storage_url: str) -> StudySpec:
+    """The study with the budget its run started with, command-line overrides included (Ray keeps its own
+    copy of it), read from the Optuna study's ``budget`` attribute. A field added to Budget since then
+    takes its default (a run stored before ``start_rule`` existed resumes under "finish")."""
+    started = optuna.load_study(study_name=study.name, storage=open_storage(storage_url)).user_attrs.get("budget")
+    if not started:
+        return study
+    unknown = sorted(set(started) - {f.name for f in dataclasses.fields(Budget)})
+    if unknown:
+        raise StudyError(
+            f"study {study.name!r} in {masked_url(storage_url)} was started with budget fields this version does not know "
+            f"({', '.join(unknown)}): resume it with the version that started it, or start it over with --fresh"
+        )
+    return dataclasses.replace(study, budget=Budget(**started))
 
 
 def delete_study_run(name: str, url: str, paths: StudyPaths, in_storage: bool, storage_url: str) -> None:

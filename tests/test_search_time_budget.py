@@ -16,11 +16,12 @@ from test_search import STUDY_TOML
 from tiny_model import needs_data
 
 from search import storage as names
+from search import tune
 from search.spec import StudyError
 from search.study import load_spec
 from search.summary import summarize
 from search.timebudget import TIME_BUDGET, TRIAL_START_SECONDS, TimeBudget, next_epoch_fits, parse_duration
-from search.tune import SearchOptions, StudyPaths, main_exit
+from search.tune import SearchOptions, StudyPaths, main_exit, with_started_budget
 
 
 @pytest.mark.parametrize(
@@ -99,6 +100,40 @@ def test_a_study_file_and_the_command_line_take_a_start_rule(tmp_path):
     assert load_spec(study_file).budget.start_rule == "finish"
     assert run_search.build_parser().parse_args(["--start-rule", "first_rung"]).start_rule == "first_rung"
     assert run_search.build_parser().parse_args([]).start_rule is None  # the study file's rule
+
+
+def test_a_resumed_run_takes_the_budget_it_started_with(tmp_path):
+    """The stored budget wins over the study file's (the rule a run started with is kept when --resume
+    gives none); one stored before start_rule existed resumes under "finish"; a field this version does
+    not know is refused by name."""
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    spec = load_spec(study_file)
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    stored = optuna.create_study(study_name=spec.name, storage=url)
+    stored.set_user_attr("budget", {**spec.budget.__dict__, "time_s": 600.0, "start_rule": "first_rung"})
+    resumed = with_started_budget(spec, url)
+    assert (resumed.budget.start_rule, resumed.budget.time_s) == ("first_rung", 600.0)
+    assert resumed.with_budget(start_rule="finish").budget.start_rule == "finish"  # --start-rule on the resume
+    older = {k: v for k, v in spec.budget.__dict__.items() if k != "start_rule"}
+    stored.set_user_attr("budget", {**older, "time_s": 600.0})
+    assert with_started_budget(spec, url).budget.start_rule == "finish"
+    stored.set_user_attr("budget", {**older, "rungs": 3})
+    with pytest.raises(StudyError, match=r"budget fields this version does not know \(rungs\)"):
+        with_started_budget(spec, url)
+
+
+def test_first_rung_without_early_stopping_says_every_late_trial_is_cut(tmp_path, monkeypatch, capsys):
+    study_file = tmp_path / "tiny.toml"
+    study_file.write_text(STUDY_TOML)
+    monkeypatch.setattr(tune, "check_data", lambda study, data_dir: tmp_path)
+    monkeypatch.setattr(tune, "execute", lambda study, options, paths, data_dir: study)  # stop before Ray
+    options = SearchOptions(study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r")
+    note = "with --no-early-stopping there is no first rung"
+    for early_stopping, start_rule, noted in [(False, "first_rung", True), (True, "first_rung", False), (False, "finish", False)]:
+        given = {"time_budget": 600.0, "start_rule": start_rule, "early_stopping": early_stopping}
+        tune.run_search(SearchOptions(**{**options.__dict__, **given}))
+        assert (note in capsys.readouterr().out) == noted
 
 
 def test_the_spent_message_sizes_a_trial_once_an_epoch_was_measured():
