@@ -16,7 +16,8 @@ one run of the study, measured from the driver's start.
   unfinished, not failed:
   ``--resume`` (with a new ``--time-budget``, or the same) continues it with the trials left.
 
-The deadline can be overrun by as much as one epoch takes longer than the slowest one before it.
+The deadline can be overrun by as much as a trial's epoch takes longer than its epoch before (each
+trial decides from its own last epoch; the driver starts trials from the slowest epoch seen).
 The driver's side (the searcher, search.adapters) reads the process-wide ``TIME_BUDGET``, because Ray
 restores the searcher from its saved experiment on resume: only a module-level object reaches the
 restored copy. Ray-free, so that study files parse without Ray.
