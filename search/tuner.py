@@ -51,6 +51,7 @@ def prepare_optuna_study(study: StudySpec, url: str, paths: StudyPaths, options:
         names.STUDY_METRIC: study.metric,
         names.STUDY_TASKS: list(study.tasks),
         names.STUDY_FILE: str(study.path),
+        names.STUDY_MODEL_PATH: study.fixed.get("model_path"),
         "results_dir": str(paths.root),
         "budget": dict(study.budget.__dict__),
     }

@@ -182,3 +182,50 @@ def test_a_cpu_without_bf16_hardware_is_told_its_trials_train_in_fp32(no_ray, mo
     assert search.tune.fp32_note(cpu_only, dataclasses.replace(options, address="10.0.0.1:6379")) is None
     monkeypatch.setattr(search.tune, "cpu_has_bf16_matmul", lambda: True)
     assert search.tune.fp32_note(cpu_only, options) is None
+
+
+def test_first_rung_without_early_stopping_says_every_late_trial_is_cut(no_ray, capsys):
+    calls, options, _ = no_ray
+    note = "with --no-early-stopping there is no first rung"
+    options.time_budget = 600.0
+    for early_stopping, start_rule, noted in [(False, "first_rung", True), (True, "first_rung", False), (False, "finish", False)]:
+        options.early_stopping, options.start_rule = early_stopping, start_rule
+        assert run_search(options).exit_code == 0
+        assert (note in capsys.readouterr().out) == noted
+
+
+def test_model_path_is_checked_made_absolute_recorded_and_kept_on_resume(no_ray, capsys, tmp_path, monkeypatch):
+    """--model-path: a directory lacking a file a trial reads is refused before anything runs, naming
+    what is missing; a relative one is resolved where the command runs (a trial runs in its own folder);
+    the run records it, a resume keeps it and refuses another."""
+    from search.tune import main_exit
+    from search.tuner import prepare_optuna_study
+
+    calls, options, paths = no_ray
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text("{}")
+    options.model_path = str(bert)
+    assert main_exit(options) == EXIT_REFUSED and not calls
+    said = capsys.readouterr().err
+    assert "tiny.toml: model_path (fixed, or --model-path)" in said
+    assert "no vocab.txt, no model.safetensors or pytorch_model.bin" in said
+    (bert / "vocab.txt").write_text("[PAD]\n")
+    (bert / "pytorch_model.bin").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    options.model_path = "bert"
+    assert run_search(options).exit_code == 0
+    study = calls[0]["study"]
+    assert study.fixed["model_path"] == str(bert.resolve())
+    assert study.train_config({"lr": 1e-3, "dropout": 0.0})["model_path"] == str(bert.resolve())
+    optuna.create_study(study_name="tiny", storage=options.storage)
+    paths.root.mkdir(parents=True)
+    paths.snapshot.write_text(STUDY_TOML)  # the study file's copy: it has no model_path
+    prepare_optuna_study(study, options.storage, paths, options)  # what the run records
+    options.resume, options.model_path = True, None
+    assert run_search(options).exit_code == 0 and calls[1]["study"].fixed["model_path"] == str(bert.resolve())
+    options.model_path = str(bert)  # the same directory, spelled otherwise
+    assert run_search(options).exit_code == 0
+    options.model_path = str(tmp_path)
+    assert main_exit(options) == EXIT_REFUSED
+    assert f"was started with the model in {bert.resolve()}, not {tmp_path}" in capsys.readouterr().err

@@ -16,7 +16,6 @@ from test_search import STUDY_TOML
 from tiny_model import needs_data
 
 from search import storage as names
-from search import tune
 from search.spec import StudyError
 from search.study import load_spec
 from search.summary import summarize
@@ -121,19 +120,6 @@ def test_a_resumed_run_takes_the_budget_it_started_with(tmp_path):
     stored.set_user_attr("budget", {**older, "rungs": 3})
     with pytest.raises(StudyError, match=r"budget fields this version does not know \(rungs\)"):
         with_started_budget(spec, url)
-
-
-def test_first_rung_without_early_stopping_says_every_late_trial_is_cut(tmp_path, monkeypatch, capsys):
-    study_file = tmp_path / "tiny.toml"
-    study_file.write_text(STUDY_TOML)
-    monkeypatch.setattr(tune, "check_data", lambda study, data_dir: tmp_path)
-    monkeypatch.setattr(tune, "execute", lambda study, options, paths, data_dir: study)  # stop before Ray
-    options = SearchOptions(study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r")
-    note = "with --no-early-stopping there is no first rung"
-    for early_stopping, start_rule, noted in [(False, "first_rung", True), (True, "first_rung", False), (False, "finish", False)]:
-        given = {"time_budget": 600.0, "start_rule": start_rule, "early_stopping": early_stopping}
-        tune.run_search(SearchOptions(**{**options.__dict__, **given}))
-        assert (note in capsys.readouterr().out) == noted
 
 
 def test_the_spent_message_sizes_a_trial_once_an_epoch_was_measured():
