@@ -10,14 +10,23 @@ other nodes of a Ray cluster must stay readable by them.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A write that failed with less than this free in its folder failed for lack of space: torch.save and
+# safetensors report a failed write as errors of their own, without an errno (RuntimeError "unexpected
+# pos ...", SafetensorError "I/O error ... (os error 28)").
+FULL_DISK_BYTES = 1 << 20
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """``write(temp_path)`` in the target's directory, then rename it to ``path``."""
+    """``write(temp_path)`` in the target's directory, then rename it to ``path``. A write that fails on a
+    full disk raises OSError(ENOSPC) whatever the writer raised, so callers recognise it by its errno."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -26,9 +35,32 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
+        # Asked before the temp file goes: its bytes may be what filled the disk.
+        full = isinstance(error, Exception) and not is_disk_full_oserror(error) and disk_full(error, path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"No space left on device ({type(error).__name__}: {error})", str(path)) from error
         raise
+
+
+def is_disk_full_oserror(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS
+
+
+def disk_full(error: BaseException, folder: Path) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, means the disk is full: an ENOSPC or EDQUOT
+    OSError anywhere in its chain, a library's message with that errno, or (its writer said nothing
+    more) less than FULL_DISK_BYTES left in ``folder``."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if is_disk_full_oserror(seen) or any(f"os error {code})" in str(seen) for code in DISK_FULL_ERRNOS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def current_umask() -> int:

@@ -3,7 +3,6 @@ model.train and reports each epoch's dev metrics."""
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import os
@@ -12,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.atomic import DISK_FULL_ERRNOS
 from model.train import train
 from search.adapters import TRIAL_NUMBER_KEY, artifact_dir_for
 from search.reaper import die_with_parent
@@ -40,9 +40,6 @@ class TrialJob:
 
 class OutOfTime(Exception):
     """Raised from a trial's report to end its training: the next epoch would end past the deadline."""
-
-
-DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 def run_trial(config: dict[str, Any], job: TrialJob) -> None:

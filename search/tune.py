@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from data.atomic import atomic_write_text
+from data.atomic import DISK_FULL_ERRNOS, atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
 from model.bert import check_model_dir, default_model_path
 from model.runtime import cpu_has_bf16_matmul
@@ -34,7 +34,6 @@ from search.storage import STUDY_MODEL_PATH, StorageError, check_storage, masked
 from search.study import load_spec
 from search.summary import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_REFUSED, Outcome, best_ray_result, summarize
 from search.timebudget import TIME_BUDGET, format_duration
-from search.trial import DISK_FULL_ERRNOS
 from search.tuner import run_on_ray
 
 __all__ = ["SearchOptions", "main_exit", "run_search"]

@@ -328,6 +328,48 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+# A child process whose files may not grow past 4 KiB (RLIMIT_FSIZE): torch.save and safetensors then fail
+# to write a checkpoint as they do on a full disk, each with an error of its own and no errno.
+FAILED_WRITES = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+import torch
+from safetensors.torch import save_file
+import data.atomic
+if sys.argv[2] == "full":  # what the folder's filesystem says once the disk has filled
+    data.atomic.shutil.disk_usage = lambda folder: type("Usage", (), {"free": 0})()
+state = {"w": torch.zeros(100_000)}
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+for name, write in (("last.pt", lambda tmp: torch.save(state, tmp)), ("model.safetensors", lambda tmp: save_file(state, tmp))):
+    try:
+        data.atomic.atomic_write(f"{sys.argv[1]}/{name}", write)
+    except OSError as error:
+        print(name, "OSError", error.errno)
+    except Exception as error:
+        print(name, type(error).__name__)
+"""
+
+
+@pytest.mark.parametrize("disk", ["full", "not full"])
+def test_a_checkpoint_write_that_fails_on_a_full_disk_raises_enospc(tmp_path, disk):
+    """torch.save and safetensors say a failed write in their own words; atomic_write says ENOSPC when
+    the disk is full (what a trial needs to stop the study), and passes other failures on unchanged."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    ran = subprocess.run(
+        [sys.executable, "-c", FAILED_WRITES, str(tmp_path), disk], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    lines = ran.stdout.splitlines()
+    if disk == "full":
+        assert lines == ["last.pt OSError 28", "model.safetensors OSError 28"], ran.stdout + ran.stderr
+    else:
+        assert lines == ["last.pt RuntimeError", "model.safetensors SafetensorError"], ran.stdout + ran.stderr
+    assert list(tmp_path.iterdir()) == []  # no temp file left behind
+
+
 def test_the_trainer_decays_weights_but_not_biases_or_layer_norms(tmp_path):
     trainer = Trainer(TrainConfig.from_dict(tiny_config(tasks=["sts"], weight_decay=0.05)), tmp_path, None, fresh=True)
     decayed, not_decayed = trainer.optimizer.param_groups
