@@ -37,7 +37,10 @@ from model.rundir import TaskOutputs
 # without such a scale is still written as format 3, which older code reads.
 # 5: a member may be lent (ensemble.lend): run with its "head" on another task's rows, its score
 # standardised by "standardize"; a format-4 reader would run its own head there. Written only then.
-MANIFEST_FORMAT = 5
+# 6: a soup of several members may carry its own "scale" (the soup model's STS line or temperature,
+# fitted like a member's); a format-5 reader would leave its outputs unmapped. Written only then.
+MANIFEST_FORMAT = 6
+LENT_FORMAT = 5
 CALIBRATED_FORMAT = 4
 SCORE_SCALES_FORMAT = 3
 BASELINE = "baseline (usual recipe)"
@@ -166,7 +169,8 @@ def curves_of(result: TaskResult) -> dict[str, Curve]:
 def described(result: TaskResult, choice: Choice) -> list[dict]:
     """The manifest's members: where each is and its weight, its map if any (STS scale, temperature,
     a lent member's logistic map), and a lent member's head and the standardisation of its score."""
-    scales = choice.scales or [None] * len(choice.members)
+    own_maps = choice.kind != "soup" or len(choice.members) == 1  # a soup of several: one map, the entry's
+    scales = (choice.scales if own_maps else None) or [None] * len(choice.members)
     return [
         {"name": m.name, "study": m.study, "trial": m.trial_number, "artifact_dir": str(m.artifact_dir), "weight": float(w)}
         | ({} if scale is None else {"scale": list(scale)})
@@ -194,6 +198,8 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
                 soups[key] = f"soup-{len(soups) + 1}"
                 write_soup_predictor(directory / "predictor" / soups[key], result.members(choice), None, method)
             entry["soup_dir"] = soups[key]
+            if len(choice.members) > 1 and choice.scales:
+                entry["scale"] = list(choice.scales[0])
         tasks[task] = entry
         for split, out in (("dev", {"ids": result.pool.ids, "values": choice.values}), ("test", result.test[method])):
             write_predictions(directory / "predictions" / f"{task}-{split}-out.csv", task, out["ids"], out["values"])
@@ -205,8 +211,10 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
         "scale" in member for task, entry in tasks.items() if TASKS[task].label_kind != "score" for member in entry["members"]
     )
     lent = any("head" in member for entry in tasks.values() for member in entry["members"])
+    soup_maps = any("scale" in entry for entry in tasks.values())
+    needed = [MANIFEST_FORMAT if soup_maps else 0, LENT_FORMAT if lent else 0, CALIBRATED_FORMAT if calibrated else 0]
     manifest = {
-        "format": MANIFEST_FORMAT if lent else CALIBRATED_FORMAT if calibrated else SCORE_SCALES_FORMAT,
+        "format": max(SCORE_SCALES_FORMAT, *needed),
         "method": method,
         "studies": header["studies"],
         "tasks": tasks,

@@ -104,8 +104,10 @@ def load_plans(predictor: Path) -> dict[str, TaskPlan]:
         for task, entry in manifest["tasks"].items():
             plan = member_plan(entry["members"])
             if entry["kind"] == "soup":
-                alone = plan.scales if len(plan.scales) == 1 else None  # a one-member soup keeps its scale
-                plan = TaskPlan("soup", [predictor / entry["soup_dir"]], [1.0], [" + ".join(plan.names)], alone)
+                # The soup model's map: its own (a soup of several, format 6), or its one member's.
+                own = [tuple(map(float, entry["scale"]))] if "scale" in entry else None
+                alone = plan.scales if len(plan.scales) == 1 else None
+                plan = TaskPlan("soup", [predictor / entry["soup_dir"]], [1.0], [" + ".join(plan.names)], own or alone)
             plans[task] = plan
         return plans
     except (OSError, ValueError, KeyError, TypeError) as err:

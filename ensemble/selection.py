@@ -33,7 +33,7 @@ from ensemble.caruana import (
 from ensemble.logits import fit_weights
 from ensemble.members import EnsembleError, Member
 from ensemble.soup import SoupEvaluator, compatible_members, greedy_soup
-from ensemble.taskpool import Scale, TaskPool, member_passes
+from ensemble.taskpool import Scale, TaskPool, apply_scale, fit_scale, member_passes
 
 LOGIT_METHODS = ("caruana", "caruana-bagged", "top-k", "fitted")
 SOUP_METHODS = ("uniform-soup", "greedy-soup")
@@ -50,7 +50,8 @@ class Choice:
     weights: list[float]  # same length; a soup's are uniform
     values: np.ndarray  # its dev outputs on all rows
     details: dict = field(default_factory=dict)
-    scales: list[Scale | None] | None = None  # a logit average's members' maps (STS scale, temperature), same order
+    # A logit average's members' maps (STS scale, temperature), same order; a soup's: [the one model's map].
+    scales: list[Scale | None] | None = None
 
     def cost(self, pool: TaskPool) -> int:
         """Encoder passes per example: a soup is one model; a logit average runs each distinct member
@@ -155,9 +156,10 @@ class Selector:
     def soup_values(self, indexes: list[int]) -> np.ndarray:
         """Dev outputs of the soup of these pool members (a member alone: its outputs as the pool was prepared,
         epoch and scale fitted on the selection rows). A soup of several is run with the saved weights,
-        whose epochs were chosen on all of dev, and on its own scale: a small leak into the soups'
-        estimates, which the build's summary notes."""
-        key = tuple(sorted(indexes))
+        whose epochs were chosen on all of dev, unmapped (Selector.soup maps it): a small leak into the
+        soups' estimates, which the build's summary notes. It runs with the first member's config
+        (max_length, precision, ...), as on test and in the saved predictor: the first is the reference."""
+        key = (indexes[0], *sorted(indexes[1:]))
         if len(key) == 1:  # not cached: a member's outputs depend on the rows the pool was prepared for
             return self.pool.values[key[0]]
         if key not in self.soups:
@@ -183,14 +185,21 @@ class Selector:
         indexes, refusals = self.compatible[reference]
         return sorted(indexes, key=ranking.index), refusals
 
-    def soup(self, method: str, indexes: list[int], **details) -> Choice:
-        # A soup of one member is that member, mapped like any (STS scale, temperature); a real soup is run as is.
-        scales = [self.pool.scales[indexes[0]]] if self.pool.scales is not None and len(indexes) == 1 else None
-        return Choice(method, "soup", indexes, [1.0 / len(indexes)] * len(indexes), self.soup_values(indexes), details, scales)
+    def soup(self, method: str, indexes: list[int], rows: np.ndarray, **details) -> Choice:
+        """A soup of one member is that member, mapped like any (STS scale, temperature); a soup of several
+        is one more model, mapped the same way: its own map fitted on the selection rows (``scales``: the
+        one model's map, not its members')."""
+        values, scales = self.soup_values(indexes), None
+        if len(indexes) == 1:
+            scales = None if self.pool.scales is None else [self.pool.scales[indexes[0]]]
+        elif self.pool.mapped(self.pool.members[indexes[0]]):
+            scale = fit_scale(values[rows], self.pool.labels[rows], self.pool.task)
+            values, scales = apply_scale(values, scale, self.pool.task), [scale]
+        return Choice(method, "soup", indexes, [1.0 / len(indexes)] * len(indexes), values, details, scales)
 
     def uniform_soup(self, rows: np.ndarray) -> Choice:
         indexes, refusals = self.soup_pool(rows)
-        return self.soup("uniform-soup", indexes, refused=refusals)
+        return self.soup("uniform-soup", indexes, rows, refused=refusals)
 
     def greedy_soup(self, rows: np.ndarray) -> Choice:
         indexes, refusals = self.soup_pool(rows)
@@ -200,4 +209,5 @@ class Selector:
             return self.pool.score(self.soup_values([self.pool.index(m) for m in soup]), rows, "greedy soup")
 
         kept, steps = greedy_soup(members, score)
-        return self.soup("greedy-soup", [self.pool.index(m) for m in kept], refused=refusals, steps=[s.__dict__ for s in steps])
+        kept_indexes = [self.pool.index(m) for m in kept]
+        return self.soup("greedy-soup", kept_indexes, rows, refused=refusals, steps=[s.__dict__ for s in steps])

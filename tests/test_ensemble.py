@@ -202,9 +202,20 @@ def test_uniform_soup_of_identical_checkpoints_equals_the_checkpoint(tmp_path, r
     predictor = tmp_path / "out" / "uniform-soup" / "predictor"
     saved = load_file(str(predictor / "soup-1" / "model.safetensors"))  # one soup folder serves all three tasks
     assert all(torch.equal(saved[k], original[k]) for k in original) and not (predictor / "soup-2").exists()
-    # The soup, run again on dev, reproduces the trainer's saved dev outputs of the checkpoint.
+    # The soup, run again on dev, reproduces the trainer's saved dev outputs of the checkpoint, mapped as
+    # the pool maps that member alone (STS: the same line to the labels, fitted on the same rows).
     for task in TASKS:
-        np.testing.assert_allclose(results[task].choices["uniform-soup"].values, npz_values(runs[0], task, "dev"), atol=1e-5)
+        pool, soup_choice = results[task].pool, results[task].choices["uniform-soup"]
+        member = pool.prepared(np.arange(len(pool.labels))).values[0]
+        np.testing.assert_allclose(soup_choice.values, member, atol=1e-4)
+        if task == "sts":
+            assert not np.allclose(member, npz_values(runs[0], task, "dev"), atol=1e-3)  # mapped, not raw
+            np.testing.assert_allclose(soup_choice.scales[0], pool.prepared(np.arange(len(pool.labels))).scales[0], atol=1e-4)
+        else:
+            np.testing.assert_allclose(soup_choice.values, npz_values(runs[0], task, "dev"), atol=1e-5)
+    manifest = json.loads((predictor / "manifest.json").read_text())
+    assert manifest["format"] == 6 and "scale" in manifest["tasks"]["sts"] and "scale" not in manifest["tasks"]["sst"]
+    assert all("scale" not in m for m in manifest["tasks"]["sts"]["members"])  # the soup model's map, not its members'
 
 
 def test_greedy_soup_keeps_a_member_only_when_it_strictly_improves(tmp_path, study_url, runs):

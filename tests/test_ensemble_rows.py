@@ -186,3 +186,27 @@ def test_caruana_on_likelihood_tells_apart_what_accuracy_cannot():
     gold = rng.uniform(0, 5, ROWS)
     sts = pool_of("sts", gold, [gold])
     assert sts.selection_scorer("likelihood", "x")(gold, rows) == 1.0  # Pearson r
+
+
+def test_a_soup_of_several_sts_members_is_mapped_on_the_selection_rows_and_runs_as_its_first_member():
+    """A soup is one more model: its own line to the labels, fitted on the selection rows as a member's
+    is (not its raw outputs, which a CoSENT member leaves on no particular scale); and it runs with its
+    first member's config (max_length, precision...), as on test and in the saved predictor."""
+    gold = rng.uniform(0, 5, ROWS)
+    raw = 3.0 * gold + rng.normal(0, 1, ROWS) - 7.0
+    pool = pool_of("sts", gold, [gold, gold, gold])
+    ran_with = []
+
+    def evaluate(members, split):
+        ran_with.append([m.trial_number for m in members])
+        return {"sts": {"ids": pool.ids, "values": raw, "labels": None}}
+
+    selector = Selector(pool, evaluate, Settings())
+    rows = np.arange(ROWS // 2)
+    soup = selector.soup("uniform-soup", [2, 0, 1], rows)
+    assert ran_with == [[2, 0, 1]]
+    slope, offset = np.polyfit(raw[rows], gold[rows], 1)
+    np.testing.assert_allclose(soup.scales[0], (offset, slope))
+    np.testing.assert_allclose(soup.values, offset + slope * raw)
+    selector.soup("uniform-soup", [2, 1, 0], rows)  # the same soup: run once
+    assert ran_with == [[2, 0, 1]]
