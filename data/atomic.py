@@ -63,6 +63,28 @@ def disk_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
+def replace_folder(path: str | Path, fill: Callable[[Path], None]) -> None:
+    """``fill(staging)`` into a new folder beside ``path``, then that folder put in the place of ``path``
+    (two renames: the old one aside, the new one in). Readers see the old folder whole or the new one,
+    never a mix of the two; a crash while filling leaves the old one and no staging folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".new"))
+    try:
+        fill(staging)
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide it from a cluster's other nodes
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        os.replace(path, old)  # onto the empty folder just made: rename(2) replaces an empty directory
+    os.replace(staging, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux shows it (os.umask sets it, for a moment
     in which another thread's new file would get the wrong mode)."""

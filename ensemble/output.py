@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.atomic import atomic_write_text
+from data.atomic import atomic_write_text, replace_folder
 from data.files import TASKS
 from ensemble.estimate import Estimate
 from ensemble.members import Member
@@ -181,8 +181,11 @@ def described(result: TaskResult, choice: Choice) -> list[dict]:
 
 
 def write_method(directory: Path, method: str, results: dict[str, TaskResult], header: dict) -> None:
-    """One method's predictor, leaderboard CSVs, summary and STS scatter plot."""
-    tasks, soups = {}, {}
+    """One method's predictor, leaderboard CSVs, summary and STS scatter plot. ``predictor/`` and
+    ``predictions/`` are each written whole beside the old ones and then put in their place: a rebuild
+    that dies half-way leaves the old predictor (or, between two renames, none), never a manifest
+    naming another build's soup, and a task this build no longer covers leaves no CSV behind."""
+    tasks, soups, predictions = {}, {}, []
     for task, result in results.items():
         if method not in result.choices:
             continue
@@ -195,14 +198,13 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
         if choice.kind == "soup":  # one model folder per distinct member set, shared by the tasks choosing it
             key = tuple(result.names(choice))
             if key not in soups:
-                soups[key] = f"soup-{len(soups) + 1}"
-                write_soup_predictor(directory / "predictor" / soups[key], result.members(choice), None, method)
-            entry["soup_dir"] = soups[key]
+                soups[key] = (f"soup-{len(soups) + 1}", result.members(choice))
+            entry["soup_dir"] = soups[key][0]
             if len(choice.members) > 1 and choice.scales:
                 entry["scale"] = list(choice.scales[0])
         tasks[task] = entry
         for split, out in (("dev", {"ids": result.pool.ids, "values": choice.values}), ("test", result.test[method])):
-            write_predictions(directory / "predictions" / f"{task}-{split}-out.csv", task, out["ids"], out["values"])
+            predictions.append((f"{task}-{split}-out.csv", task, out["ids"], out["values"]))
         if TASKS[task].label_kind == "score":
             r = entry["dev"]
             title = f"{method}: STS dev, Pearson r = {r:.3f}"
@@ -219,7 +221,18 @@ def write_method(directory: Path, method: str, results: dict[str, TaskResult], h
         "studies": header["studies"],
         "tasks": tasks,
     }
-    atomic_write_text(directory / "predictor" / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+    def write_predictor(folder: Path) -> None:
+        for name, members in soups.values():
+            write_soup_predictor(folder / name, members, None, method)
+        atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+    def write_csvs(folder: Path) -> None:
+        for name, task, ids, values in predictions:
+            write_predictions(folder / name, task, ids, values)
+
+    replace_folder(directory / "predictor", write_predictor)
+    replace_folder(directory / "predictions", write_csvs)
     rows = [r for result in results.values() for r in rows_of(result) if r.name in (method, BASELINE, SEED_AVERAGE)]
     write_summary(directory, f"Ensemble {method} of {' + '.join(header['studies'])}", header, rows)
 

@@ -14,7 +14,7 @@ import torch
 from tiny_model import DATA_DIR, needs_data
 
 from data import fetch as fetch_module
-from data.atomic import atomic_write_text
+from data.atomic import atomic_write_text, replace_folder
 from data.batching import BatchStream, batch_indices, iterate_batches, make_batch, pad
 from data.files import SPLITS, TASKS, DataError, Example, load_examples
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode, swap_pair_order
@@ -430,3 +430,34 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask, mode):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode
+
+
+def test_a_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    """replace_folder: the new folder's files only (nothing of the old one left), the mode a plain mkdir
+    gives under the umask; a fill that fails leaves the old folder as it was and no staging folder."""
+    target = tmp_path / "predictor"
+    target.mkdir()
+    (target / "soup-2").mkdir()
+    (target / "manifest.json").write_text("old")
+
+    def fill(folder):
+        (folder / "manifest.json").write_text("new")
+        (folder / "soup-1").mkdir()
+
+    previous = os.umask(0o022)
+    try:
+        replace_folder(target, fill)
+    finally:
+        os.umask(previous)
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "soup-1"]
+    assert (target / "manifest.json").read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o755
+
+    def fail_midway(folder):
+        (folder / "manifest.json").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_folder(target, fail_midway)
+    assert (target / "manifest.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["predictor"]
+    replace_folder(tmp_path / "fresh", fill)  # no old folder to put aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "predictor"]
