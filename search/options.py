@@ -53,4 +53,6 @@ def command_line(options: SearchOptions, flag: str) -> str:
     ):
         if value is not None:
             words += [option, str(value)]
+    if not options.early_stopping:
+        words.append("--no-early-stopping")
     return " ".join(shlex.quote(word) for word in words)

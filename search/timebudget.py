@@ -87,16 +87,15 @@ class TimeBudget:
 
     def start_seconds(self) -> float:
         """A pessimistic time from a trial's start to where the start rule needs it to get (the end, or
-        the first rung): that many of the slowest epoch seen (0 before any)."""
-        slowest = max(self.epoch_seconds, default=0.0)
-        return TRIAL_START_SECONDS + self.start_epochs * slowest if slowest else 0.0
+        the first rung): its start and that many of the slowest epoch seen (its start alone before any)."""
+        return TRIAL_START_SECONDS + self.start_epochs * max(self.epoch_seconds, default=0.0)
 
     def sizing(self) -> str:
         """What a trial is estimated to take here, for a message that helps size the next budget ("" before
         any epoch was measured)."""
-        seconds = self.start_seconds()
-        if not seconds:
+        if not self.epoch_seconds:
             return ""
+        seconds = self.start_seconds()
         took = f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
         goal = "" if self.start_rule == "finish" else f" to {self.goal}"
         return f" (a trial takes about {took}{goal} here, estimated as its start and {self.start_epochs} x the slowest epoch)"

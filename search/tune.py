@@ -60,7 +60,7 @@ def run_search(options: SearchOptions) -> Outcome:
     if options.fresh and (in_storage or on_disk):
         if holder is not None:
             raise LeaseError(f"study {study.name!r} is being run by {holder.describe()}; refusing to delete it (--fresh)")
-        check_data(study, options.data_dir)  # before deleting anything
+        checked(with_model_path(study, options), options)  # before deleting anything: a typo must not cost the run
         delete_study_run(study.name, url, paths, in_storage, options.storage)
         in_storage = on_disk = False
     if (in_storage or on_disk) and not options.resume:
@@ -84,6 +84,14 @@ def run_search(options: SearchOptions) -> Outcome:
     if options.resume and paths.finished.is_file():
         print(f"Study {study.name!r} has already finished; nothing to resume.")
         return summarize(study, options.storage, paths, options.top)
+    if options.resume and not in_storage and (paths.trials.exists() or paths.experiment.exists()):
+        # The Optuna study is created before any trial or Ray experiment: its records are elsewhere (or lost),
+        # and a new empty study would train again the trials that had ended.
+        print(
+            f"Study {study.name!r} has trials in {paths.root} but no Optuna study in {url}: resume it with the "
+            f"--storage it ran with, or start it over with --fresh (deletes {paths.root})."
+        )
+        return Outcome(EXIT_REFUSED)
     if options.resume and in_storage:
         refuse_if_held(optuna.load_study(study_name=study.name, storage=open_storage(options.storage)), "resume it")
 
@@ -93,12 +101,29 @@ def run_search(options: SearchOptions) -> Outcome:
             print(f"Note: {study.path} changed since the run started; resuming with the copy in {paths.snapshot}.")
         study = dataclasses.replace(load_spec(paths.snapshot), name=study.name, path=study.path)
     if options.resume and in_storage:
-        study = with_started_budget(study, options.storage)
-        study = with_started_model(study, options.storage, options.model_path)
-    elif options.model_path is not None:
-        study = study.with_fixed(model_path=options.model_path)
+        study, options = as_started(study, options)
+    elif not options.resume:
+        study = with_model_path(study, options)
     if options.resume and (options.trials is not None or options.max_concurrent is not None):
         print("Note: --trials and --max-concurrent do not change a resumed run; it keeps the budget it started with.")
+    study, data_dir = checked(study, options)
+    if not options.early_stopping and study.budget.time_s and study.budget.start_rule == "first_rung":
+        print(
+            "Note: with --no-early-stopping there is no first rung to reach: under start_rule first_rung every "
+            "trial started in the budget's tail runs until the deadline cuts it."
+        )
+    return execute(study, options, paths, data_dir)
+
+
+def with_model_path(study: StudySpec, options: SearchOptions) -> StudySpec:
+    """A new run's study with --model-path, when given, as its fixed model_path."""
+    return study if options.model_path is None else study.with_fixed(model_path=options.model_path)
+
+
+def checked(study: StudySpec, options: SearchOptions) -> tuple[StudySpec, Path]:
+    """The study with the command line's budget overrides, and the data directory, once the budget, the
+    model, the data and the storage have passed their checks: before Ray starts or anything is written
+    or deleted, so that a refusal leaves everything as it was."""
     study = study.with_budget(
         trials=None if options.resume else options.trials,
         max_concurrent=None if options.resume else options.max_concurrent,
@@ -107,43 +132,43 @@ def run_search(options: SearchOptions) -> Outcome:
         time_s=options.time_budget,  # a resumed run may take a new time budget
         start_rule=options.start_rule,
     )
-    if not options.early_stopping and study.budget.time_s and study.budget.start_rule == "first_rung":
-        print(
-            "Note: with --no-early-stopping there is no first rung to reach: under start_rule first_rung every "
-            "trial started in the budget's tail runs until the deadline cuts it."
-        )
     study = check_model(study)
     data_dir = check_data(study, options.data_dir)
-    check_storage(options.storage)  # before Ray starts and anything is written: a refusal leaves nothing behind
-    return execute(study, options, paths, data_dir)
+    check_storage(options.storage)
+    return study, data_dir
 
 
-def with_started_budget(study: StudySpec, storage_url: str) -> StudySpec:
-    """The study with the budget its run started with, command-line overrides included (Ray keeps its own
-    copy of it), read from the Optuna study's ``budget`` attribute. A field added to Budget since then
-    takes its default (a run stored before ``start_rule`` existed resumes under "finish")."""
-    started = optuna.load_study(study_name=study.name, storage=open_storage(storage_url)).user_attrs.get("budget")
-    if not started:
-        return study
-    unknown = sorted(set(started) - {f.name for f in dataclasses.fields(Budget)})
-    if unknown:
+def as_started(study: StudySpec, options: SearchOptions) -> tuple[StudySpec, SearchOptions]:
+    """A resumed run as it started, from its Optuna study's attributes (the study file's snapshot lacks the
+    command line): the budget, command-line overrides included (Ray keeps its own copy of it); the BERT
+    directory (trials resume from checkpoints of that model, so another one given now is refused); and
+    whether ASHA stops trials. A Budget field added since the run started takes its default (a run
+    stored before ``start_rule`` existed resumes under "finish"); one this version does not know is refused."""
+    attrs = optuna.load_study(study_name=study.name, storage=open_storage(options.storage)).user_attrs
+    budget = attrs.get("budget")
+    if budget:
+        unknown = sorted(set(budget) - {f.name for f in dataclasses.fields(Budget)})
+        if unknown:
+            raise StudyError(
+                f"study {study.name!r} in {masked_url(options.storage)} was started with budget fields this version does "
+                f"not know ({', '.join(unknown)}): resume it with the version that started it, or start it over with --fresh"
+            )
+        study = dataclasses.replace(study, budget=Budget(**budget))
+    # A run recorded before the attribute existed: its model is the study file's (the snapshot's).
+    model = attrs.get(STUDY_MODEL_PATH) or study.fixed.get("model_path")
+    given = options.model_path
+    if given is not None and Path(given).expanduser().resolve() != Path(model or default_model_path()).expanduser().resolve():
         raise StudyError(
-            f"study {study.name!r} in {masked_url(storage_url)} was started with budget fields this version does not know "
-            f"({', '.join(unknown)}): resume it with the version that started it, or start it over with --fresh"
-        )
-    return dataclasses.replace(study, budget=Budget(**started))
-
-
-def with_started_model(study: StudySpec, storage_url: str, given: str | None) -> StudySpec:
-    """The study with the BERT directory its run started with (``--model-path`` is not in the study file's
-    snapshot): trials resume from checkpoints of that model, so another one given now is refused."""
-    started = optuna.load_study(study_name=study.name, storage=open_storage(storage_url)).user_attrs.get(STUDY_MODEL_PATH)
-    if given is not None and Path(given).expanduser().resolve() != Path(started or default_model_path()).resolve():
-        raise StudyError(
-            f"study {study.name!r} was started with the model in {started or 'the embedded all-MiniLM-L6-v2'}, not {given}: "
+            f"study {study.name!r} was started with the model in {model or 'the embedded all-MiniLM-L6-v2'}, not {given}: "
             "resume it without --model-path, or run the other model under another --name"
         )
-    return study.with_fixed(model_path=started) if started else study
+    if model:
+        study = study.with_fixed(model_path=model)
+    early_stopping = attrs.get("early_stopping")
+    if early_stopping is not None and early_stopping != options.early_stopping:
+        print(f"Note: this run started {'with' if early_stopping else 'without'} early stopping (ASHA), and resumes so.")
+        options = dataclasses.replace(options, early_stopping=early_stopping)
+    return study, options
 
 
 def check_model(study: StudySpec) -> StudySpec:

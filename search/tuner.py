@@ -151,17 +151,18 @@ def wait_for_resources(budget: Budget, nodes: Any, seconds: float) -> None:
 
 
 def ray_experiment_saved(experiment: Path) -> bool:
-    """Whether Ray saved an experiment state there: tuner.pkl alone (a driver killed in its first
-    seconds) restores an experiment that runs one trial and never finishes."""
+    """Whether Ray saved an experiment state there with a trial in it: tuner.pkl alone (a driver killed
+    in its first seconds) restores an experiment that runs one trial and never finishes, and a state
+    without trials (a time budget that let none start) fails Ray's restore (IndexError in
+    _restore_trials), after which it restarts the experiment with the searcher's finished state."""
     from ray import tune
 
     if not tune.Tuner.can_restore(str(experiment)):
         return False
     try:
-        tune.ExperimentAnalysis(str(experiment))
+        return bool(tune.ExperimentAnalysis(str(experiment)).trials)
     except (ValueError, FileNotFoundError):
         return False
-    return True
 
 
 @contextlib.contextmanager

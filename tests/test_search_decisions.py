@@ -12,6 +12,7 @@ from test_search import STUDY_TOML
 
 from search import storage as names
 from search.adapters import ORPHAN_ERROR
+from search.options import command_line
 from search.paths import StudyPaths
 from search.summary import EXIT_REFUSED, best_ray_result
 from search.tune import SearchOptions, run_search
@@ -41,7 +42,8 @@ def no_ray(tmp_path, monkeypatch):
     calls = []
 
     def fake_execute(study, options, paths, data_dir):
-        calls.append({"study": study, "in_storage": "tiny" in optuna.study.get_all_study_names(options.storage)})
+        in_storage = "tiny" in optuna.study.get_all_study_names(options.storage)
+        calls.append({"study": study, "options": options, "in_storage": in_storage})
         return search.tune.Outcome(0)
 
     monkeypatch.setattr(search.tune, "execute", fake_execute)
@@ -229,3 +231,47 @@ def test_model_path_is_checked_made_absolute_recorded_and_kept_on_resume(no_ray,
     options.model_path = str(tmp_path)
     assert main_exit(options) == EXIT_REFUSED
     assert f"was started with the model in {bert.resolve()}, not {tmp_path}" in capsys.readouterr().err
+
+
+def test_a_resume_without_the_study_in_storage_is_refused_when_trials_ran(no_ray, capsys):
+    """Trials on disk but no Optuna study in this storage: the run was recorded elsewhere (another
+    --storage) or its records are lost, and a new empty study would train the ended trials again."""
+    calls, options, paths = no_ray
+    (paths.trials / "0").mkdir(parents=True)
+    paths.snapshot.write_text(STUDY_TOML)
+    options.resume = True
+    assert run_search(options).exit_code == EXIT_REFUSED and not calls
+    said = capsys.readouterr().out
+    assert f"has trials in {paths.root} but no Optuna study in {options.storage}" in said and "--storage" in said
+    assert "tiny" not in optuna.study.get_all_study_names(options.storage)
+
+
+def test_fresh_checks_the_new_run_before_deleting_the_old_one(no_ray, capsys):
+    from search.tune import main_exit
+
+    calls, options, paths = no_ray
+    optuna.create_study(study_name="tiny", storage=options.storage).ask()
+    (paths.trials / "0").mkdir(parents=True)
+    options.fresh, options.model_path = True, str(paths.root / "no-such-model")
+    assert main_exit(options) == EXIT_REFUSED and "no such directory" in capsys.readouterr().err
+    options.model_path, options.max_concurrent = None, 0
+    assert main_exit(options) == EXIT_REFUSED and "budget.max_concurrent" in capsys.readouterr().err
+    assert "tiny" in optuna.study.get_all_study_names(options.storage) and (paths.trials / "0").is_dir() and not calls
+
+
+def test_a_resume_keeps_how_the_run_started(no_ray, capsys):
+    """Without ASHA (--no-early-stopping) it stays without, whatever the resume command says; a run
+    recorded before the model attribute existed keeps its study file's model_path."""
+    from model.bert import default_model_path
+
+    calls, options, paths = no_ray
+    started = optuna.create_study(study_name="tiny", storage=options.storage)
+    started.set_user_attr("early_stopping", False)
+    paths.root.mkdir(parents=True)
+    model = default_model_path()
+    paths.snapshot.write_text(STUDY_TOML.replace("[fixed]\n", f'[fixed]\nmodel_path = "{model}"\n'))
+    options.resume, options.model_path = True, str(model)
+    assert run_search(options).exit_code == 0
+    assert calls[0]["options"].early_stopping is False and calls[0]["study"].fixed["model_path"] == str(model.resolve())
+    assert "started without early stopping (ASHA), and resumes so" in capsys.readouterr().out
+    assert "--no-early-stopping" in command_line(calls[0]["options"], "--resume")

@@ -20,7 +20,7 @@ from search.spec import StudyError
 from search.study import load_spec
 from search.summary import summarize
 from search.timebudget import TIME_BUDGET, TRIAL_START_SECONDS, TimeBudget, next_epoch_fits, parse_duration
-from search.tune import SearchOptions, StudyPaths, main_exit, with_started_budget
+from search.tune import SearchOptions, StudyPaths, as_started, main_exit
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,10 @@ def test_no_trial_starts_that_cannot_finish():
     assert budget.may_start_trial() and not budget.spent  # no budget: always
     budget.start(100.0, max_epochs=3)
     now = budget.deadline - 100.0
-    assert budget.may_start_trial(now)  # nothing measured yet
+    assert budget.may_start_trial(now)  # nothing measured yet: its start must fit
+    assert not budget.may_start_trial(budget.deadline - TRIAL_START_SECONDS / 2) and budget.refused
+    budget.start(100.0, max_epochs=3)
+    now = budget.deadline - 100.0
     budget.started("a")
     budget.observe({"epoch": 1, "epoch_seconds": 20.0})
     budget.observe({"epoch": 2, "epoch_seconds": 25.0})  # the slowest epoch sets the estimate
@@ -64,7 +67,7 @@ def test_no_trial_starts_that_cannot_finish():
     budget.ended("a")
     assert budget.spent
     budget.start(100.0, max_epochs=3)  # a resumed run: a new deadline, nothing refused yet
-    assert not budget.spent and budget.start_seconds() == 0.0
+    assert not budget.spent and budget.start_seconds() == TRIAL_START_SECONDS and budget.sizing() == ""
 
 
 def test_the_first_rung_rule_starts_a_trial_that_can_reach_its_first_rung():
@@ -111,15 +114,16 @@ def test_a_resumed_run_takes_the_budget_it_started_with(tmp_path):
     url = f"sqlite:///{tmp_path / 'o.db'}"
     stored = optuna.create_study(study_name=spec.name, storage=url)
     stored.set_user_attr("budget", {**spec.budget.__dict__, "time_s": 600.0, "start_rule": "first_rung"})
-    resumed = with_started_budget(spec, url)
+    options = SearchOptions(study=str(study_file), storage=url)
+    resumed, _ = as_started(spec, options)
     assert (resumed.budget.start_rule, resumed.budget.time_s) == ("first_rung", 600.0)
     assert resumed.with_budget(start_rule="finish").budget.start_rule == "finish"  # --start-rule on the resume
     older = {k: v for k, v in spec.budget.__dict__.items() if k != "start_rule"}
     stored.set_user_attr("budget", {**older, "time_s": 600.0})
-    assert with_started_budget(spec, url).budget.start_rule == "finish"
+    assert as_started(spec, options)[0].budget.start_rule == "finish"
     stored.set_user_attr("budget", {**older, "rungs": 3})
     with pytest.raises(StudyError, match=r"budget fields this version does not know \(rungs\)"):
-        with_started_budget(spec, url)
+        as_started(spec, options)
 
 
 def test_the_spent_message_sizes_a_trial_once_an_epoch_was_measured():
@@ -155,24 +159,29 @@ def test_a_restored_search_generator_may_start_trials_again():
 
 @needs_data
 def test_a_study_stops_within_its_time_budget_and_resumes_with_a_new_one(tmp_path):
-    """Three tiny trials, one at a time, under 25 s (Ray's start included): not all can run. Every record
-    is truthful (nothing RUNNING, trials cut short PRUNED with their epochs), and --resume with a new
-    budget runs the rest."""
+    """Three tiny trials, one at a time. Under 10 s (Ray's start included) none can start: a trial's
+    start alone is estimated at TRIAL_START_SECONDS. Resumed under 35 s (Ray saved an experiment
+    without trials, which its own restore cannot read), not all can run: every record is truthful
+    (nothing RUNNING, trials cut short PRUNED with their epochs). Resumed with a long budget, the rest run."""
     study_file = tmp_path / "tiny.toml"
     study_file.write_text(STUDY_TOML)
     options = SearchOptions(
-        study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r", trials=3, time_budget=25.0
+        study=str(study_file), storage=f"sqlite:///{tmp_path / 'o.db'}", results_dir=tmp_path / "r", trials=3, time_budget=10.0
     )
     out = io.StringIO()
     with redirect_stdout(out):
         main_exit(options)
+    assert "The time budget (10s) is spent" in out.getvalue() and "--resume" in out.getvalue()
     study = optuna.load_study(study_name="tiny", storage=options.storage)
+    assert not [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        main_exit(SearchOptions(**{**options.__dict__, "resume": True, "time_budget": 35.0}))
     trials = study.get_trials(deepcopy=False)
     ended = [t for t in trials if t.state.is_finished()]
-    assert "The time budget (25s) is spent" in out.getvalue() and "--resume" in out.getvalue()
-    if ended:  # an epoch was measured: the message sizes a trial for the next budget
-        assert re.search(r"no other could finish in time \(a trial takes about [0-9.]+ (s|min) here", out.getvalue())
-    assert len(ended) < 3 and not [t for t in trials if t.state == TrialState.RUNNING]
+    assert "The time budget (35s) is spent" in out.getvalue()
+    assert re.search(r"no other could finish in time \(a trial takes about [0-9.]+ (s|min) here", out.getvalue())
+    assert 1 <= len(ended) < 3 and not [t for t in trials if t.state == TrialState.RUNNING]
     assert not StudyPaths(tmp_path / "r" / "tiny").finished.is_file()  # unfinished, not failed
     for trial in trials:
         if trial.user_attrs.get(names.TRIAL_STOPPED_FOR_TIME):
