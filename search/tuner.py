@@ -29,7 +29,7 @@ from search.adapters import (
     fail_running_trials,
 )
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
-from search.lease import DriverLease
+from search.lease import DriverLease, LeaseError
 from search.options import SearchOptions, command_line
 from search.paths import EXPERIMENT_NAME, StudyPaths
 from search.records import STUDY_STOP, OptunaRecorder, StudyStop
@@ -80,9 +80,14 @@ def run_on_ray(study: StudySpec, options: SearchOptions, paths: StudyPaths, data
                 atomic_write_text(paths.snapshot, study.path.read_text(encoding="utf-8"))
             storage = open_storage(options.storage)
             optuna.create_study(study_name=study.name, storage=storage, direction=OPTUNA_DIRECTION, load_if_exists=True)
-            with DriverLease(study.name, storage), storage_failures_in_one_line(options):
+            with DriverLease(study.name, storage) as lease, storage_failures_in_one_line(options):
                 prepare_optuna_study(study, options.storage, paths, options)
                 grid, stop = fit(study, options, paths, data_dir)
+            if lease.lost:  # its heartbeat stopped fit() as Ctrl-C would: the run is the other driver's now
+                raise LeaseError(
+                    f"study {study.name!r}: another driver took it over while this one was stalled (see its output); "
+                    "this one stopped and leaves the run, and its records, to it"
+                )
     finally:
         ray.shutdown()
     return grid, stop

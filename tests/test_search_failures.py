@@ -266,6 +266,35 @@ def test_start_points_are_queued_only_under_the_lease(study_setup, monkeypatch):
     assert study.get_trials() == []
 
 
+def test_a_driver_whose_lease_was_taken_over_stops_and_leaves_the_run_alone(study_setup, monkeypatch):
+    """Another driver took the lease while this one was stalled: the heartbeat stops fit() as Ctrl-C
+    would, and this driver ends with a LeaseError instead of reporting an interrupted run (or writing
+    finished.json) for a run that goes on elsewhere."""
+    import functools
+
+    import search.tuner
+    from search.records import STUDY_STOP
+
+    options, tmp_path = study_setup
+    monkeypatch.setattr(search.tuner, "start_ray", lambda *args: None)
+    monkeypatch.setattr(search.tuner, "wait_for_resources", lambda *args: None)
+    monkeypatch.setattr(search.tuner, "DriverLease", functools.partial(DriverLease, interval=0.2))
+
+    def fit(study, options, paths, data_dir):  # Ray's fit, which Ctrl-C ends cleanly
+        taken = {"host": "gpu-7", "pid": 4242, "token": "z", "beat": time.time(), "interval": 10}
+        optuna.load_study(study_name="tiny", storage=open_storage(options.storage)).set_user_attr(LEASE_ATTR, taken)
+        try:
+            time.sleep(10)
+        except KeyboardInterrupt:
+            return [], STUDY_STOP
+        raise AssertionError("the lease's heartbeat did not stop this driver")
+
+    monkeypatch.setattr(search.tuner, "fit", fit)
+    with pytest.raises(LeaseError, match="another driver took it over while this one was stalled"):
+        search.tuner.run_on_ray(load_spec(options.study), options, StudyPaths(tmp_path / "r" / "tiny"), DATA_DIR)
+    assert current_holder(optuna.load_study(study_name="tiny", storage=open_storage(options.storage))).token == "z"
+
+
 def test_resume_and_fresh_are_refused_while_a_driver_runs(study_setup, capsys):
     options, tmp_path = study_setup
     storage = open_storage(options.storage)
