@@ -154,6 +154,11 @@ def as_started(study: StudySpec, options: SearchOptions) -> tuple[StudySpec, Sea
                 f"not know ({', '.join(unknown)}): resume it with the version that started it, or start it over with --fresh"
             )
         study = dataclasses.replace(study, budget=Budget(**budget))
+        if study.budget.time_s and options.time_budget is None:
+            print(
+                f"Note: resuming under the time budget the run started with ({format_duration(study.budget.time_s)}), "
+                "counted from now; --time-budget gives another (e.g. 10h for the rest)."
+            )
     # A run recorded before the attribute existed: its model is the study file's (the snapshot's).
     model = attrs.get(STUDY_MODEL_PATH) or study.fixed.get("model_path")
     given = options.model_path

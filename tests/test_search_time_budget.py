@@ -104,7 +104,7 @@ def test_a_study_file_and_the_command_line_take_a_start_rule(tmp_path):
     assert run_search.build_parser().parse_args([]).start_rule is None  # the study file's rule
 
 
-def test_a_resumed_run_takes_the_budget_it_started_with(tmp_path):
+def test_a_resumed_run_takes_the_budget_it_started_with(tmp_path, capsys):
     """The stored budget wins over the study file's (the rule a run started with is kept when --resume
     gives none); one stored before start_rule existed resumes under "finish"; a field this version does
     not know is refused by name."""
@@ -116,6 +116,7 @@ def test_a_resumed_run_takes_the_budget_it_started_with(tmp_path):
     stored.set_user_attr("budget", {**spec.budget.__dict__, "time_s": 600.0, "start_rule": "first_rung"})
     options = SearchOptions(study=str(study_file), storage=url)
     resumed, _ = as_started(spec, options)
+    assert "resuming under the time budget the run started with (10m), counted from now" in capsys.readouterr().out
     assert (resumed.budget.start_rule, resumed.budget.time_s) == ("first_rung", 600.0)
     assert resumed.with_budget(start_rule="finish").budget.start_rule == "finish"  # --start-rule on the resume
     older = {k: v for k, v in spec.budget.__dict__.items() if k != "start_rule"}
