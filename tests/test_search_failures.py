@@ -283,10 +283,14 @@ def test_a_driver_whose_lease_was_taken_over_stops_and_leaves_the_run_alone(stud
     def fit(study, options, paths, data_dir):  # Ray's fit, which Ctrl-C ends cleanly
         taken = {"host": "gpu-7", "pid": 4242, "token": "z", "beat": time.time(), "interval": 10}
         optuna.load_study(study_name="tiny", storage=open_storage(options.storage)).set_user_attr(LEASE_ATTR, taken)
+        # Python's own Ctrl-C, whatever handler an earlier Ray Tune run in this process left installed.
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             time.sleep(10)
         except KeyboardInterrupt:
             return [], STUDY_STOP
+        finally:
+            signal.signal(signal.SIGINT, previous)
         raise AssertionError("the lease's heartbeat did not stop this driver")
 
     monkeypatch.setattr(search.tuner, "fit", fit)
