@@ -294,10 +294,41 @@ STUDENT_SCHEDULE = "proportional"
 STUDENT_EPOCHS = 6
 
 
-def student_config(args: argparse.Namespace, covered: list[str], distill_dir: Path) -> TrainConfig:
+def teacher_data_dir(plans: dict[str, TaskPlan]) -> Path | None:
+    """The data folder the teacher's models trained on, when their configs record one and agree."""
+    found = set()
+    for plan in plans.values():
+        for model_dir in plan.model_dirs:
+            recorded = RunDir(model_dir).read_config().get("train", {}).get("data_dir")
+            if recorded:
+                found.add(Path(recorded).resolve())
+    return found.pop() if len(found) == 1 else None
+
+
+def student_data_dir(args: argparse.Namespace, values: dict, trained_on: Path | None) -> Path:
+    """Where the student's rows come from: --data-dir, --config's or --set's data_dir, $MINBERT_DATA, else
+    the teacher's own folder. Another folder than the teacher's is refused unless --other-data-dir says
+    so: after ``data.holdout`` the full folder holds the held-out rows, which the student would then
+    train on, gold labels and all, and the held-out check would no longer be one."""
+    given = args.data_dir or values.get("data_dir") or os.environ.get(DATA_DIR_ENV)
+    if given is None:
+        return trained_on or resolve_data_dir(None)
+    chosen = Path(given).resolve()
+    if trained_on is not None and chosen != trained_on and not getattr(args, "other_data_dir", False):
+        raise ValueError(
+            f"the teacher's models trained on {trained_on}, but the student would train on {chosen} (--data-dir, "
+            f"data_dir or ${DATA_DIR_ENV}): give --data-dir {trained_on}, or add --other-data-dir if that is meant"
+        )
+    return chosen
+
+
+def student_config(
+    args: argparse.Namespace, covered: list[str], distill_dir: Path, trained_on: Path | None = None
+) -> TrainConfig:
     """The trainer's defaults for one model of every covered task (when there are several: each task's own
     top layers, STUDENT_TASK_LAYER_SHARE of them, STUDENT_SCHEDULE and STUDENT_EPOCHS), then --config,
-    --tasks and --set; refused (ValueError) when a task is not covered or the trainer would refuse it."""
+    --tasks and --set, on the teacher's data folder unless told (student_data_dir); refused (ValueError)
+    when a task is not covered or the trainer would refuse it."""
     values: dict = {"tasks": covered}
     if args.config is not None:
         try:
@@ -314,7 +345,7 @@ def student_config(args: argparse.Namespace, covered: list[str], distill_dir: Pa
             values[key] = json.loads(text)
         except ValueError:
             values[key] = text  # a bare string: --set pooling=cls
-    data_dir = str(resolve_data_dir(args.data_dir or values.get("data_dir")))
+    data_dir = str(student_data_dir(args, values, trained_on))
     cfg = TrainConfig.from_dict(values | {"distill_dir": str(distill_dir), "data_dir": data_dir, "distill_digest": None})
     if len(cfg.tasks) > 1:
         several = {
@@ -584,7 +615,7 @@ def distill(args: argparse.Namespace, report: Callable[[dict], None] | None = No
     started = time.perf_counter()
     predictor, plans = teacher_plans(args.ensemble)
     output_dir = (args.output_dir or default_output_dir(predictor)).resolve()  # absolute: a study's trials run elsewhere
-    cfg = student_config(args, list(plans), output_dir / "transfer")
+    cfg = student_config(args, list(plans), output_dir / "transfer", teacher_data_dir(plans))
     compared = compared_runs(args.compare or [], cfg.tasks)
     settings = Settings(augment_counts(args.augment, cfg.tasks), args.seed, args.neighbour_pool, args.neighbours, args.device)
     runner = Runner(args.device)
@@ -624,7 +655,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", nargs="+", action="extend", metavar="KEY=VALUE", help="student TrainConfig fields (VALUE as JSON, else a string)"
     )
     parser.add_argument("--output-dir", type=Path, help="default: results/<studies>/distill/<method>")
-    parser.add_argument("--data-dir", help=f"CS224N data directory (default: ${DATA_DIR_ENV}, else ./datasets)")
+    parser.add_argument(
+        "--data-dir", help=f"CS224N data directory (default: ${DATA_DIR_ENV}, else the one the teacher's models trained on)"
+    )
+    parser.add_argument(
+        "--other-data-dir",
+        action="store_true",
+        help="let the student train on another data directory than the teacher's models did (refused otherwise)",
+    )
     parser.add_argument("--device", help="cpu, cuda or cuda:N for the teacher and the embeddings (default: cuda when available)")
     parser.add_argument(
         "--fresh", action="store_true", help="train the student from scratch even if OUTPUT/student holds last.pt"

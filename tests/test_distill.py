@@ -571,3 +571,30 @@ def test_a_student_of_several_tasks_gets_own_top_layers_proportional_sampling_an
     assert config(["sst", "sts"]).epochs == ensemble_distill.STUDENT_EPOCHS == 6
     assert config(["sts"]).epochs == TrainConfig().epochs  # one task: the trainer's default
     assert config(["sst", "sts"], "epochs=2").epochs == 2  # as told
+
+
+def test_the_student_trains_on_the_teachers_data_folder_unless_told_otherwise(tmp_path, monkeypatch):
+    """After data.holdout, $MINBERT_DATA or ./datasets may be the full folder, held-out rows included: the
+    student takes the folder its teacher's models trained on, and another one only when told so."""
+    from ensemble.predict import TaskPlan
+    from model.rundir import RunDir
+
+    held_out, full = tmp_path / "heldout-data", tmp_path / "data"
+    members = [tmp_path / "m0", tmp_path / "m1"]
+    for member in members:
+        RunDir(member).write_config({"tasks": ["sst"], "data_dir": str(held_out)}, {})
+    plans = {"sst": TaskPlan("logits", members, [0.5, 0.5], ["m0", "m1"])}
+    trained_on = ensemble_distill.teacher_data_dir(plans)
+    assert trained_on == held_out.resolve()
+    monkeypatch.delenv("MINBERT_DATA", raising=False)
+    args = argparse.Namespace(data_dir=None, other_data_dir=False)
+    assert ensemble_distill.student_data_dir(args, {}, trained_on) == held_out.resolve()
+    monkeypatch.setenv("MINBERT_DATA", str(full))
+    with pytest.raises(ValueError, match=rf"trained on {held_out.resolve()}, but the student would train on {full.resolve()}"):
+        ensemble_distill.student_data_dir(args, {}, trained_on)
+    args.other_data_dir = True
+    assert ensemble_distill.student_data_dir(args, {}, trained_on) == full.resolve()
+    args = argparse.Namespace(data_dir=str(held_out), other_data_dir=False)
+    assert ensemble_distill.student_data_dir(args, {}, trained_on) == held_out.resolve()
+    RunDir(members[1]).write_config({"tasks": ["sst"], "data_dir": str(full)}, {})
+    assert ensemble_distill.teacher_data_dir(plans) is None  # members disagree: nothing to go by
