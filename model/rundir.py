@@ -87,9 +87,15 @@ class RunDir:
         for task, out in outputs.items():
             write_npz_outputs(self.epoch_outputs_file(task, epoch), out)
 
-    def clear_epoch_outputs(self) -> None:
-        for path in self.path.glob("outputs/epochs/*.npz"):
-            path.unlink()
+    def clear_run_files(self) -> None:
+        """Delete what a run writes here (weights, checkpoint, metrics, outputs, predictions), config.json
+        aside (the new run writes its own first): a new run in this folder must not pass another's off as
+        its own, e.g. that run's test predictions once this one has trained (they are written last)."""
+        for path in (self.weights_file, self.state_file, self.metrics_file):
+            path.unlink(missing_ok=True)
+        for pattern in ("outputs/epochs/*.npz", "outputs/*.npz", "predictions/*-out.csv"):
+            for path in self.path.glob(pattern):
+                path.unlink()
 
     # --- reading
 

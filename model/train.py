@@ -123,8 +123,8 @@ class Trainer:
         self.best: dict | None = None
         if self.run_dir.state_file.is_file() and not fresh:
             self._resume()
-        else:  # a fresh start: another run's epochs left in the folder must not pass for this one's
-            self.run_dir.clear_epoch_outputs()
+        else:  # a fresh start: another run's files left in the folder must not pass for this one's
+            self.run_dir.clear_run_files()
 
     def _optimizer(self) -> torch.optim.Optimizer:
         from model.optimizer import AdamW, param_groups

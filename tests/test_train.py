@@ -436,6 +436,25 @@ def test_a_fresh_run_leaves_no_epoch_of_the_run_it_replaces(tmp_path):
     assert RunDir(tmp_path).output_epochs("sts") == [1]
 
 
+def test_a_fresh_run_interrupted_before_its_test_predictions_does_not_take_the_old_ones(tmp_path, monkeypatch):
+    """The old run's test outputs are written last: a fresh run stopped after its last epoch, then
+    resumed, must predict test itself rather than find the old files and report them as its own."""
+    run = RunDir(tmp_path)
+    train(tiny_config(epochs=1, tasks=["sts"]), tmp_path)
+    old_test = run.read_outputs("sts", "test")["values"]
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_predict_test", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(epochs=1, tasks=["sts"], lr=3e-3), tmp_path, fresh=True)
+    assert not run.has_outputs(["sts"], "test") and not run.predictions_file("sts", "test").exists()
+    train(tiny_config(epochs=1, tasks=["sts"], lr=3e-3), tmp_path)  # resumed: every epoch done, test not yet
+    assert not np.allclose(run.read_outputs("sts", "test")["values"], old_test)
+
+
 @pytest.mark.parametrize("surgery", ["none", "pcgrad"])
 def test_a_tasks_loss_weight_scales_its_gradient_alone(tmp_path, surgery):
     """Two trainers, one seed, the same batches: weighting SST by 2 doubles the gradient of SST's own
