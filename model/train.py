@@ -260,6 +260,7 @@ class Trainer:
             self._task_grads = torch.empty((len(self.cfg.tasks), size), device=self.device)
         stacked = self._task_grads[: len(task_losses)]
         touched: dict[int, list[torch.Tensor]] = {}  # lazy word embeddings: per sparse gradient, the rows each task touched
+        used: set[int] = set()  # the shared parameters some task of this step reached (the pooler may be one task's)
         for row, (task, loss) in enumerate(task_losses.items()):
             own = self.model.task_parameters(task)
             grads = torch.autograd.grad(loss, encoder + own, allow_unused=True)
@@ -267,12 +268,17 @@ class Trainer:
                 p.grad = g
             parts = []
             for i, (p, g) in enumerate(zip(encoder, grads[: len(encoder)], strict=True)):
+                if g is not None:
+                    used.add(i)
                 if g is not None and g.is_sparse:
                     g = g.coalesce()
                     touched.setdefault(i, []).append(g.indices()[0])
                     g = g.to_dense()  # the surgery works on whole gradient vectors
                 parts.append((torch.zeros_like(p) if g is None else g).reshape(-1))
-            torch.cat(parts, out=stacked[row])
+            if parts:
+                torch.cat(parts, out=stacked[row])
+        if not used:  # nothing shared to combine (every shared layer frozen, no task on the pooler): heads only
+            return
         orders = random_orders(len(task_losses), self.rng)
         if self.cfg.surgery == "pcgrad":
             combined = pcgrad(stacked, orders)
@@ -283,6 +289,10 @@ class Trainer:
             self.gradvac_targets[index[:, None], index[None, :]] = targets.cpu()
         offset = 0
         for i, p in enumerate(encoder):
+            if i not in used:  # no gradient, as without surgery: AdamW skips it (no step, no decay, no momentum)
+                p.grad = None
+                offset += p.numel()
+                continue
             grad = combined[offset : offset + p.numel()].view_as(p).to(p.dtype)
             if i in touched:  # sparse again, over the rows any task touched: AdamW stays lazy
                 rows = torch.unique(torch.cat(touched[i]))

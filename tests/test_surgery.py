@@ -176,3 +176,40 @@ def test_gram_matrix_surgery_equals_the_direct_loops(seed):
     expected, expected_targets = direct_gradvac(grads, targets, 0.05, orders)
     torch.testing.assert_close(combined.double(), expected, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(new_targets.double(), expected_targets, atol=1e-6, rtol=1e-5)
+
+
+@needs_data
+def test_surgery_leaves_a_shared_parameter_no_task_of_the_step_reached_without_a_gradient(tmp_path):
+    """The pooler serves SST alone here: a step of paraphrase and STS gives it no gradient, so AdamW
+    must neither count a step for it, nor decay it, nor move it by its momentum (as without surgery)."""
+    from model.config import TrainConfig
+    from model.train import Trainer
+
+    pooling = {"sst": "pooler", "para": "mean", "sts": "mean"}
+    cfg = TrainConfig.from_dict(tiny_config(surgery="pcgrad", pooling=pooling, weight_decay=0.1, predict_test=False))
+    trainer = Trainer(cfg, output_dir=tmp_path, report=None, fresh=True)
+    pooler = list(trainer.model.bert.pooler.parameters())
+    before = [p.detach().clone() for p in pooler]
+    losses = {task: trainer._batch_loss(task, trainer.streams[task].next().to(trainer.device)) for task in ("para", "sts")}
+    trainer._surgery_backward(losses)
+    assert all(p.grad is None for p in pooler)
+    assert all(p.grad is not None for p in trainer.model.bert.encoder.parameters() if p.requires_grad)
+    trainer.optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(pooler, before, strict=True))
+    assert all(p not in trainer.optimizer.state or not trainer.optimizer.state[p] for p in pooler)
+
+
+@needs_data
+def test_surgery_with_nothing_shared_to_train_steps_the_heads_alone(tmp_path):
+    """Every shared layer frozen (the top one is each task's own) and no task on the pooler: nothing to
+    combine, so a step trains the heads and the tasks' own layers, not a crash on an empty gradient."""
+    from model.config import TrainConfig
+    from model.train import Trainer
+
+    cfg = TrainConfig.from_dict(tiny_config(surgery="gradvac", task_layers=1, freeze_layers=1, predict_test=False))
+    trainer = Trainer(cfg, output_dir=tmp_path, report=None, fresh=True)
+    assert trainer.model.encoder_parameters() == []
+    heads = [p for task in cfg.tasks for p in trainer.model.task_parameters(task)]
+    before = [p.detach().clone() for p in heads]
+    trainer._train_step(list(cfg.tasks))
+    assert any(not torch.equal(p, b) for p, b in zip(heads, before, strict=True))
