@@ -79,11 +79,21 @@ class BertConfig:
             raise ValueError(f"{path}: model_type is {raw['model_type']!r}; only 'bert' is supported")
         if raw.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{path}: only absolute position embeddings are supported")
-        if config.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"{path}: hidden_act {config.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"{path}: hidden_size must be a multiple of num_attention_heads")
+        config.check(str(path))
         return config
+
+    def check(self, where: str) -> None:
+        """ValueError, naming ``where``, for a config this BERT cannot build or run."""
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"{where}: hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        for name in (*sizes, "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{where}: {name} must be a positive integer, not {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            heads = self.num_attention_heads
+            raise ValueError(f"{where}: hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({heads})")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)} | {"model_type": "bert"}

@@ -301,6 +301,7 @@ class TrainConfig:
             bad = [k for k in self.model_config if k not in known and k != "model_type"]
             if bad:
                 raise ValueError(f"model_config: unknown BertConfig field(s) {bad}; known: {sorted(known)}")
+            BertConfig(**{k: v for k, v in self.model_config.items() if k != "model_type"}).check("model_config")
         if self.model_path is not None:
             self.model_path = str(self.model_path)
 

@@ -489,3 +489,18 @@ def test_loss_weights_are_checked_and_read_from_the_command_line():
     assert "--loss-weight X|TASK=X" in build_parser().format_help()
     with pytest.raises(argparse.ArgumentTypeError, match="--loss-weight: 'x' is not a number"):
         parse_per_task("loss_weight", ["sst=x"], float)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"hidden_size": 10, "num_attention_heads": 4}, r"hidden_size \(10\) must be a multiple of num_attention_heads \(4\)"),
+        ({"hidden_act": "swish"}, "hidden_act 'swish' is not one of"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer, not 0"),
+        ({"intermediate_size": 6.5}, "intermediate_size must be a positive integer, not 6.5"),
+    ],
+)
+def test_a_model_config_the_bert_cannot_run_is_refused_before_training(bad, message):
+    """Checked with the config, as a config.json is, not at the first forward pass after the setup."""
+    with pytest.raises(ValueError, match=rf"model_config: {message}"):
+        TrainConfig.from_dict(tiny_config(model_config=tiny_config()["model_config"] | bad))
