@@ -95,6 +95,8 @@ class Trainer:
         # With a distill_dir: the gold rows plus augmented ones, and the teacher's soft targets per row.
         self.train_splits, self.soft_targets = transfer_splits(cfg, gold)
         self.dev_splits = {t: load_split(cfg, t, "dev", cfg.eval_limit) for t in cfg.tasks}
+        # Read now, though used after the last epoch: a missing or bad test file must not wait for the training.
+        self.test_splits = {t: load_split(cfg, t, "test", cfg.eval_limit) for t in cfg.tasks} if cfg.predict_test else {}
         self.sizes = {t: len(s) for t, s in self.train_splits.items()}
         self.both_orders = both_order_tasks(cfg)  # trained on, and read in, both pair orders
         self.streams = {
@@ -373,8 +375,7 @@ class Trainer:
         current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.model.load_state_dict(best)
         try:
-            splits = {t: load_split(self.cfg, t, "test", self.cfg.eval_limit) for t in self.cfg.tasks}
-            _, outputs = evaluate_splits(self.model, splits, self.bf16, self.both_orders)
+            _, outputs = evaluate_splits(self.model, self.test_splits, self.bf16, self.both_orders)
             self.run_dir.write_outputs("test", outputs)
         finally:
             self.model.load_state_dict(current)

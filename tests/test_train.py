@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from tiny_model import DEVICE, needs_data, tiny_config
+from tiny_model import DATA_DIR, DEVICE, needs_data, tiny_config
 
 from data.atomic import atomic_write
 from data.tokenize import swap_pair_order
@@ -504,3 +504,17 @@ def test_a_model_config_the_bert_cannot_run_is_refused_before_training(bad, mess
     """Checked with the config, as a config.json is, not at the first forward pass after the setup."""
     with pytest.raises(ValueError, match=rf"model_config: {message}"):
         TrainConfig.from_dict(tiny_config(model_config=tiny_config()["model_config"] | bad))
+
+
+def test_a_missing_test_file_stops_the_run_before_it_trains(tmp_path):
+    """Test predictions come last: the file they need is read when the run starts, not after every epoch."""
+    from data.files import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"sts-{split}.csv").symlink_to(DATA_DIR / f"sts-{split}.csv")
+    with pytest.raises(DataError, match="sts-test-student.csv: file not found"):
+        train(tiny_config(tasks=["sts"], data_dir=str(data)), tmp_path / "run")
+    assert not RunDir(tmp_path / "run").state_file.exists()
+    train(tiny_config(tasks=["sts"], data_dir=str(data), predict_test=False), tmp_path / "run")  # not needed: not read
