@@ -11,9 +11,10 @@ files in ``--data-dir`` (default: $MINBERT_DATA, else ./datasets) to ``--output-
 ``<DIR>/predict/<task>-<split>-out.csv``), and prints each dev metric.
 
 FILE.csv is in the CS224N format (tab-separated, header with ``id`` and the text columns; a label
-column is optional and, when present, the metric is printed). The task comes from the columns
-(``sentence`` vs ``sentence1``/``sentence2``; ``similarity`` / ``is_duplicate``), then from the file name
-(sst, cfimdb, quora/para, sts), then from the ensemble's tasks; ``--task`` overrides.
+column is optional and, when present, the metric is printed on the rows whose label is not empty; every
+row is predicted). The task comes from the columns (``sentence`` vs ``sentence1``/``sentence2``;
+``similarity`` / ``is_duplicate``), then from the file name (sst, cfimdb, quora/para, sts), then from the
+ensemble's tasks; ``--task`` overrides.
 
 With ``--input`` the leaderboard CSV goes to ``--output``, by default to
 ``<DIR>/predict/<input name>-<task>-out.csv`` (next to the ensemble, since the input's folder, e.g. the
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from data.atomic import atomic_write_text
-from data.files import TASKS, DataError, Example, load_examples, read_file
+from data.files import TASKS, DataError, Example, check_header, load_examples, read_file
 from ensemble.estimate import DEFAULT_RESAMPLES, paired_bootstrap
 from ensemble.lend import lent_probabilities
 from ensemble.logits import Outputs, align_outputs, average_outputs
@@ -150,8 +151,10 @@ def check_plans(plans: dict[str, TaskPlan]) -> None:
 def read_header(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as fp:
-        return next(csv.reader(fp, delimiter="\t"), [])
+    with open(path, newline="", encoding="utf-8-sig") as fp:  # as read_file reads it
+        header = next(csv.reader(fp, delimiter="\t"), [])
+    check_header(path, header, ())  # a comma-separated file is told so, not given a list of tasks
+    return header
 
 
 def infer_task(path: Path, header: list[str], available: list[str]) -> str:
@@ -199,7 +202,9 @@ class Runner:
         if model_dir not in self.models:
             self.models[model_dir] = load_trained(model_dir, device=self.device)
         model, cfg = self.models[model_dir]
-        _, outputs = evaluate_model(model, cfg, "test", examples={task: examples})
+        # The labels stay here: some rows may have none, and the metric is computed on the labelled ones only.
+        unlabelled = [Example(e.id, e.texts, None) for e in examples]
+        _, outputs = evaluate_model(model, cfg, "test", examples={task: unlabelled})
         return as_numpy_outputs(outputs)
 
     def member(
@@ -254,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# What one prediction wrote: the file, the task, and the metric when the examples had labels.
-Written = tuple[Path, str, float | None]
+# What one prediction wrote: the file, the task, the metric on the examples with a label (None: none has
+# one), how many those are, and how many examples were predicted.
+Written = tuple[Path, str, float | None, int, int]
 # One prediction to make: the task, its examples and the file its CSV goes to.
 Job = tuple[str, list[Example], Path]
 PREDICTOR = "predictor"
@@ -270,7 +276,8 @@ class Comparison:
     path: Path  # the JSON written beside the predictions
     predictor: Path
     task: str
-    rows: int
+    rows: int  # labelled rows, those scored
+    total: int  # rows in the file, all predicted
     scores: dict[str, float]  # PREDICTOR first, then the references
     differences: dict[str, tuple[float, float]]  # reference -> (predictor minus it, standard error)
     members: dict[str, list[str]]  # the models each one runs
@@ -279,7 +286,7 @@ class Comparison:
         metric = TASKS[self.task].metric_name
         width = max(map(len, self.scores))
         draws = f"paired bootstrap, {DEFAULT_RESAMPLES} draws"
-        lines = [f"{self.source}: {self.task}, {self.rows} labelled rows, {metric} ({draws}):"]
+        lines = [f"{self.source}: {self.task}, {self.rows} labelled rows of {self.total}, {metric} ({draws}):"]
         for name, score in self.scores.items():
             line = f"  {name:<{width}}  {score:.4f}  ({len(self.members[name])} model(s))"
             if name in self.differences:
@@ -291,8 +298,8 @@ class Comparison:
     def to_dict(self) -> dict:
         differences = {name: {"mean": d, "standard_error": e} for name, (d, e) in self.differences.items()}
         return {"input": str(self.source), "predictor": str(self.predictor), "task": self.task, "rows": self.rows,
-                "metric": TASKS[self.task].metric_name, "scores": self.scores, "members": self.members,
-                "differences": differences, "bootstrap_draws": DEFAULT_RESAMPLES}  # fmt: skip
+                "rows_in_file": self.total, "metric": TASKS[self.task].metric_name, "scores": self.scores,
+                "members": self.members, "differences": differences, "bootstrap_draws": DEFAULT_RESAMPLES}  # fmt: skip
 
 
 # Fewer labelled rows than this give a bootstrap whose draws often hold one label only.
@@ -302,16 +309,29 @@ MIN_COMPARE_ROWS = 20
 def compare(
     predictor: Path, plans: dict[str, TaskPlan], runner: Runner, job: Job, outputs: TaskOutputs, source: Path
 ) -> Comparison:
-    """The predictor's ``outputs`` on a job's labelled examples against its references (``plans`` besides
-    PREDICTOR) run on the same rows."""
+    """The predictor's ``outputs`` on a job's examples against its references (``plans`` besides PREDICTOR)
+    run on the same rows, scored on the rows with a label."""
     task, examples, output = job
-    labels = np.asarray([e.label for e in examples], dtype=float)
+    scored, labels = labelled(examples)
     references = {name: runner.predict(plan, task, examples)["values"] for name, plan in plans.items() if name != PREDICTOR}
-    scores = {name: task_metric(task, v, labels) for name, v in ({PREDICTOR: outputs["values"]} | references).items()}
-    differences = {name: paired_bootstrap(task, outputs["values"], v, labels) for name, v in references.items()}
+    values = {name: v[scored] for name, v in ({PREDICTOR: outputs["values"]} | references).items()}
+    scores = {name: task_metric(task, v, labels) for name, v in values.items()}
+    differences = {name: paired_bootstrap(task, values[PREDICTOR], values[name], labels) for name in references}
     members = {name: plan.names for name, plan in plans.items()}
     path = output.with_name(f"{output.stem}-compare.json")
-    return Comparison(source, path, predictor, task, len(examples), scores, differences, members)
+    return Comparison(source, path, predictor, task, len(labels), len(examples), scores, differences, members)
+
+
+def labelled(examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:
+    """Which examples have a label (a mask), and those labels."""
+    scored = np.array([e.label is not None for e in examples], dtype=bool)
+    return scored, np.asarray([e.label for e in examples if e.label is not None], dtype=float)
+
+
+def scored_metric(task: str, examples: list[Example], values: np.ndarray) -> tuple[float | None, int, int]:
+    """The metric of ``values`` on the examples with a label (None when none has one), their count, and all."""
+    scored, labels = labelled(examples)
+    return (task_metric(task, values[scored], labels) if len(labels) else None), len(labels), len(examples)
 
 
 def predict(args: argparse.Namespace) -> tuple[list[Written], list[Comparison]]:
@@ -330,8 +350,7 @@ def predict(args: argparse.Namespace) -> tuple[list[Written], list[Comparison]]:
     written = []
     for (task, examples, output), outputs in computed:
         write_predictions(output, task, outputs["ids"], outputs["values"])
-        labels = [e.label for e in examples]
-        written.append((output, task, None if None in labels else task_metric(task, outputs["values"], labels)))
+        written.append((output, task, *scored_metric(task, examples, outputs["values"])))
     for comparison in comparisons:
         atomic_write_text(comparison.path, json.dumps(comparison.to_dict(), indent=2) + "\n")
     return written, comparisons
@@ -353,9 +372,11 @@ def prediction_jobs(args: argparse.Namespace, predictor: Path, plans: dict[str, 
     spec = TASKS[task]
     if args.compare and spec.label_column not in header:
         raise DataError(f"{args.input}:1: --compare needs labels, and the header has no {spec.label_column!r} column")
-    examples = read_file(args.input, spec, labelled=spec.label_column in header)
-    if args.compare and len(examples) < MIN_COMPARE_ROWS:
-        raise DataError(f"{args.input}: {len(examples)} labelled rows; --compare needs at least {MIN_COMPARE_ROWS}")
+    # Every row gets a prediction; a row with an empty label is only left out of the metric.
+    examples = read_file(args.input, spec, labelled=spec.label_column in header, keep_unlabelled=True)
+    count = len(labelled(examples)[1])
+    if args.compare and count < MIN_COMPARE_ROWS:
+        raise DataError(f"{args.input}: {count} labelled rows; --compare needs at least {MIN_COMPARE_ROWS}")
     return [(task, examples, args.output or default_output(args.ensemble, args.input, task))]
 
 
@@ -369,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     except (EnsembleError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    for output, task, score in written:
-        metric = TASKS[task].metric_name
-        print(f"wrote {output}" + ("" if score is None else f" ({metric} on the file's labels: {score:.4f})"))
+    for output, task, score, scored, rows in written:
+        metric = f"{TASKS[task].metric_name} on the {scored} of them with a label: {score:.4f}" if scored else "none has a label"
+        print(f"wrote {output} ({rows} rows; {metric})")
     for comparison in comparisons:
         print("\n".join(comparison.lines()))
         print(f"wrote {comparison.path}")

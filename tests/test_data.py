@@ -16,7 +16,7 @@ from tiny_model import DATA_DIR, needs_data
 from data import fetch as fetch_module
 from data.atomic import atomic_write_text, replace_folder
 from data.batching import BatchStream, batch_indices, iterate_batches, make_batch, pad
-from data.files import SPLITS, TASKS, DataError, Example, load_examples
+from data.files import SPLITS, TASKS, DataError, Example, load_examples, read_file
 from data.tokenize import EncodedSplit, Tokenizer, cached_encode, swap_pair_order
 from model.bert import default_model_path
 
@@ -301,9 +301,15 @@ def test_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
         (SST_HEADER, [["0", "a", "x", "2.5"]], r"ids-sst-train.csv:2: sentiment '2.5' is not a class"),
         (SST_HEADER, [["0", "a", "x", "nan"]], r"ids-sst-train.csv:2: sentiment 'nan' is not a finite number"),
         (SST_HEADER, [["0", "a", "x", "inf"]], r"ids-sst-train.csv:2: sentiment 'inf' is not a finite number"),
-        (SST_HEADER, [["0", "a", "x", "2", "extra"]], r"ids-sst-train.csv:2: the row has the wrong number of fields"),
-        (SST_HEADER, [["0", "a", "x", "1"], ["1", "b"]], r"ids-sst-train.csv:3: the row has the wrong number of fields"),
+        (SST_HEADER, [["0", "a", "x", "2", "extra"]], r"ids-sst-train.csv:2: the row has 5 fields; the header has 4"),
+        (SST_HEADER, [["0", "a", "x", "1"], ["1", "b"]], r"ids-sst-train.csv:3: the row has 2 fields; the header has 4"),
         (SST_HEADER, [], r"ids-sst-train.csv: no data rows after the header"),
+        (SST_HEADER, [["0", "a", "x", "1"], ["1", "", "y", "2"]], r"ids-sst-train.csv:3: the id is empty; give every row"),
+        (
+            SST_HEADER,
+            [["0", "a", "x", "1"], ["1", "b", "y", "2"], ["2", " a", "z", "3"]],
+            r"ids-sst-train.csv:4: id 'a' is repeated \(first on line 2\); give every row its own id",
+        ),
     ],
 )
 def test_bad_sst_files_name_the_file_and_line(tmp_path, header, rows, message):
@@ -343,6 +349,58 @@ def test_rows_with_an_empty_label_are_skipped_and_counted(tmp_path):
     with pytest.warns(UserWarning, match=r"ids-sst-train.csv: skipped 2 row\(s\) with an empty 'sentiment'"):
         examples = load_examples("sst", "train", sst_train(tmp_path, rows))
     assert [e.id for e in examples] == ["a", "c"]
+
+
+def test_every_row_with_an_empty_label_is_an_error_that_says_so(tmp_path):
+    rows = [["0", "a", "x", ""], ["1", "b", "y", " "]]
+    with pytest.raises(DataError, match=r"ids-sst-train.csv: all 2 rows have an empty 'sentiment'"):
+        load_examples("sst", "train", sst_train(tmp_path, rows))
+
+
+def test_rows_with_an_empty_label_can_be_kept_unlabelled(tmp_path):
+    rows = [["0", "a", "x", "1"], ["1", "b", "y", ""]]
+    examples = read_file(sst_train(tmp_path, rows) / "ids-sst-train.csv", TASKS["sst"], True, keep_unlabelled=True)
+    assert examples == [Example("a", ("x",), 1), Example("b", ("y",), None)]
+
+
+@pytest.mark.parametrize(
+    ("file", "header", "rows", "message"),
+    [
+        # The sentence is the last column: the open quote swallows the next rows and the field count stays right.
+        (
+            "ids-sst-test-student.csv",
+            ["0", "", "id", "sentence"],
+            [["1", "0.0", "t1", '"Nice .'], ["2", "1.0", "t2", "ok"]],
+            r"ids-sst-test-student.csv:2: 'sentence' holds a tab or a line break \(the record runs to line 3\)",
+        ),
+        (
+            "ids-sst-train.csv",
+            SST_HEADER,
+            [["0", "a", "x", "1"], ["1", "b", '"y', "2"], ["2", "c", "z", "3"], ["3", "d", 'w"', "0"]],
+            r"ids-sst-train.csv:3: 'sentence' holds a tab or a line break \(the record runs to line 5\)",
+        ),
+        (
+            "ids-sst-train.csv",
+            SST_HEADER,
+            [["0", "a", '"x', "1"], ["1", "b", "y", "2"]],
+            r"ids-sst-train.csv:2: 'sentence' holds a tab or a line break \(the record runs to line 3\)",
+        ),
+    ],
+)
+def test_an_unbalanced_quote_names_the_line_its_record_started_on(tmp_path, file, header, rows, message):
+    write_file(tmp_path / file, header, rows)
+    split = "test" if "test" in file else "train"
+    with pytest.raises(DataError, match=message + r': an unbalanced quote\? Double it \(""\) or quote the whole field'):
+        load_examples("sst", split, tmp_path)
+
+
+def test_a_byte_order_mark_is_ignored_and_commas_are_not_tabs(tmp_path):
+    text = "id\tsentence\tsentiment\na\tfine\t2\n"
+    (tmp_path / "ids-sst-train.csv").write_text("\ufeff" + text, encoding="utf-8")
+    assert load_examples("sst", "train", tmp_path) == [Example("a", ("fine",), 2)]
+    (tmp_path / "ids-sst-train.csv").write_text(text.replace("\t", ","), encoding="utf-8")
+    with pytest.raises(DataError, match=r"ids-sst-train.csv:1: the header is one field with commas .*must be tab-separated"):
+        load_examples("sst", "train", tmp_path)
 
 
 def test_unknown_task_or_split(tmp_path):

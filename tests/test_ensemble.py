@@ -630,3 +630,56 @@ def test_predict_refuses_non_finite_outputs(tmp_path, runs, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "huge" in err and "NaN or infinite outputs" in err, err
     assert not output.exists()
+
+
+def test_predict_covers_rows_without_a_label_and_scores_the_labelled_ones(tmp_path, runs, capsys):
+    """An --input whose label is empty on some rows: every row is predicted, the metric is on the labelled
+    rows only, and the output says how many those were (before: those rows had no prediction)."""
+    new_file = tmp_path / "some-sts.csv"
+    head_of(DATA_DIR / "sts-dev.csv", new_file, 10)
+    header, *rows = new_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    blanked = [row if n not in (1, 4) else row.rsplit("\t", 1)[0] + "\t\n" for n, row in enumerate(rows)]
+    new_file.write_text(header + "".join(blanked), encoding="utf-8")
+    output = tmp_path / "out.csv"
+    argv = ["--ensemble", str(runs[0]), "--input", str(new_file), "--output", str(output)]
+    assert ensemble_predict.main(argv) == 0
+    written = read_csv(output)[1:]
+    assert [r[0] for r in written] == [row.split("\t")[1] for row in rows]  # every row, in the file's order
+    labelled = [n for n in range(10) if n not in (1, 4)]
+    labels = [float(rows[n].rstrip("\n").split("\t")[-1]) for n in labelled]
+    expected = task_metric("sts", np.array([float(written[n][1]) for n in labelled]), np.array(labels))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"wrote {output} (10 rows; Pearson r on the 8 of them with a label: "), line
+    assert float(line.rsplit(": ", 1)[1].rstrip(")")) == pytest.approx(expected, abs=1e-3)  # the CSV's values are rounded
+    new_file.write_text(header + "".join(row.rsplit("\t", 1)[0] + "\t\n" for row in rows), encoding="utf-8")
+    assert ensemble_predict.main(argv) == 0
+    assert len(read_csv(output)) == 11 and "(10 rows; none has a label)" in capsys.readouterr().out
+    assert ensemble_predict.main([*argv, "--compare"]) == 1
+    assert "0 labelled rows; --compare needs at least 20" in capsys.readouterr().err
+
+
+def test_compare_scores_the_labelled_rows_only(tmp_path):
+    """--compare on a file with some empty labels: the predictor and its references are run on every row,
+    scored and bootstrapped on the labelled ones; the report says how many of how many."""
+    from data.files import Example
+
+    rng = np.random.default_rng(0)
+    examples = [Example(f"r{i}", ("a", "b"), None if i % 4 == 0 else float(rng.uniform(0, 5))) for i in range(40)]
+    mine, theirs = rng.uniform(0, 5, 40), rng.uniform(0, 5, 40)
+
+    class FakeRunner:
+        def predict(self, plan, task, rows):
+            assert rows is examples  # run on every row
+            return {"values": theirs}
+
+    plans = {name: ensemble_predict.TaskPlan("soup", [], [], [name]) for name in (ensemble_predict.PREDICTOR, "baseline")}
+    job = ("sts", examples, tmp_path / "x-sts-out.csv")
+    result = ensemble_predict.compare(tmp_path, plans, FakeRunner(), job, {"values": mine}, tmp_path / "x.csv")
+    keep = np.array([e.label is not None for e in examples])
+    labels = np.array([e.label for e in examples if e.label is not None])
+    assert result.rows == 30 and result.total == 40 and "30 labelled rows of 40" in result.lines()[0]
+    assert result.scores == {
+        "predictor": task_metric("sts", mine[keep], labels),
+        "baseline": task_metric("sts", theirs[keep], labels),
+    }
+    assert result.differences["baseline"] == paired_bootstrap("sts", mine[keep], theirs[keep], labels)
