@@ -88,12 +88,10 @@ class RunDir:
             write_npz_outputs(self.epoch_outputs_file(task, epoch), out)
 
     def clear_run_files(self) -> None:
-        """Delete what a run writes here (weights, checkpoint, metrics, outputs, predictions), config.json
-        aside (the new run writes its own first): a new run in this folder must not pass another's off as
-        its own, e.g. that run's test predictions once this one has trained (they are written last)."""
-        for path in (self.weights_file, self.state_file, self.metrics_file):
-            path.unlink(missing_ok=True)
-        for pattern in ("outputs/epochs/*.npz", "outputs/*.npz", "predictions/*-out.csv"):
+        """Delete the per-epoch dev outputs and the test outputs of a run that was here before: a new run
+        overwrites the weights, metrics and dev outputs at its first epoch, but writes test outputs last, so
+        a run stopped before them and resumed would find the old run's and pass them off as its own."""
+        for pattern in ("outputs/epochs/*.npz", "outputs/*-test.npz", "predictions/*-test-out.csv"):
             for path in self.path.glob(pattern):
                 path.unlink()
 
