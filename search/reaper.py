@@ -10,7 +10,10 @@ processes: their start times must match, since pids are reused).
 
 A worker that starts after the reaper's last look is not among those: each trial's worker therefore also
 asks the kernel to kill it when its parent (the raylet) dies (``die_with_parent``), rather than noticing
-by itself, tens of seconds later, that its raylet is gone.
+by itself, tens of seconds later, that its raylet is gone. A worker still starting (not yet in a trial)
+has not asked yet: the driver's environment carries a mark (REAP_MARK, unique to the run) that every
+Ray process inherits, and the reaper, once it has killed the processes it knew, also kills every
+process that carries the mark, for a moment, as a dying raylet may still start one.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 POLL_SECONDS = 0.5
 PROC = Path("/proc")
 DONE = b"done\n"
+REAP_MARK = "MINBERT_REAP_MARK"  # environment variable: the run's mark, inherited by its Ray processes
+SWEEP_SECONDS = 2.0  # how long after the driver's death marked processes are still looked for
 
 
 @contextlib.contextmanager
@@ -36,8 +42,10 @@ def reaping() -> Iterator[None]:
     if not PROC.is_dir():
         yield
         return
+    mark, before = f"{os.getpid()}-{time.time_ns()}", os.environ.get(REAP_MARK)
+    os.environ[REAP_MARK] = mark  # before Ray starts: its processes inherit the driver's environment
     reaper = subprocess.Popen(
-        [sys.executable, "-m", "search.reaper", str(os.getpid())],
+        [sys.executable, "-m", "search.reaper", str(os.getpid()), mark],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -52,6 +60,10 @@ def reaping() -> Iterator[None]:
             reaper.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             reaper.wait(timeout=5)
+        if before is None:
+            os.environ.pop(REAP_MARK, None)
+        else:
+            os.environ[REAP_MARK] = before
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -101,7 +113,31 @@ def reap(known: dict[int, int]) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
-def watch(driver_pid: int) -> None:
+def marked(mark: str) -> list[int]:
+    """The processes, this reaper aside, whose environment holds REAP_MARK=``mark``."""
+    needle = b"\0" + f"{REAP_MARK}={mark}".encode() + b"\0"
+    found = []
+    for entry in PROC.iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if needle in b"\0" + (entry / "environ").read_bytes() + b"\0":
+                    found.append(int(entry.name))
+    return found
+
+
+def sweep(mark: str, seconds: float = SWEEP_SECONDS) -> None:
+    """SIGKILL every process that carries ``mark``, again and again for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        for pid in marked(mark):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.1)
+
+
+def watch(driver_pid: int, mark: str | None = None) -> None:
     said: list[bytes] = []
     ended = threading.Event()
 
@@ -115,7 +151,9 @@ def watch(driver_pid: int) -> None:
         known.update(descendants(driver_pid))
     if DONE not in b"".join(said):
         reap(known)
+        if mark:
+            sweep(mark)
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]))
+    watch(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else None)

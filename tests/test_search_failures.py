@@ -405,6 +405,39 @@ def test_a_killed_drivers_processes_die_with_it():
     assert not alive(child)
 
 
+ORPHANED = """
+import subprocess, sys, time
+from search.reaper import reaping
+with reaping():
+    # A process with the run's environment that is no descendant the reaper can see, as a worker that a
+    # dying raylet starts after the reaper's last look: started through a parent that exits at once.
+    sleeper = "import time; time.sleep(120)"
+    quiet = "stdout=s.DEVNULL, stderr=s.DEVNULL"  # else run() waits for the sleeper to close the pipes
+    code = f"import subprocess as s, sys; print(s.Popen([sys.executable, '-c', {sleeper!r}], {quiet}).pid)"
+    print(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip(), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_process_with_the_runs_mark_dies_with_the_driver_though_the_reaper_never_saw_it():
+    import subprocess
+    import sys
+
+    driver = subprocess.Popen([sys.executable, "-c", ORPHANED], stdout=subprocess.PIPE, cwd=PROJECT_ROOT)
+    orphan = int(driver.stdout.readline())
+    try:
+        assert alive(orphan)
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 5
+        while alive(orphan) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(orphan)
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(orphan, signal.SIGKILL)
+
+
 PARENT = """
 import subprocess, sys, time
 worker = "from search.reaper import die_with_parent; die_with_parent(); print('ready', flush=True); import time; time.sleep(120)"
