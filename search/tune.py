@@ -57,10 +57,11 @@ def run_search(options: SearchOptions) -> Outcome:
         current_holder(optuna.load_study(study_name=study.name, storage=open_storage(options.storage))) if in_storage else None
     )
 
+    ready = None  # the new run's study and data directory, once checked
     if options.fresh and (in_storage or on_disk):
         if holder is not None:
             raise LeaseError(f"study {study.name!r} is being run by {holder.describe()}; refusing to delete it (--fresh)")
-        checked(with_model_path(study, options), options)  # before deleting anything: a typo must not cost the run
+        ready = checked(with_model_path(study, options), options)  # before deleting anything: a typo must not cost the run
         delete_study_run(study.name, url, paths, in_storage, options.storage)
         in_storage = on_disk = False
     if (in_storage or on_disk) and not options.resume:
@@ -106,7 +107,7 @@ def run_search(options: SearchOptions) -> Outcome:
         study = with_model_path(study, options)
     if options.resume and (options.trials is not None or options.max_concurrent is not None):
         print("Note: --trials and --max-concurrent do not change a resumed run; it keeps the budget it started with.")
-    study, data_dir = checked(study, options)
+    study, data_dir = ready or checked(study, options)
     if not options.early_stopping and study.budget.time_s and study.budget.start_rule == "first_rung":
         print(
             "Note: with --no-early-stopping there is no first rung to reach: under start_rule first_rung every "

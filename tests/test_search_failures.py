@@ -384,6 +384,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_until_gone(pid: int, seconds: float, poll: float = 0.05) -> None:
+    """Return once ``pid`` is dead (or a zombie), or after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(poll)
+
+
 def start_driver(seconds: float):
     import subprocess
     import sys
@@ -399,9 +406,7 @@ def test_a_killed_drivers_processes_die_with_it():
     time.sleep(1.5)  # the reaper notes the driver's descendants every half second
     driver.kill()
     driver.wait()
-    deadline = time.monotonic() + 10
-    while alive(child) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until_gone(child, 10, poll=0.1)
     assert not alive(child)
 
 
@@ -429,9 +434,7 @@ def test_a_process_with_the_runs_mark_dies_with_the_driver_though_the_reaper_nev
         assert alive(orphan)
         driver.kill()
         driver.wait()
-        deadline = time.monotonic() + 5
-        while alive(orphan) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until_gone(orphan, 5)
         assert not alive(orphan)
     finally:
         with contextlib.suppress(OSError):
@@ -457,9 +460,7 @@ def test_a_trial_worker_dies_with_its_raylet_at_once():
     worker = int(parent.stdout.readline())
     parent.kill()
     parent.wait()
-    deadline = time.monotonic() + 2
-    while alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until_gone(worker, 2)
     try:
         assert not alive(worker)
     finally:
