@@ -6,18 +6,20 @@ Written against ray 2.60.0 and optuna 5.0.0 (pyproject.toml pins both). It uses:
            RDBStorage.engine, table study_user_attributes (study_id, key, value_json)   (no compare-and-set)
   ray      OptunaSearch._ot_study, ._ot_trials, ._completed_trials   (the searcher's trial table)
            SearchGenerator._finished                                 (reset on restore)
+           Searcher.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL   (the searcher checkpoint's files)
            ASHAScheduler._brackets, bracket._rungs, ._metric_op      (the rung records ASHA ranks by)
 tests/test_adapters.py fails loudly when an upgrade removes or renames any of them.
 
 RecordingOptunaSearch only samples; search.records.OptunaRecorder records results, stops and
-errors. Resuming: Ray checkpoints the searcher together with its own trial list, so on restore the
-searcher knows exactly which Optuna trials Ray will continue. Any other trial still RUNNING in the
-storage was started after that checkpoint, or ended after it without Optuna hearing how; Ray will
-never continue it. Such orphans are adopted:
-the searcher's next suggestions hand them out again (same number, params and folder, so the trainer
-resumes from its checkpoint) before it asks Optuna for new trials. Whenever the study holds trials drawn
-after Ray's checkpoint (orphans, or trials that ended since), the sampler is reseeded, since its restored
-random state would draw their params again. No trial is lost or duplicated.
+errors. Resuming: Ray uploads its trial list and the searcher's checkpoint as separate files, in
+parallel, so a driver killed mid-upload can leave either one the newer (or no searcher checkpoint
+at all: search.tuner then starts a new Tuner instead of restoring). What Ray will continue is read
+from its trial list (RESUMED_BY_RAY). Any other trial still RUNNING in the storage was started after
+that list was saved, or ended after it without Optuna hearing how; Ray will never continue it. Such
+orphans are adopted: the searcher's next suggestions hand them out again (same number, params and
+folder, so the trainer resumes from its checkpoint) before it asks Optuna for new trials. The sampler
+draws trial n from seed + n (search.sampler), so no restored state can draw a trial's params again.
+No trial is lost or duplicated.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from search import storage as names
+from search.sampler import TrialSeededTPE
 from search.storage import open_storage
 from search.timebudget import TIME_BUDGET
 
@@ -48,6 +51,10 @@ TRIAL_NUMBER_KEY = "optuna_trial_number"
 # any more: that only gets truer as time passes); search.spare then shares out the idle
 # cores. Process-wide, because Ray restores the searcher and the callbacks from its saved experiment.
 SEARCH_FINISHED = threading.Event()
+# The Optuna numbers of the trials Ray's saved experiment will continue, read from its trial list by
+# search.tuner before Tuner.restore (the searcher's own checkpoint may be older or newer than that list).
+# Process-wide, because Ray unpickles the searcher inside Tuner.fit.
+RESUMED_BY_RAY: set[int] = set()
 ORPHAN_ERROR = "interrupted: the driver stopped before Ray's experiment checkpoint recorded this trial, so Ray does not resume it"
 
 
@@ -99,6 +106,14 @@ def swap_study_user_attr(
             return text if connection.execute(update.values(value_json=text)).rowcount == 1 else None
     except sqlalchemy.exc.IntegrityError:
         return None
+
+
+def searcher_checkpoint_saved(experiment: Path) -> bool:
+    """Whether Ray's experiment folder holds the searcher's checkpoint: both files (the search generator's
+    state and the searcher's pickle). Without them Ray's restore silently keeps the searcher it was
+    created with; with only the first, it fails."""
+    templates = (SearchGenerator.CKPT_FILE_TMPL, Searcher.CKPT_FILE_TMPL)
+    return all(any(Path(experiment).glob(template.format("*"))) for template in templates)
 
 
 def suggest(trial: optuna.trial.Trial, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
@@ -164,12 +179,12 @@ class RecordingOptunaSearch(OptunaSearch):
     ) -> None:
         self._artifacts_root = str(artifacts_root)
         self._adoptable = list(adopt)  # Optuna numbers of RUNNING trials to hand out before asking new ones
-        self._sampler_seed, self._startup_trials = sampler_seed, startup_trials  # to reseed after a restore
+        self._sampler_seed, self._startup_trials = sampler_seed, startup_trials  # the sampler a restore installs
         # The budget, counted in Optuna: Ray's own count restarts from its last experiment checkpoint,
         # which may predate trials that ran (and ended) before a driver was killed.
         self._max_trials = max_trials
         self._distributions = dict(kwargs.get("space") or {})  # to complete the params of an adopted trial
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, sampler=TrialSeededTPE(sampler_seed, startup_trials), **kwargs)
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if not TIME_BUDGET.may_start_trial():
@@ -227,21 +242,14 @@ class RecordingOptunaSearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        resumed = {t.number for trial_id, t in self._ot_trials.items() if trial_id not in self._completed_trials}
-        known = {t.number for t in self._ot_trials.values()}
-        # Every RUNNING trial that Ray will not continue is adopted: those asked after Ray's checkpoint,
-        # and those that Ray's list says ended although Optuna never heard how (the driver died between
-        # the two). Their folders hold their checkpoints, so the trainer resumes them (a trial whose
-        # epochs were all done only writes what is missing) and the recorder then tells Optuna the truth.
+        # Every RUNNING trial that Ray will not continue is adopted: those asked after Ray saved its trial
+        # list, and those that the list says ended although Optuna never heard how (the driver died
+        # between the two). Their folders hold their checkpoints, so the trainer resumes them (a trial
+        # whose epochs were all done only writes what is missing) and the recorder then tells Optuna the truth.
         trials = self._ot_study.get_trials(deepcopy=False)
-        self._adoptable = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in resumed]
-        drawn = [t for t in trials if t.state != TrialState.WAITING]
-        if any(t.number not in known for t in drawn):
-            # The restored random state is the one before the trials drawn after Ray's checkpoint (running
-            # or ended since): it would draw their params again. Seeds differ per count of trials drawn.
-            self._ot_study.sampler = optuna.samplers.TPESampler(
-                seed=self._sampler_seed + len(drawn), n_startup_trials=self._startup_trials
-            )
+        self._adoptable = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in RESUMED_BY_RAY]
+        # A searcher Ray pickled before the sampler was seeded per trial number kept one random stream.
+        self._ot_study.sampler = TrialSeededTPE(self._sampler_seed, self._startup_trials)
 
 
 class ResumableASHA(ASHAScheduler):

@@ -21,12 +21,15 @@ from optuna.trial import TrialState
 from data.atomic import atomic_write_text
 from search import storage as names
 from search.adapters import (
+    RESUMED_BY_RAY,
     SEARCH_FINISHED,
+    TRIAL_NUMBER_KEY,
     RecordingOptunaSearch,
     ResumableASHA,
     ResumableSearchGenerator,
     ended_trials,
     fail_running_trials,
+    searcher_checkpoint_saved,
 )
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
 from search.lease import DriverLease, LeaseError
@@ -111,11 +114,14 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), trial_resources(study.budget))
     STUDY_STOP.reset()
     SEARCH_FINISHED.clear()
-    if options.resume and ray_experiment_saved(paths.experiment):
+    resumes = ray_experiment_resumes(paths.experiment) if options.resume else None
+    if resumes is not None:
         print(f"Resuming {paths.experiment}")
+        RESUMED_BY_RAY.clear()
+        RESUMED_BY_RAY.update(resumes)
         tuner = tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
         return tuner.fit(), STUDY_STOP
-    # Nothing of Ray's to continue (a new run, or a driver killed before Ray saved its experiment):
+    # Nothing of Ray's to continue (a new run, or a driver killed before Ray saved its experiment whole):
     # the trials left RUNNING in Optuna are adopted by the new Tuner, in order, with their params.
     if paths.experiment.exists():
         shutil.rmtree(paths.experiment)
@@ -124,8 +130,7 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     if remaining <= 0:
         fail_running_trials(ot_study)
         return [], STUDY_STOP
-    drawn = [t for t in trials if t.state != TrialState.WAITING]  # WAITING: start points not yet run
-    tuner = new_tuner(study, options, paths, trainable, adopt=adopt, seed_offset=len(drawn))
+    tuner = new_tuner(study, options, paths, trainable, adopt=adopt)
     return tuner.fit(), STUDY_STOP
 
 
@@ -155,19 +160,26 @@ def wait_for_resources(budget: Budget, nodes: Any, seconds: float) -> None:
         time.sleep(2)
 
 
-def ray_experiment_saved(experiment: Path) -> bool:
-    """Whether Ray saved an experiment state there with a trial in it: tuner.pkl alone (a driver killed
-    in its first seconds) restores an experiment that runs one trial and never finishes, and a state
-    without trials (a time budget that let none start) fails Ray's restore (IndexError in
-    _restore_trials), after which it restarts the experiment with the searcher's finished state."""
+def ray_experiment_resumes(experiment: Path) -> set[int] | None:
+    """The Optuna numbers of the trials Ray's saved experiment would continue, or None when it saved
+    none that can be restored whole: tuner.pkl alone (a driver killed in its first seconds) restores an
+    experiment that runs one trial and never finishes; a state without trials (a time budget that let
+    none start) fails Ray's restore (IndexError in _restore_trials), after which it restarts the
+    experiment with the searcher's finished state; a trial list without the searcher's checkpoint (a
+    driver killed while Ray uploaded them) makes Ray keep the searcher it was created with, whose
+    table of trials is empty."""
     from ray import tune
+    from ray.tune.experiment import Trial
 
-    if not tune.Tuner.can_restore(str(experiment)):
-        return False
+    if not tune.Tuner.can_restore(str(experiment)) or not searcher_checkpoint_saved(experiment):
+        return None
     try:
-        return bool(tune.ExperimentAnalysis(str(experiment)).trials)
+        trials = tune.ExperimentAnalysis(str(experiment)).trials
     except (ValueError, FileNotFoundError):
-        return False
+        return None
+    if not trials:
+        return None
+    return {t.config[TRIAL_NUMBER_KEY] for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)}
 
 
 @contextlib.contextmanager
@@ -225,14 +237,11 @@ def start_ray(options: SearchOptions, paths: StudyPaths) -> None:
     ray.init(num_cpus=options.num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=str(temp_dir))
 
 
-def new_tuner(
-    study: StudySpec, options: SearchOptions, paths: StudyPaths, trainable: Any, adopt: list[int], seed_offset: int
-) -> Any:
+def new_tuner(study: StudySpec, options: SearchOptions, paths: StudyPaths, trainable: Any, adopt: list[int]) -> Any:
     """A Tuner: TPE sampling recorded in Optuna, ASHA (or no early stopping), at most max_concurrent trials.
 
     ``adopt``: Optuna trials left RUNNING by a driver killed before Ray saved anything; they run first,
-    with their own params and folders. ``seed_offset`` (the trials already in the study) reseeds the
-    sampler, which would otherwise draw again the params of the trials drawn before the kill."""
+    with their own params and folders."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter
@@ -241,7 +250,6 @@ def new_tuner(
         space=study.distributions(),
         metric=study.metric,
         mode=RAY_MODE,
-        sampler=optuna.samplers.TPESampler(seed=study.budget.seed + seed_offset, n_startup_trials=study.budget.startup_trials),
         study_name=study.name,
         storage=open_storage(options.storage),
         artifacts_root=paths.trials,

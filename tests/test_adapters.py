@@ -11,6 +11,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.adapters import (
+    RESUMED_BY_RAY,
     TRIAL_NUMBER_KEY,
     RecordingOptunaSearch,
     optuna_storage,
@@ -62,7 +63,6 @@ def new_searcher(tmp_path, max_trials: int, space: dict = X, seed: int = 0, **kw
         mode="max",
         study_name="s",
         storage=open_storage(f"sqlite:///{tmp_path / 'o.db'}"),
-        sampler=optuna.samplers.TPESampler(seed=seed),
         artifacts_root=tmp_path,
         sampler_seed=seed,
         max_trials=max_trials,
@@ -79,8 +79,7 @@ def test_restore_adopts_a_trial_that_ray_saw_end_and_optuna_never_heard_of(tmp_p
     first.on_trial_complete("ray-a", {"m": 0.5})  # in Ray's list as ended; Optuna still says RUNNING
     first.save(str(tmp_path / "searcher.pkl"))
 
-    resumed = new_searcher(tmp_path, max_trials=3)
-    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed = restored_searcher(tmp_path, ray_resumes={1}, max_trials=3)  # Ray continues ray-b, not ray-a
     study = optuna.load_study(study_name="s", storage=url)
     assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.RUNNING]  # nothing failed
     assert resumed.suggest("ray-c") == ended  # the same Optuna trial: number and params
@@ -144,21 +143,64 @@ def test_a_study_user_attribute_can_be_compared_and_set(tmp_path):
     assert optuna.load_study(study_name="s", storage=url).user_attrs == {"k": 3}
 
 
-def test_a_restored_searcher_never_repeats_a_trial_that_ended_after_its_checkpoint(tmp_path):
+def restored_searcher(tmp_path, ray_resumes: set[int], **kwargs) -> RecordingOptunaSearch:
+    """A new driver's searcher restored from tmp_path/searcher.pkl, Ray's saved trial list continuing
+    the Optuna trials ``ray_resumes`` (what search.tuner reads from it before Tuner.restore)."""
+    RESUMED_BY_RAY.clear()
+    RESUMED_BY_RAY.update(ray_resumes)
+    searcher = new_searcher(tmp_path, **kwargs)
+    searcher.restore(str(tmp_path / "searcher.pkl"))
+    return searcher
+
+
+XY = {**X, "y": optuna.distributions.IntDistribution(0, 1000)}
+
+
+def params(config: dict) -> dict:
+    return {name: config[name] for name in XY}
+
+
+def test_a_trial_draws_the_same_params_however_the_drivers_before_it_ended(tmp_path):
     """Ray's checkpoint saw two trials asked; a third was asked and ended before the driver died. The
-    restored sampler state is the one before that third draw: it must not draw the same params."""
+    restored searcher (its random state the one before that third draw) draws for each later number
+    what a study run straight through draws: never the params of a trial already in the study."""
+    (tmp_path / "straight").mkdir()
+    straight = new_searcher(tmp_path / "straight", max_trials=6, space=XY)
+    uninterrupted = [params(straight.suggest(f"ray-{n}")) for n in range(6)]
+    assert len({tuple(p.values()) for p in uninterrupted}) == 6
+
     url = f"sqlite:///{tmp_path / 'o.db'}"
-    space = {**X, "y": optuna.distributions.IntDistribution(0, 1000)}
-    first = new_searcher(tmp_path, max_trials=6, space=space)
+    first = new_searcher(tmp_path, max_trials=6, space=XY)
     first.suggest("ray-a"), first.suggest("ray-b")
     first.save(str(tmp_path / "searcher.pkl"))
     after_checkpoint = first.suggest("ray-c")
     study = optuna.load_study(study_name="s", storage=url)
     study.tell(after_checkpoint[TRIAL_NUMBER_KEY], 0.5)  # it ended; Ray's checkpoint never heard of it
 
-    resumed = new_searcher(tmp_path, max_trials=6, space=space)
-    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed = restored_searcher(tmp_path, ray_resumes={0, 1}, max_trials=6, space=XY)
     drawn = [resumed.suggest(f"ray-{n}") for n in range(3)]
-    done = [t.params for t in optuna.load_study(study_name="s", storage=url).trials if t.number < 3]
-    for config in drawn:
-        assert {k: config[k] for k in space} not in done, (config, done)
+    assert [d[TRIAL_NUMBER_KEY] for d in drawn] == [3, 4, 5]
+    assert [params(d) for d in drawn] == uninterrupted[3:]
+    assert [t.params for t in optuna.load_study(study_name="s", storage=url).trials] == uninterrupted
+
+
+def test_a_searcher_checkpoint_older_or_newer_than_rays_trial_list(tmp_path):
+    """Ray uploads its trial list and the searcher's checkpoint as separate files: a driver killed in
+    between leaves either one the newer. A trial Ray continues is not handed out a second time although
+    the searcher's checkpoint never saw it asked; a trial the checkpoint saw asked but Ray's list does
+    not hold is handed out again, under its own number."""
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    first = new_searcher(tmp_path, max_trials=4)
+    first.suggest("ray-a")
+    first.save(str(tmp_path / "searcher.pkl"))
+    first.suggest("ray-b")  # asked after the searcher's checkpoint; Ray's trial list holds it
+    older = restored_searcher(tmp_path, ray_resumes={0, 1}, max_trials=4)
+    assert older.suggest("ray-c")[TRIAL_NUMBER_KEY] == 2  # a new trial, not trial 1 again
+
+    # Now the checkpoint knows trials 0 and 1, Ray's list only 0; trial 2 (the last driver's) is in neither.
+    first.save(str(tmp_path / "searcher.pkl"))
+    newer = restored_searcher(tmp_path, ray_resumes={0}, max_trials=4)
+    assert [newer.suggest(f"ray-{n}")[TRIAL_NUMBER_KEY] for n in "de"] == [1, 2]  # adopted, not lost
+    assert newer.suggest("ray-f")[TRIAL_NUMBER_KEY] == 3
+    assert newer.suggest("ray-g") == Searcher.FINISHED
+    assert len(optuna.load_study(study_name="s", storage=url).trials) == 4

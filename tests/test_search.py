@@ -55,9 +55,9 @@ grace_period = 1
 reduction_factor = 2
 max_concurrent = 1
 cpus_per_trial = 1
-seed = 12
-startup_trials = {TRIALS}  # random sampling: with seed 12 the last trial, and only it, draws lr = 1e30
-trial_seeds = true        # trial n trains with seed 12 + n
+seed = 18
+startup_trials = {TRIALS}  # random sampling: with seed 18 the last trial, and only it, draws lr = 1e30
+trial_seeds = true        # trial n trains with seed 18 + n
 
 [search]
 lr = {{ choices = [1e-3, 3e-3, 1e30] }}  # 1e30: the loss goes NaN at once
@@ -307,7 +307,7 @@ def test_optuna_records_tell_the_truth(scenario):
         # A COMPLETE trial has its test outputs, also when its driver was killed after its last epoch.
         assert (artifact_dir / "outputs" / "sts-test.npz").is_file() == (t.state == TrialState.COMPLETE)
         config = json.loads((artifact_dir / "config.json").read_text())["train"]
-        assert config["seed"] == 12 + t.number and config["lr"] == t.params["lr"]
+        assert config["seed"] == 18 + t.number and config["lr"] == t.params["lr"]
         if t.state == TrialState.COMPLETE:
             assert t.value == attrs["best_value"]
         else:
@@ -341,6 +341,24 @@ def test_resume_loses_and_repeats_nothing(scenario):
     assert scenario["outcome"].exit_code == 0
     assert scenario["paths"].finished.is_file()
     assert not scenario["leftovers_after"], scenario["leftovers_after"]
+
+
+@needs_data
+def test_an_experiment_saved_without_its_searcher_is_not_restored(scenario, tmp_path):
+    """Ray uploads its trial list and the searcher's checkpoint as separate files: without the searcher's,
+    Ray's restore would keep the searcher the Tuner was created with (its sampler would draw again
+    what it drew then), so the resume starts a new Tuner that adopts what Optuna holds RUNNING."""
+    from search.tuner import ray_experiment_resumes
+
+    experiment = tmp_path / "ray"
+    shutil.copytree(scenario["paths"].experiment, experiment)
+    assert ray_experiment_resumes(experiment) == set()  # restorable; every trial of the run ended
+    for pattern in ("searcher-state-*.pkl", "search_gen_state-*.json"):
+        for saved in experiment.glob(pattern):
+            saved.rename(saved.with_name("_" + saved.name))
+        assert ray_experiment_resumes(experiment) is None, pattern
+        for saved in experiment.glob("_*"):
+            saved.rename(saved.with_name(saved.name[1:]))
 
 
 @needs_data

@@ -39,7 +39,7 @@ grace_period = 1
 reduction_factor = 2
 max_concurrent = 1
 cpus_per_trial = 1
-seed = 5
+seed = 9
 startup_trials = {TRIALS}  # random sampling
 
 [search]
