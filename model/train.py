@@ -180,6 +180,8 @@ class Trainer:
         set_device_rng_state(self.device, state["cuda_rng"])
         self.gradvac_targets = state["gradvac_targets"].cpu()
         self.epoch, self.step, self.history, self.best = state["epoch"], state["step"], state["history"], state["best"]
+        if self.best is not None and self.best["epoch"] == self.epoch:  # perhaps stopped before _save_best
+            self._save_best({task: self.run_dir.read_epoch_outputs(task, self.epoch) for task in self.dev_splits})
 
     def _write_metrics(self) -> dict:
         summary = {"best_epoch": self.best["epoch"] if self.best else None, "best": self.best, "history": self.history}
@@ -302,8 +304,8 @@ class Trainer:
             p.grad = grad
             offset += p.numel()
 
-    def _new_best(self, record: dict, dev_outputs: dict[str, dict]) -> None:
-        self.best = record
+    def _save_best(self, dev_outputs: dict[str, dict]) -> None:
+        """The best epoch's weights and dev outputs, once last.pt holds that epoch (see run)."""
         self.run_dir.save_weights(self.model.state_dict())
         self.run_dir.write_outputs("dev", dev_outputs)
 
@@ -337,12 +339,17 @@ class Trainer:
             if self.progress:  # one line per epoch: what a log file shows, where the bar does not
                 print(f"epoch {self.epoch}/{cfg.epochs}: {epoch_line(record)}", file=sys.stderr, flush=True)
             self.run_dir.write_epoch_outputs(self.epoch, dev_outputs)
-            if self.best is None or record["overall"] > self.best["overall"]:
-                self._new_best(record, dev_outputs)
-            # metrics.json first: it may run one epoch ahead of last.pt after a crash, never behind
-            # (a resumed run then redoes that epoch, with the same result on CPU).
+            improved = self.best is None or record["overall"] > self.best["overall"]
+            if improved:
+                self.best = record
+            # metrics.json, last.pt, then the best weights. metrics.json may run one epoch ahead of last.pt
+            # after a crash, never behind: the resumed run redoes that epoch. The best weights come last, so
+            # they never hold an epoch that last.pt does not (a redone epoch may differ on a GPU); a crash
+            # just before them leaves last.pt holding the best epoch's model, which the resume saves.
             self._write_metrics()
             self.run_dir.save_state(self._state())
+            if improved:
+                self._save_best(dev_outputs)
             release_free_memory()
             if self.epoch == cfg.epochs and cfg.predict_test:
                 # Before the last report: a scheduler (ASHA at max_t) stops a trial as soon as it

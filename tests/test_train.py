@@ -167,6 +167,35 @@ def test_same_seed_gives_the_same_metrics_and_resume_continues_exactly(tmp_path)
     _same(resumed, straight)
 
 
+def test_a_crash_before_the_best_weights_resumes_without_redoing_the_epoch(tmp_path, monkeypatch):
+    """The best weights are written after last.pt: a run stopped between the two resumes at that epoch
+    (not redoing it, which on a GPU may give other weights than the recorded best) and saves the best
+    epoch's weights and dev outputs from last.pt's model."""
+    config = tiny_config(epochs=2, tasks=["sts"], predict_test=False)
+    straight = train(config, tmp_path / "a")
+    run, save_weights, holds = RunDir(tmp_path / "c"), RunDir.save_weights, []
+
+    def stopped_at_the_best_epoch(self, state):  # called at each epoch that improved: the best is the last
+        holds.append(run.load_state("cpu")["epoch"])  # what last.pt holds when the best weights are due
+        if len(holds) == straight["best_epoch"]:
+            raise KeyboardInterrupt
+        save_weights(self, state)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "save_weights", stopped_at_the_best_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, run.path)
+    assert holds[-1] == straight["best_epoch"]
+    reported = []
+    resumed = train(config, run.path, report=lambda metrics: reported.append(metrics["epoch"]))
+    assert reported == list(range(straight["best_epoch"] + 1, 3))  # nothing redone
+    _same(resumed, straight)
+    weights, expected = run.load_weights(), RunDir(tmp_path / "a").load_weights()
+    assert all(torch.equal(weights[k], expected[k]) for k in expected) or DEVICE.type != "cpu"
+    best_epoch_outputs = run.read_epoch_outputs("sts", resumed["best_epoch"])["values"]
+    np.testing.assert_array_equal(run.read_outputs("sts", "dev")["values"], best_epoch_outputs)
+
+
 def test_test_predictions_come_before_the_last_report(tmp_path):
     """ASHA stops a trial the moment it reports its final epoch: the test outputs must exist by then."""
 
