@@ -7,6 +7,7 @@ Written against ray 2.60.0 and optuna 5.0.0 (pyproject.toml pins both). It uses:
   ray      OptunaSearch._ot_study, ._ot_trials, ._completed_trials   (the searcher's trial table)
            SearchGenerator._finished                                 (reset on restore)
            Searcher.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL   (the searcher checkpoint's files)
+           ray.tune.impl.tuner_internal._TUNER_PKL                   (the Tuner's file)
            ASHAScheduler._brackets, bracket._rungs, ._metric_op      (the rung records ASHA ranks by)
 tests/test_adapters.py fails loudly when an upgrade removes or renames any of them.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickletools
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from typing import Any
 import optuna
 import sqlalchemy
 from optuna.trial import TrialState
+from ray.tune.impl.tuner_internal import _TUNER_PKL
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -108,12 +111,29 @@ def swap_study_user_attr(
         return None
 
 
-def searcher_checkpoint_saved(experiment: Path) -> bool:
-    """Whether Ray's experiment folder holds the searcher's checkpoint: both files (the search generator's
-    state and the searcher's pickle). Without them Ray's restore silently keeps the searcher it was
-    created with; with only the first, it fails."""
-    templates = (SearchGenerator.CKPT_FILE_TMPL, Searcher.CKPT_FILE_TMPL)
-    return all(any(Path(experiment).glob(template.format("*"))) for template in templates)
+def ray_checkpoint_whole(experiment: Path) -> bool:
+    """Whether Ray's experiment folder holds its Tuner and a whole checkpoint of the searcher: both of
+    the searcher's files (the search generator's state and the searcher's), the newest of each, and
+    tuner.pkl complete. Without the searcher's files Ray's restore silently keeps the searcher it was
+    created with; with a file cut short (a driver killed while Ray copied it in place), it fails, and
+    would at every resume."""
+    newest = [Path(experiment) / _TUNER_PKL]
+    for template in (SearchGenerator.CKPT_FILE_TMPL, Searcher.CKPT_FILE_TMPL):
+        saved = sorted(Path(experiment).glob(template.format("*")))
+        if not saved:
+            return False
+        newest.append(saved[-1])  # the newest by name, as Ray picks it
+    return all(complete_pickle(path) for path in newest)
+
+
+def complete_pickle(path: Path) -> bool:
+    """Whether the file is a whole pickle, read opcode by opcode up to its STOP without building anything."""
+    try:
+        for _ in pickletools.genops(path.read_bytes()):
+            pass
+    except (ValueError, OSError):
+        return False
+    return True
 
 
 def suggest(trial: optuna.trial.Trial, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:

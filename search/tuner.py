@@ -29,7 +29,7 @@ from search.adapters import (
     ResumableSearchGenerator,
     ended_trials,
     fail_running_trials,
-    searcher_checkpoint_saved,
+    ray_checkpoint_whole,
 )
 from search.cluster import ClusterError, check_resources, join_error, prepare_token_auth
 from search.lease import DriverLease, LeaseError
@@ -165,13 +165,13 @@ def ray_experiment_resumes(experiment: Path) -> set[int] | None:
     none that can be restored whole: tuner.pkl alone (a driver killed in its first seconds) restores an
     experiment that runs one trial and never finishes; a state without trials (a time budget that let
     none start) fails Ray's restore (IndexError in _restore_trials), after which it restarts the
-    experiment with the searcher's finished state; a trial list without the searcher's checkpoint (a
-    driver killed while Ray uploaded them) makes Ray keep the searcher it was created with, whose
-    table of trials is empty."""
+    experiment with the searcher's finished state; a trial list without the searcher's checkpoint, or
+    with a file cut short (a driver killed while Ray copied them), makes Ray keep the searcher it was
+    created with (its table of trials empty) or fail at every resume (adapters.ray_checkpoint_whole)."""
     from ray import tune
     from ray.tune.experiment import Trial
 
-    if not tune.Tuner.can_restore(str(experiment)) or not searcher_checkpoint_saved(experiment):
+    if not tune.Tuner.can_restore(str(experiment)) or not ray_checkpoint_whole(experiment):
         return None
     try:
         trials = tune.ExperimentAnalysis(str(experiment)).trials

@@ -345,20 +345,29 @@ def test_resume_loses_and_repeats_nothing(scenario):
 
 @needs_data
 def test_an_experiment_saved_without_its_searcher_is_not_restored(scenario, tmp_path):
-    """Ray uploads its trial list and the searcher's checkpoint as separate files: without the searcher's,
-    Ray's restore would keep the searcher the Tuner was created with (its sampler would draw again
-    what it drew then), so the resume starts a new Tuner that adopts what Optuna holds RUNNING."""
+    """Ray uploads its trial list and the searcher's checkpoint as separate files, copied in place: without
+    the searcher's, Ray's restore would keep the searcher the Tuner was created with (its table of trials
+    empty), and with one cut short it would fail at every resume. So the resume starts a new Tuner,
+    which adopts what Optuna holds RUNNING."""
     from search.tuner import ray_experiment_resumes
 
     experiment = tmp_path / "ray"
     shutil.copytree(scenario["paths"].experiment, experiment)
     assert ray_experiment_resumes(experiment) == set()  # restorable; every trial of the run ended
-    for pattern in ("searcher-state-*.pkl", "search_gen_state-*.json"):
-        for saved in experiment.glob(pattern):
-            saved.rename(saved.with_name("_" + saved.name))
+    for pattern in ("searcher-state-*.pkl", "search_gen_state-*.json", "tuner.pkl"):
+        newest = sorted(experiment.glob(pattern))[-1]
+        whole = newest.read_bytes()
+        newest.write_bytes(whole[: len(whole) // 2])  # cut short, as a killed copy leaves it
         assert ray_experiment_resumes(experiment) is None, pattern
-        for saved in experiment.glob("_*"):
-            saved.rename(saved.with_name(saved.name[1:]))
+        newest.write_bytes(whole)
+        aside = tmp_path / "aside"
+        aside.mkdir(exist_ok=True)
+        for saved in experiment.glob(pattern):  # none at all: older runs' files would be restored instead
+            saved.rename(aside / saved.name)
+        assert ray_experiment_resumes(experiment) is None, pattern
+        for saved in aside.iterdir():
+            saved.rename(experiment / saved.name)
+        assert ray_experiment_resumes(experiment) == set()
 
 
 @needs_data
