@@ -181,7 +181,7 @@ class Trainer:
         self.gradvac_targets = state["gradvac_targets"].cpu()
         self.epoch, self.step, self.history, self.best = state["epoch"], state["step"], state["history"], state["best"]
         if self.best is not None and self.best["epoch"] == self.epoch:  # perhaps stopped before _save_best
-            self._save_best({task: self.run_dir.read_epoch_outputs(task, self.epoch) for task in self.dev_splits})
+            self._save_best_again()
 
     def _write_metrics(self) -> dict:
         summary = {"best_epoch": self.best["epoch"] if self.best else None, "best": self.best, "history": self.history}
@@ -308,6 +308,14 @@ class Trainer:
         """The best epoch's weights and dev outputs, once last.pt holds that epoch (see run)."""
         self.run_dir.save_weights(self.model.state_dict())
         self.run_dir.write_outputs("dev", dev_outputs)
+
+    def _save_best_again(self) -> None:
+        """The best weights and dev outputs from last.pt's model and that epoch's saved dev outputs. A
+        run from before per-epoch outputs has none, and needs none: that trainer wrote its best
+        weights before last.pt."""
+        files = {task: self.run_dir.epoch_outputs_file(task, self.epoch) for task in self.dev_splits}
+        if all(path.is_file() for path in files.values()):
+            self._save_best({task: self.run_dir.read_epoch_outputs(task, self.epoch) for task in files})
 
     def run(self) -> dict:
         cfg = self.cfg

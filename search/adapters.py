@@ -5,7 +5,8 @@ Written against ray 2.60.0 and optuna 5.0.0 (pyproject.toml pins both). It uses:
   optuna   Study._storage, Study._study_id       (no public way to address a trial by number)
            RDBStorage.engine, table study_user_attributes (study_id, key, value_json)   (no compare-and-set)
   ray      OptunaSearch._ot_study, ._ot_trials, ._completed_trials   (the searcher's trial table)
-           SearchGenerator._finished                                 (reset on restore)
+           SearchGenerator._finished, ._counter                      (reset on restore)
+           ConcurrencyLimiter.live_trials, .num_unfinished_live_trials   (set from Ray's trial list on restore)
            Searcher.CKPT_FILE_TMPL, SearchGenerator.CKPT_FILE_TMPL   (the searcher checkpoint's files)
            ray.tune.impl.tuner_internal._TUNER_PKL                   (the Tuner's file)
            ASHAScheduler._brackets, bracket._rungs, ._metric_op      (the rung records ASHA ranks by)
@@ -15,16 +16,18 @@ RecordingOptunaSearch only samples; search.records.OptunaRecorder records result
 errors. Resuming: Ray uploads its trial list and the searcher's checkpoint as separate files, in
 parallel, so a driver killed mid-upload can leave either one the newer (or no searcher checkpoint
 at all: search.tuner then starts a new Tuner instead of restoring). What Ray will continue is read
-from its trial list (RESUMED_BY_RAY). Any other trial still RUNNING in the storage was started after
+from its trial list (RAY_TRIALS). Any other trial still RUNNING in the storage was started after
 that list was saved, or ended after it without Optuna hearing how; Ray will never continue it. Such
 orphans are adopted: the searcher's next suggestions hand them out again (same number, params and
-folder, so the trainer resumes from its checkpoint) before it asks Optuna for new trials. The sampler
-draws trial n from seed + n (search.sampler), so no restored state can draw a trial's params again.
-No trial is lost or duplicated.
+folder, so the trainer resumes from its checkpoint) before it asks Optuna for new trials. The trial
+count and the concurrency limit are also taken from Ray's list, not from the saved search generator.
+The sampler draws trial n from a stream seeded by (seed, n) (search.sampler), so no restored state
+draws an earlier trial's params again. No trial is lost or duplicated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,7 +41,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 from ray.tune.impl.tuner_internal import _TUNER_PKL
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import Searcher, SearchGenerator
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from search import storage as names
@@ -54,10 +57,23 @@ TRIAL_NUMBER_KEY = "optuna_trial_number"
 # any more: that only gets truer as time passes); search.spare then shares out the idle
 # cores. Process-wide, because Ray restores the searcher and the callbacks from its saved experiment.
 SEARCH_FINISHED = threading.Event()
-# The Optuna numbers of the trials Ray's saved experiment will continue, read from its trial list by
-# search.tuner before Tuner.restore (the searcher's own checkpoint may be older or newer than that list).
-# Process-wide, because Ray unpickles the searcher inside Tuner.fit.
-RESUMED_BY_RAY: set[int] = set()
+
+
+@dataclasses.dataclass
+class RayTrialList:
+    """Ray's saved trial list, read by search.tuner before Tuner.restore: the searcher's checkpoint (the
+    searcher, the concurrency limiter, the search generator) may be older or newer than it, so the
+    restore takes from it which trials Ray continues and how many Ray holds."""
+
+    count: int = 0  # Ray trials in the list, ended or not
+    resumed: dict[str, int] = dataclasses.field(default_factory=dict)  # Ray trial id -> Optuna number, those Ray continues
+
+    def update(self, count: int, resumed: dict[str, int]) -> None:
+        self.count, self.resumed = count, dict(resumed)
+
+
+# Process-wide, because Ray unpickles the searcher and the search generator inside Tuner.fit.
+RAY_TRIALS = RayTrialList()
 ORPHAN_ERROR = "interrupted: the driver stopped before Ray's experiment checkpoint recorded this trial, so Ray does not resume it"
 
 
@@ -267,7 +283,8 @@ class RecordingOptunaSearch(OptunaSearch):
         # between the two). Their folders hold their checkpoints, so the trainer resumes them (a trial
         # whose epochs were all done only writes what is missing) and the recorder then tells Optuna the truth.
         trials = self._ot_study.get_trials(deepcopy=False)
-        self._adoptable = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in RESUMED_BY_RAY]
+        resumed = set(RAY_TRIALS.resumed.values())
+        self._adoptable = [t.number for t in trials if t.state == TrialState.RUNNING and t.number not in resumed]
         # A searcher Ray pickled before the sampler was seeded per trial number kept one random stream.
         self._ot_study.sampler = TrialSeededTPE(self._sampler_seed, self._startup_trials)
 
@@ -320,11 +337,20 @@ class ResumableSearchGenerator(SearchGenerator):
 
     Ray saves the generator's ``_finished`` flag, set once the searcher said FINISHED: a run that its
     time budget ended would then resume with no trial left to start. Our searcher says FINISHED again
-    at once when the study already holds its trial budget, so forgetting the flag loses nothing."""
+    at once when the study already holds its trial budget, so forgetting the flag loses nothing. The
+    saved trial count and the concurrency limiter's live trials are replaced by Ray's trial list's
+    (RAY_TRIALS): saved newer than the list, they count a trial that Ray lost (the limiter would then
+    wait for it forever, and the count could end the search before it is adopted); saved older, the
+    limiter never tells the searcher that a trial Ray continued has ended."""
 
     def set_state(self, state: dict) -> None:
+        # Ray calls this after the wrappers' set_state and the searcher's restore.
         super().set_state(state)
         self._finished = False
+        self._counter = RAY_TRIALS.count
+        if isinstance(self.searcher, ConcurrencyLimiter):
+            self.searcher.live_trials = set(RAY_TRIALS.resumed)
+            self.searcher.num_unfinished_live_trials = len(RAY_TRIALS.resumed)
 
     def is_finished(self) -> bool:
         # Asked by Ray's loop before each next_trial; a restored run whose count already reached

@@ -4,9 +4,10 @@ A single random stream would make a trial's params depend on how many draws came
 process. A resumed driver cannot know that count for sure: Ray saves the searcher's state and its
 trial list as separate files, uploaded in parallel, so a driver killed mid-upload leaves a searcher
 state older than the trials (or none at all, and Ray then silently keeps the searcher it was created
-with). Replaying such a state draws an earlier trial's params again. Seeded by trial number, a trial
-draws the same params however many drivers asked before it, and two numbers never share a stream
-(nor do trial n of one seed and trial n + 1 of the next, as seed + n would have them).
+with). Replaying such a state draws an earlier trial's params again. Seeded by trial number, a random
+start-up trial draws the same params however many drivers asked before it (a later one also depends
+on which trials had ended, as TPE does), and no two numbers share a stream (32-bit seeds mixed by
+numpy's SeedSequence; nor do trial n of one seed and trial n + 1 of the next, as seed + n would).
 """
 
 from __future__ import annotations

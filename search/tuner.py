@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from data.atomic import atomic_write_text
 from search import storage as names
 from search.adapters import (
-    RESUMED_BY_RAY,
+    RAY_TRIALS,
     SEARCH_FINISHED,
     TRIAL_NUMBER_KEY,
     RecordingOptunaSearch,
@@ -114,11 +114,10 @@ def fit(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_dir: P
     trainable = tune.with_resources(tune.with_parameters(run_trial, job=job), trial_resources(study.budget))
     STUDY_STOP.reset()
     SEARCH_FINISHED.clear()
-    resumes = ray_experiment_resumes(paths.experiment) if options.resume else None
-    if resumes is not None:
+    saved = saved_ray_trials(paths.experiment) if options.resume else None
+    if saved is not None:
         print(f"Resuming {paths.experiment}")
-        RESUMED_BY_RAY.clear()
-        RESUMED_BY_RAY.update(resumes)
+        RAY_TRIALS.update(*saved)
         tuner = tune.Tuner.restore(str(paths.experiment), trainable=trainable, resume_unfinished=True, resume_errored=False)
         return tuner.fit(), STUDY_STOP
     # Nothing of Ray's to continue (a new run, or a driver killed before Ray saved its experiment whole):
@@ -160,14 +159,16 @@ def wait_for_resources(budget: Budget, nodes: Any, seconds: float) -> None:
         time.sleep(2)
 
 
-def ray_experiment_resumes(experiment: Path) -> set[int] | None:
-    """The Optuna numbers of the trials Ray's saved experiment would continue, or None when it saved
-    none that can be restored whole: tuner.pkl alone (a driver killed in its first seconds) restores an
-    experiment that runs one trial and never finishes; a state without trials (a time budget that let
-    none start) fails Ray's restore (IndexError in _restore_trials), after which it restarts the
-    experiment with the searcher's finished state; a trial list without the searcher's checkpoint, or
-    with a file cut short (a driver killed while Ray copied them), makes Ray keep the searcher it was
-    created with (its table of trials empty) or fail at every resume (adapters.ray_checkpoint_whole)."""
+def saved_ray_trials(experiment: Path) -> tuple[int, dict[str, int]] | None:
+    """How many trials Ray's saved experiment holds, and the Ray id and Optuna number of each it would
+    continue; None when it saved none that can be restored whole:
+    - tuner.pkl alone (a driver killed in its first seconds) restores an experiment that runs one trial
+      and never finishes;
+    - a state without trials (a time budget that let none start) fails Ray's restore (IndexError in
+      _restore_trials), after which it restarts the experiment with the searcher's finished state;
+    - a trial list without the searcher's checkpoint, or with a file cut short (a driver killed while
+      Ray copied them), makes Ray keep the searcher it was created with (its table of trials empty) or
+      fail at every resume (adapters.ray_checkpoint_whole)."""
     from ray import tune
     from ray.tune.experiment import Trial
 
@@ -179,7 +180,8 @@ def ray_experiment_resumes(experiment: Path) -> set[int] | None:
         return None
     if not trials:
         return None
-    return {t.config[TRIAL_NUMBER_KEY] for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+    unfinished = [t for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)]
+    return len(trials), {t.trial_id: t.config[TRIAL_NUMBER_KEY] for t in unfinished if TRIAL_NUMBER_KEY in t.config}
 
 
 @contextlib.contextmanager
@@ -240,8 +242,8 @@ def start_ray(options: SearchOptions, paths: StudyPaths) -> None:
 def new_tuner(study: StudySpec, options: SearchOptions, paths: StudyPaths, trainable: Any, adopt: list[int]) -> Any:
     """A Tuner: TPE sampling recorded in Optuna, ASHA (or no early stopping), at most max_concurrent trials.
 
-    ``adopt``: Optuna trials left RUNNING by a driver killed before Ray saved anything; they run first,
-    with their own params and folders."""
+    ``adopt``: Optuna trials left RUNNING by a driver killed before Ray saved its experiment whole; they
+    run first, with their own params and folders."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import ConcurrencyLimiter

@@ -11,7 +11,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from search.adapters import (
-    RESUMED_BY_RAY,
+    RAY_TRIALS,
     TRIAL_NUMBER_KEY,
     RecordingOptunaSearch,
     optuna_storage,
@@ -89,6 +89,36 @@ def test_restore_adopts_a_trial_that_ray_saw_end_and_optuna_never_heard_of(tmp_p
     assert len(optuna.load_study(study_name="s", storage=url).trials) == 3
 
 
+def test_a_restored_search_generator_counts_and_limits_by_rays_trial_list(tmp_path):
+    """The search generator's state (its count, the concurrency limiter's live trials) saved newer than
+    Ray's trial list holds a trial Ray lost: the limiter would wait for it to end forever. Saved older,
+    it lacks a trial Ray continues, whose end would then never reach the searcher. Restored, both follow
+    Ray's list: the lost trial is adopted at once, and the continued trial's end is heard."""
+    from ray.tune.search import ConcurrencyLimiter
+
+    from search.adapters import ResumableSearchGenerator
+
+    def generator() -> ResumableSearchGenerator:
+        return ResumableSearchGenerator(ConcurrencyLimiter(new_searcher(tmp_path, max_trials=3), max_concurrent=1))
+
+    first = generator()
+    assert first.searcher.suggest("ray-a")[TRIAL_NUMBER_KEY] == 0  # live in the limiter
+    first.save_to_dir(str(tmp_path), session_str="s")
+
+    RAY_TRIALS.update(count=0, resumed={})  # Ray's list lost ray-a
+    newer = generator()
+    newer.restore_from_dir(str(tmp_path))
+    assert newer._counter == 0 and newer.searcher.live_trials == set()
+    assert newer.searcher.suggest("ray-b")[TRIAL_NUMBER_KEY] == 0  # adopted, not blocked by ray-a
+
+    RAY_TRIALS.update(count=2, resumed={"ray-x": 0})  # Ray continues ray-x, which the checkpoint never saw
+    older = generator()
+    older.restore_from_dir(str(tmp_path))
+    assert older._counter == 2 and older.searcher.live_trials == {"ray-x"}
+    older.searcher.on_trial_complete("ray-x", {"m": 0.5})
+    assert "ray-x" in older.searcher.searcher._completed_trials
+
+
 def test_asha_never_stops_a_start_point_early(tmp_path):
     """Trial 0 (a start point: the usual recipe, every ensemble's baseline) trains to the end even when
     ASHA ranks it below the cut; trial 2, as bad, is stopped at the same rung."""
@@ -146,8 +176,7 @@ def test_a_study_user_attribute_can_be_compared_and_set(tmp_path):
 def restored_searcher(tmp_path, ray_resumes: set[int], **kwargs) -> RecordingOptunaSearch:
     """A new driver's searcher restored from tmp_path/searcher.pkl, Ray's saved trial list continuing
     the Optuna trials ``ray_resumes`` (what search.tuner reads from it before Tuner.restore)."""
-    RESUMED_BY_RAY.clear()
-    RESUMED_BY_RAY.update(ray_resumes)
+    RAY_TRIALS.update(count=len(ray_resumes), resumed={f"ray-{n}": n for n in ray_resumes})
     searcher = new_searcher(tmp_path, **kwargs)
     searcher.restore(str(tmp_path / "searcher.pkl"))
     return searcher
@@ -162,7 +191,7 @@ def params(config: dict) -> dict:
 
 def test_a_trial_draws_the_same_params_however_the_drivers_before_it_ended(tmp_path):
     """Ray's checkpoint saw two trials asked; a third was asked and ended before the driver died. The
-    restored searcher (its random state the one before that third draw) draws for each later number
+    restored searcher (one random stream would be in its state before that third draw) draws for each later number
     what a study run straight through draws: never the params of a trial already in the study."""
     (tmp_path / "straight").mkdir()
     straight = new_searcher(tmp_path / "straight", max_trials=6, space=XY)

@@ -349,25 +349,26 @@ def test_an_experiment_saved_without_its_searcher_is_not_restored(scenario, tmp_
     the searcher's, Ray's restore would keep the searcher the Tuner was created with (its table of trials
     empty), and with one cut short it would fail at every resume. So the resume starts a new Tuner,
     which adopts what Optuna holds RUNNING."""
-    from search.tuner import ray_experiment_resumes
+    from search.tuner import saved_ray_trials
 
     experiment = tmp_path / "ray"
     shutil.copytree(scenario["paths"].experiment, experiment)
-    assert ray_experiment_resumes(experiment) == set()  # restorable; every trial of the run ended
+    whole_run = saved_ray_trials(experiment)
+    assert whole_run is not None and whole_run[0] >= TRIALS and whole_run[1] == {}  # every trial of the run ended
     for pattern in ("searcher-state-*.pkl", "search_gen_state-*.json", "tuner.pkl"):
         newest = sorted(experiment.glob(pattern))[-1]
         whole = newest.read_bytes()
         newest.write_bytes(whole[: len(whole) // 2])  # cut short, as a killed copy leaves it
-        assert ray_experiment_resumes(experiment) is None, pattern
+        assert saved_ray_trials(experiment) is None, pattern
         newest.write_bytes(whole)
         aside = tmp_path / "aside"
         aside.mkdir(exist_ok=True)
         for saved in experiment.glob(pattern):  # none at all: older runs' files would be restored instead
             saved.rename(aside / saved.name)
-        assert ray_experiment_resumes(experiment) is None, pattern
+        assert saved_ray_trials(experiment) is None, pattern
         for saved in aside.iterdir():
             saved.rename(experiment / saved.name)
-        assert ray_experiment_resumes(experiment) == set()
+        assert saved_ray_trials(experiment) == whole_run
 
 
 @needs_data

@@ -196,6 +196,19 @@ def test_a_crash_before_the_best_weights_resumes_without_redoing_the_epoch(tmp_p
     np.testing.assert_array_equal(run.read_outputs("sts", "dev")["values"], best_epoch_outputs)
 
 
+def test_a_run_from_before_per_epoch_outputs_resumes_as_it_was(tmp_path):
+    """A trainer before per-epoch dev outputs wrote its best weights before last.pt: resumed with every
+    epoch done, the run keeps them, and does not fail for want of the epoch's outputs."""
+    config = tiny_config(epochs=1, tasks=["sts"], predict_test=False)
+    train(config, tmp_path)
+    run = RunDir(tmp_path)
+    weights = run.weights_file.read_bytes()
+    for saved in (tmp_path / "outputs" / "epochs").iterdir():
+        saved.unlink()
+    assert train(config, tmp_path)["best_epoch"] == 1
+    assert run.weights_file.read_bytes() == weights
+
+
 def test_test_predictions_come_before_the_last_report(tmp_path):
     """ASHA stops a trial the moment it reports its final epoch: the test outputs must exist by then."""
 
