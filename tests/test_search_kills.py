@@ -6,7 +6,9 @@ config handed to Ray, the first report received but not recorded; then inside th
 trial. Five are hit by polling the storage: the first report, mid-study, right after a trial ended,
 the last trial. The polled kills take the whole process group (as a crashed machine leaves it), except
 "a-trial-just-ended", which kills the driver alone, as the self-kills do: Ray's processes must not
-outlive it. At the end: the budget exactly, no trial lost, no configuration twice, nothing RUNNING,
+outlive it. After "mid-study" the searcher's checkpoint is put back to the one the self-kills left
+(older than Ray's trial list), after "a-trial-just-ended" it is removed: what a driver killed while
+Ray copied its experiment files can leave. At the end: the budget exactly, no trial lost, no configuration twice, nothing RUNNING,
 and every Optuna record agrees with its trial folder.
 
 Opt-in (MINBERT_KILL_TEST=1, several minutes on 2 cores): the suite's test_search.py already kills
@@ -78,6 +80,27 @@ def check_records_agree_with_folders(study: optuna.Study, paths: StudyPaths) -> 
         assert (folder / "outputs" / "sts-test.npz").is_file() == (t.state == TrialState.COMPLETE), t.number
 
 
+SEARCHER_FILES = ("search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+def save_searcher_checkpoint(experiment: Path, aside: Path) -> Path:
+    aside.mkdir()
+    for pattern in SEARCHER_FILES:
+        for saved in experiment.glob(pattern):
+            shutil.copy2(saved, aside / saved.name)
+    assert any(aside.iterdir()), "Ray saved no searcher checkpoint in the first runs"
+    return aside
+
+
+def replace_searcher_checkpoint(experiment: Path, aside: Path | None) -> None:
+    """The searcher's files in Ray's experiment folder become those set aside (None: none at all)."""
+    for pattern in SEARCHER_FILES:
+        for saved in experiment.glob(pattern):
+            saved.unlink()
+    for saved in aside.iterdir() if aside else ():
+        shutil.copy2(saved, experiment / saved.name)
+
+
 # Ray's processes end with a killed driver: within the reaper's poll and a process's exit, not when a
 # worker notices by itself that its raylet is gone (15-50 s).
 LINGER_LIMIT_S = 5.0
@@ -103,9 +126,16 @@ def test_nine_kills_lose_and_repeat_nothing(tmp_path, storage_url):
         run = run_driver(tmp_path, [*args, "--resume"] if index else args, point, lambda *_: None, 0, False, kill_at=point)
         assert run.returncode == -signal.SIGKILL, (point, run.log[-3000:])
         fired.append((point, True, len(optuna_trials(storage_url, "tiny")), round(run.linger_s, 1)))
+    early_checkpoint = save_searcher_checkpoint(paths.experiment, tmp_path / "early-checkpoint")
     for label, when, group in kill_points():
         run = run_driver(tmp_path, [*args, "--resume"], label, when, signal.SIGKILL, group=group)
         fired.append((label, run.fired is not None, len(optuna_trials(storage_url, "tiny")), round(run.linger_s, 1)))
+        # What a driver killed while Ray copied its experiment can leave (Ray copies the trial list and the
+        # searcher's checkpoint as separate files): a searcher checkpoint older than the trial list, then none.
+        if label == "mid-study":
+            replace_searcher_checkpoint(paths.experiment, early_checkpoint)
+        if label == "a-trial-just-ended":
+            replace_searcher_checkpoint(paths.experiment, None)
     outcome = run_search(SearchOptions(study=str(study_file), storage=storage_url, results_dir=tmp_path / "results", resume=True))
     shutil.rmtree(paths.ray_temp_dir(), ignore_errors=True)
     print("kills (point, killed, trials then, seconds Ray's processes outlived the driver):", fired)
