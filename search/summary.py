@@ -11,6 +11,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import storage as names
+from search.adapters import TRIAL_NUMBER_KEY
 from search.paths import StudyPaths
 from search.spec import StudySpec
 from search.storage import masked_url, open_storage
@@ -38,6 +39,19 @@ def best_ray_result(grid: Any, metric: str, mode: str) -> Any:
         if best_value is None or (value > best_value if mode == "max" else value < best_value):
             best, best_value = result, value
     return best
+
+
+def ray_disagreement(grid: Any, metric: str, mode: str, ranked: list[FrozenTrial]) -> str | None:
+    """A note when Ray's own results pick another best trial than the Optuna records, errored trials left
+    out; None when they agree, or when Ray's results do not hold the recorded best (a resume that had to
+    start a new Ray experiment holds only the trials run since)."""
+    if not ranked or ranked[0].number not in {result.config.get(TRIAL_NUMBER_KEY) for result in grid}:
+        return None
+    best = best_ray_result(grid, metric, mode)
+    best_number = None if best is None else best.config.get(TRIAL_NUMBER_KEY)
+    if best_number == ranked[0].number:
+        return None
+    return f"Note: by Ray's results the best non-errored trial is {best_number}, not {ranked[0].number}."
 
 
 def ranked_trials(ot_study: optuna.Study) -> list[FrozenTrial]:

@@ -23,7 +23,7 @@ from data.atomic import DISK_FULL_ERRNOS, atomic_write_text
 from data.files import DataError, load_examples, resolve_data_dir
 from model.bert import check_model_dir, default_model_path
 from model.runtime import cpu_has_bf16_matmul
-from search.adapters import TRIAL_NUMBER_KEY, ended_trials, fail_running_trials
+from search.adapters import ended_trials, fail_running_trials
 from search.cluster import ClusterError
 from search.lease import LeaseError, current_holder, refuse_if_held
 from search.options import SearchOptions, command_line, results_root
@@ -32,7 +32,7 @@ from search.reaper import reaping
 from search.spec import RAY_MODE, Budget, StudyError, StudySpec
 from search.storage import STUDY_MODEL_PATH, StorageError, check_storage, masked_url, open_storage, study_in_storage
 from search.study import load_spec
-from search.summary import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_REFUSED, Outcome, best_ray_result, summarize
+from search.summary import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_REFUSED, Outcome, ray_disagreement, summarize
 from search.timebudget import TIME_BUDGET, format_duration
 from search.tuner import run_on_ray
 
@@ -250,11 +250,9 @@ def execute(study: StudySpec, options: SearchOptions, paths: StudyPaths, data_di
     atomic_write_text(paths.finished, json.dumps(record, indent=2))
     outcome = summarize(study, options.storage, paths, options.top)
     print(f"Wall time of this session: {wall_seconds / 60:.1f} min (Ray's start included)")
-    # Cross-check with Ray's own records, errored trials left out (Ray's get_best_result can pick them).
-    best = best_ray_result(grid, study.metric, RAY_MODE)
-    best_number = None if best is None else best.config.get(TRIAL_NUMBER_KEY)
-    if outcome.ranked and best_number != outcome.ranked[0].number:
-        print(f"Note: by Ray's results the best non-errored trial is {best_number}, not {outcome.ranked[0].number}.")
+    note = ray_disagreement(grid, study.metric, RAY_MODE, outcome.ranked)  # a cross-check with Ray's own records
+    if note:
+        print(note)
     return outcome
 
 

@@ -34,6 +34,26 @@ def test_best_ray_result_never_picks_an_errored_trial():
     assert best_ray_result([errored, FakeResult([float("nan")])], "sts", "max") is None
 
 
+def test_ray_is_cross_checked_only_when_its_results_hold_the_recorded_best():
+    """A resume that had to start a new Ray experiment holds only the trials run since: no note then."""
+    from types import SimpleNamespace
+
+    from search.adapters import TRIAL_NUMBER_KEY
+    from search.summary import ray_disagreement
+
+    def result(number, values):
+        found = FakeResult(values)
+        found.config = {TRIAL_NUMBER_KEY: number}
+        return found
+
+    ranked = [SimpleNamespace(number=1), SimpleNamespace(number=2)]  # the Optuna records: trial 1 best
+    assert ray_disagreement([result(1, [0.8]), result(2, [0.5])], "sts", "max", ranked) is None
+    note = ray_disagreement([result(1, [0.4]), result(2, [0.5])], "sts", "max", ranked)
+    assert note == "Note: by Ray's results the best non-errored trial is 2, not 1."
+    assert ray_disagreement([result(2, [0.5]), result(3, [0.6])], "sts", "max", ranked) is None  # trial 1 not in Ray's
+    assert ray_disagreement([result(1, [0.4])], "sts", "max", []) is None
+
+
 @pytest.fixture
 def no_ray(tmp_path, monkeypatch):
     """run_search with execute() replaced by a recorder, a study file and locations in tmp_path."""
