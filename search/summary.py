@@ -45,7 +45,8 @@ def ray_disagreement(grid: Any, metric: str, mode: str, ranked: list[FrozenTrial
     """A note when Ray's own results pick another best trial than the Optuna records, errored trials left
     out; None when they agree, or when Ray's results do not hold the recorded best (a resume that had to
     start a new Ray experiment holds only the trials run since)."""
-    if not ranked or ranked[0].number not in {result.config.get(TRIAL_NUMBER_KEY) for result in grid}:
+    held = {(result.config or {}).get(TRIAL_NUMBER_KEY) for result in grid}  # an errored result may have no config
+    if not ranked or ranked[0].number not in held:
         return None
     best = best_ray_result(grid, metric, mode)
     best_number = None if best is None else best.config.get(TRIAL_NUMBER_KEY)

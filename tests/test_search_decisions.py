@@ -52,6 +52,9 @@ def test_ray_is_cross_checked_only_when_its_results_hold_the_recorded_best():
     assert note == "Note: by Ray's results the best non-errored trial is 2, not 1."
     assert ray_disagreement([result(2, [0.5]), result(3, [0.6])], "sts", "max", ranked) is None  # trial 1 not in Ray's
     assert ray_disagreement([result(1, [0.4])], "sts", "max", []) is None
+    without_config = FakeResult([0.9], error=RuntimeError("disk full"))
+    without_config.config = None  # what Ray gives for a trial that errored before its first report
+    assert ray_disagreement([without_config, result(1, [0.8])], "sts", "max", ranked) is None
 
 
 @pytest.fixture
