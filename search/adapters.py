@@ -127,6 +127,11 @@ def swap_study_user_attr(
         return None
 
 
+# The searcher checkpoint's files in Ray's experiment folder (glob patterns): the search generator's
+# state and the searcher's pickle, one of each per driver session.
+SEARCHER_CHECKPOINT_FILES = tuple(template.format("*") for template in (SearchGenerator.CKPT_FILE_TMPL, Searcher.CKPT_FILE_TMPL))
+
+
 def ray_checkpoint_whole(experiment: Path) -> bool:
     """Whether Ray's experiment folder holds its Tuner and a whole checkpoint of the searcher: both of
     the searcher's files (the search generator's state and the searcher's), the newest of each, and
@@ -134,8 +139,8 @@ def ray_checkpoint_whole(experiment: Path) -> bool:
     created with; with a file cut short (a driver killed while Ray copied it in place), it fails, and
     would at every resume."""
     newest = [Path(experiment) / _TUNER_PKL]
-    for template in (SearchGenerator.CKPT_FILE_TMPL, Searcher.CKPT_FILE_TMPL):
-        saved = sorted(Path(experiment).glob(template.format("*")))
+    for pattern in SEARCHER_CHECKPOINT_FILES:
+        saved = sorted(Path(experiment).glob(pattern))
         if not saved:
             return False
         newest.append(saved[-1])  # the newest by name, as Ray picks it

@@ -172,7 +172,7 @@ def saved_ray_trials(experiment: Path) -> tuple[int, dict[str, int]] | None:
     from ray import tune
     from ray.tune.experiment import Trial
 
-    if not tune.Tuner.can_restore(str(experiment)) or not ray_checkpoint_whole(experiment):
+    if not ray_checkpoint_whole(experiment):  # tuner.pkl among them: what Tuner.can_restore looks for
         return None
     try:
         trials = tune.ExperimentAnalysis(str(experiment)).trials

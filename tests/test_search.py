@@ -34,7 +34,7 @@ from optuna.trial import TrialState
 from tiny_model import DATA_DIR, TINY_BERT, needs_data
 
 from search import storage as names
-from search.adapters import ORPHAN_ERROR, SEARCH_FINISHED
+from search.adapters import ORPHAN_ERROR, SEARCH_FINISHED, SEARCHER_CHECKPOINT_FILES
 from search.storage import PROJECT_ROOT, open_storage
 from search.study import load_spec
 from search.tune import EXIT_REFUSED, SearchOptions, StudyPaths, main_exit, run_search
@@ -355,7 +355,7 @@ def test_an_experiment_saved_without_its_searcher_is_not_restored(scenario, tmp_
     shutil.copytree(scenario["paths"].experiment, experiment)
     whole_run = saved_ray_trials(experiment)
     assert whole_run is not None and whole_run[0] >= TRIALS and whole_run[1] == {}  # every trial of the run ended
-    for pattern in ("searcher-state-*.pkl", "search_gen_state-*.json", "tuner.pkl"):
+    for pattern in (*SEARCHER_CHECKPOINT_FILES, "tuner.pkl"):
         newest = sorted(experiment.glob(pattern))[-1]
         whole = newest.read_bytes()
         newest.write_bytes(whole[: len(whole) // 2])  # cut short, as a killed copy leaves it

@@ -31,6 +31,7 @@ from test_search_postgres import postgres_url  # noqa: F401 (a fixture)
 from tiny_model import DATA_DIR, needs_data
 
 from search import storage as names
+from search.adapters import SEARCHER_CHECKPOINT_FILES
 from search.tune import SearchOptions, StudyPaths, run_search
 
 pytestmark = pytest.mark.skipif(os.environ.get("MINBERT_KILL_TEST") != "1", reason="set MINBERT_KILL_TEST=1 (several minutes)")
@@ -80,12 +81,9 @@ def check_records_agree_with_folders(study: optuna.Study, paths: StudyPaths) -> 
         assert (folder / "outputs" / "sts-test.npz").is_file() == (t.state == TrialState.COMPLETE), t.number
 
 
-SEARCHER_FILES = ("search_gen_state-*.json", "searcher-state-*.pkl")
-
-
 def save_searcher_checkpoint(experiment: Path, aside: Path) -> Path:
     aside.mkdir()
-    for pattern in SEARCHER_FILES:
+    for pattern in SEARCHER_CHECKPOINT_FILES:
         for saved in experiment.glob(pattern):
             shutil.copy2(saved, aside / saved.name)
     assert any(aside.iterdir()), "Ray saved no searcher checkpoint in the first runs"
@@ -94,7 +92,7 @@ def save_searcher_checkpoint(experiment: Path, aside: Path) -> Path:
 
 def replace_searcher_checkpoint(experiment: Path, aside: Path | None) -> None:
     """The searcher's files in Ray's experiment folder become those set aside (None: none at all)."""
-    for pattern in SEARCHER_FILES:
+    for pattern in SEARCHER_CHECKPOINT_FILES:
         for saved in experiment.glob(pattern):
             saved.unlink()
     for saved in aside.iterdir() if aside else ():
