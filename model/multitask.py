@@ -221,7 +221,8 @@ class MultitaskBert(nn.Module):
     def encode_views(self, task: str, views: list[View], inputs_embeds: list[torch.Tensor | None]) -> list[torch.Tensor]:
         if len(views) == 2 and inputs_embeds[0] is None and inputs_embeds[1] is None:
             # Both sentences of a bi-encoded batch go through the encoder as one batch of 2B rows
-            # (fewer, larger matrix products), the narrower view padded to the wider one.
+            # (fewer, larger matrix products), the narrower view padded to the wider one: that padding
+            # costs attention only, as the encoder's other work skips it (model.bert.Packing).
             width = max(views[0][0].shape[1], views[1][0].shape[1])
             stacked = tuple(torch.cat([pad_to(a, width), pad_to(b, width)]) for a, b in zip(views[0], views[1], strict=True))
             return list(self.embed(stacked, task=task).chunk(2))

@@ -34,15 +34,17 @@ interquartile range of the per-step ratios of the paired steps). The single-task
 CPU; the multitask case on the trainer's device, a GPU where there is one (each clock read waits
 for the GPU's queued work; the peak estimate stays the CPU's, so its % of peak means nothing there).
 
-FLOPs of one training step on a batch of B sequences padded to T tokens (the work done, padding
-included; batches are length-bucketed so padding is small; the two views of a bi-encoded batch
-count as two batches), for an encoder of L layers, width d and
-feed-forward width d_ff:
-    6 * N * B * T  +  12 * L * B * T^2 * d,      N = L * (4 d^2 + 2 d d_ff)
+FLOPs of one training step on a batch of B sequences padded to T tokens, R of them real (batches
+are length-bucketed so padding is small; the two views of a bi-encoded batch count as two
+batches), for an encoder of L layers, width d and feed-forward width d_ff:
+    6 * N * R  +  12 * L * B * T^2 * d,      N = L * (4 d^2 + 2 d d_ff)
 N is the non-embedding weight-matrix parameter count (the Q, K, V, output and two feed-forward
-matrices of each layer); each of its weights costs a multiply-add (2 FLOPs) per token forward and
-twice that backward (input and weight gradients): 6 N per token (Kaplan et al. 2020). The second
-term is attention's Q K^T and A V, 2 * B * T^2 * d FLOPs each forward, times 3 with the backward.
+matrices of each layer); each of its weights costs a multiply-add (2 FLOPs) per real token forward
+and twice that backward (input and weight gradients): 6 N per token (Kaplan et al. 2020). Our
+encoder does this work on the real tokens only (model.bert.Packing); transformers' does it on
+padding too, work that is not counted, so both are measured against the work the batch needs. The
+second term is attention's Q K^T and A V on the padded batch (both implementations), 2 * B * T^2 * d
+FLOPs each forward, times 3 with the backward.
 Embedding lookups, biases, LayerNorm, softmax, GELU, dropout, the heads, the optimizer and the
 PCGrad projections are left out (memory-bound or small): GFLOP/s counts model FLOPs only.
 
@@ -96,15 +98,17 @@ CPU = torch.device("cpu")
 # ------------------------------------------------------------------------------------------ FLOPs
 
 
-def train_flops(config: BertConfig, shapes: list[tuple[int, int]]) -> float:
-    """Model FLOPs of one forward + backward over batches of (B, T) padded token ids (see the top)."""
+def train_flops(config: BertConfig, shapes: list[tuple[int, int, int]]) -> float:
+    """Model FLOPs of one forward + backward over batches of B sequences padded to T tokens, R of
+    them real, given as (B, T, R) (see the top)."""
     d, layers = config.hidden_size, config.num_hidden_layers
     matrix_params = layers * (4 * d * d + 2 * d * config.intermediate_size)
-    return float(sum(6 * matrix_params * b * t + 12 * layers * b * t * t * d for b, t in shapes))
+    return float(sum(6 * matrix_params * real + 12 * layers * b * t * t * d for b, t, real in shapes))
 
 
-def batch_shapes(batch: Batch) -> list[tuple[int, int]]:
-    return [tuple(view[0].shape) for view in batch.views]
+def batch_shapes(batch: Batch) -> list[tuple[int, int, int]]:
+    """(B, T, real tokens) of each view of ``batch``."""
+    return [(*view[0].shape, int(view[1].sum())) for view in batch.views]
 
 
 # ----------------------------------------------------------------------------------------- setups

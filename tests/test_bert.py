@@ -62,9 +62,12 @@ def test_matches_transformers_on_the_embedded_model():
         with torch.no_grad():
             expected = reference(**encoded)
             got = ours(encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"])
-        hidden_diff = (got["last_hidden_state"] - expected.last_hidden_state).abs().max().item()
+        real = encoded["attention_mask"].bool()
+        hidden_diff = (got["last_hidden_state"][real] - expected.last_hidden_state[real]).abs().max().item()
         pooler_diff = (got["pooler_output"] - expected.pooler_output).abs().max().item()
         assert hidden_diff <= 1e-4 and pooler_diff <= 1e-4, (hidden_diff, pooler_diff)
+        # The encoder skips padding (model.bert.Packing): it comes back as zeros, not as transformers' values.
+        assert got["last_hidden_state"][~real].abs().max().item() == 0.0
 
 
 def test_fused_and_plain_attention_agree():
@@ -98,6 +101,29 @@ def test_padding_does_not_change_real_tokens():
         padded = model(ids[1:2], mask[1:2], types[1:2])["last_hidden_state"][0, :5]
         alone = model(ids[1:2, :5], mask[1:2, :5], types[1:2, :5])["last_hidden_state"][0]
     torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_a_padded_batch_trains_as_its_rows_alone():
+    """The encoder packs the real tokens (model.bert.Packing): the gradients of a padded batch are those
+    of its rows run one by one without padding, so skipping the padding changes nothing learnt."""
+    ids, mask, types = padded_batch()
+    weights = torch.randn(ids.shape[1], TINY.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def gradients(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        model = tiny_model()
+        for row_ids, row_mask, row_types in rows:
+            out = model(row_ids, row_mask, row_types)
+            real = row_mask[..., None].to(out["last_hidden_state"].dtype)
+            width = row_ids.shape[1]
+            ((out["last_hidden_state"] * real * weights[:width]).sum() + out["pooler_output"].sum()).backward()
+        return {name: param.grad for name, param in model.named_parameters() if param.grad is not None}
+
+    batched = gradients([(ids, mask, types)])
+    widths = mask.sum(1).tolist()
+    alone = gradients([(ids[r : r + 1, :w], mask[r : r + 1, :w], types[r : r + 1, :w]) for r, w in enumerate(widths)])
+    assert batched.keys() == alone.keys() and "encoder.layer.0.attention.self.query.weight" in batched
+    for name in batched:
+        torch.testing.assert_close(batched[name], alone[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_dropout_only_in_training_mode():

@@ -23,15 +23,19 @@ from scripts.machine import bf16_flops_per_cycle, default_precisions, describe, 
 from scripts.speed_timing import WORD_EMBEDDING_SETUPS, Step, case_ratios, ratio  # noqa: E402
 
 
-@pytest.mark.parametrize("shapes", [[(3, 16)], [(2, 9), (4, 5)]])
-def test_train_flops_equal_torchs_count_of_a_forward_and_backward(shapes):
+@pytest.mark.parametrize("batches", [[[16, 16, 16]], [[9, 9], [5, 5, 5, 5]], [[16, 9, 3], [5, 1, 4, 2]]])
+def test_train_flops_equal_torchs_count_of_a_forward_and_backward(batches):
+    """Batches given by their rows' lengths: the weight matrices' work is on the real tokens only,
+    attention's on the padded batch."""
     config = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
     model = BertModel(config).train()
+    shapes = [(len(lengths), max(lengths), sum(lengths)) for lengths in batches]
     with FlopCounterMode(display=False) as counter:
-        for b, t in shapes:
-            ids = torch.randint(0, 100, (b, t))
-            model(ids, torch.ones_like(ids), torch.zeros_like(ids))["last_hidden_state"].sum().backward()
-    pooler = sum(2 * b * config.hidden_size**2 for b, _ in shapes)  # forward only, its output unused
+        for lengths in batches:
+            ids = torch.randint(0, 100, (len(lengths), max(lengths)))
+            mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
+            model(ids, mask, torch.zeros_like(ids))["last_hidden_state"].sum().backward()
+    pooler = sum(2 * b * config.hidden_size**2 for b, _, _ in shapes)  # forward only, its output unused
     assert counter.get_total_flops() - pooler == train_flops(config, shapes)
 
 
