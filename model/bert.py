@@ -176,20 +176,28 @@ class Packing:
     """Where the real tokens of a padded (B, T) batch lie. Between attentions the encoder keeps only
     them, as (N, H): projections, feed-forward, norms and dropout then do no work on padding
     (about 11% of a length-bucketed bi-encoded STS batch's tokens). Attention alone needs the padded
-    (B, T) layout, to batch each sequence's keys; its padded queries are dropped again."""
+    (B, T) layout, to batch each sequence's keys; its padded queries are dropped again.
+
+    CPU only: finding the real tokens reads the mask, which on a GPU means waiting for the device at
+    every forward (the trainer reads from it once per step), and a GPU is not bound by these FLOPs at
+    these batch sizes. Elsewhere pack and unpack leave the padded (B, T, ...) layout as it is."""
 
     def __init__(self, attention_mask: torch.Tensor):
         self.batch, self.seq_len = attention_mask.shape
-        self.index = attention_mask.flatten().nonzero().squeeze(1)  # (N,) positions in the flattened (B * T)
+        on_cpu = attention_mask.device.type == "cpu"
+        # (N,) positions of the real tokens in the flattened (B * T); None: keep the padded layout.
+        self.index = attention_mask.flatten().nonzero().squeeze(1) if on_cpu else None
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (N, ...): the real tokens."""
-        return x.flatten(0, 1).index_select(0, self.index)
+        return x if self.index is None else x.flatten(0, 1).index_select(0, self.index)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) -> (B, T, ...), zeros at padding."""
+        if self.index is None:
+            return x
         padded = x.new_zeros(self.batch * self.seq_len, *x.shape[1:])
-        return padded.index_copy(0, self.index, x).view(self.batch, self.seq_len, *x.shape[1:])
+        return padded.index_copy_(0, self.index, x).view(self.batch, self.seq_len, *x.shape[1:])
 
 
 class BertSelfAttention(nn.Module):
@@ -346,7 +354,7 @@ class BertModel(nn.Module):
         for layer in top_layers or ():
             hidden = layer(hidden, bias, packing)
         # Under autocast the stream is bf16 (LayerNorm); what the heads pool and compare is fp32 again.
-        # Padding comes back as zeros, which the heads' pooling and masks ignore.
+        # The heads' pooling and masks ignore padding (zeros on a CPU, see Packing).
         hidden = packing.unpack(hidden.to(self.embeddings.LayerNorm.weight.dtype))
         return {"last_hidden_state": hidden, "pooler_output": self.pooler(hidden)}
 

@@ -35,8 +35,8 @@ CPU; the multitask case on the trainer's device, a GPU where there is one (each 
 for the GPU's queued work; the peak estimate stays the CPU's, so its % of peak means nothing there).
 
 FLOPs of one training step on a batch of B sequences padded to T tokens, R of them real (batches
-are length-bucketed so padding is small; the two views of a bi-encoded batch count as two
-batches), for an encoder of L layers, width d and feed-forward width d_ff:
+are length-bucketed so padding is small; the two views of a bi-encoded batch count as one batch of
+2B rows, as the encoder runs them), for an encoder of L layers, width d and feed-forward width d_ff:
     6 * N * R  +  12 * L * B * T^2 * d,      N = L * (4 d^2 + 2 d d_ff)
 N is the non-embedding weight-matrix parameter count (the Q, K, V, output and two feed-forward
 matrices of each layer); each of its weights costs a multiply-add (2 FLOPs) per real token forward
@@ -107,8 +107,13 @@ def train_flops(config: BertConfig, shapes: list[tuple[int, int, int]]) -> float
 
 
 def batch_shapes(batch: Batch) -> list[tuple[int, int, int]]:
-    """(B, T, real tokens) of each view of ``batch``."""
-    return [(*view[0].shape, int(view[1].sum())) for view in batch.views]
+    """(B, T, real tokens) of what the encoder runs: one view, or the two views of a bi-encoded batch
+    stacked into 2B rows padded to the wider one (as ``MultitaskBert.encode_views`` runs them)."""
+    shapes = [(*view[0].shape, int(view[1].sum())) for view in batch.views]
+    if len(shapes) == 2:
+        (b0, t0, r0), (b1, t1, r1) = shapes
+        return [(b0 + b1, max(t0, t1), r0 + r1)]
+    return shapes
 
 
 # ----------------------------------------------------------------------------------------- setups

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from model.bert import BertConfig, BertModel, Dropout, default_model_path, load_bert_state_dict
+from model.bert import BertConfig, BertModel, Dropout, Packing, default_model_path, load_bert_state_dict
 
 TINY = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
@@ -124,6 +124,19 @@ def test_a_padded_batch_trains_as_its_rows_alone():
     assert batched.keys() == alone.keys() and "encoder.layer.0.attention.self.query.weight" in batched
     for name in batched:
         torch.testing.assert_close(batched[name], alone[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_packing_keeps_the_padded_layout_off_the_cpu():
+    """Finding the real tokens reads the mask: on a CPU that is free, on a GPU a wait for the device at
+    every forward, so there the encoder keeps the padded layout (here a mask on the meta device)."""
+    _, mask, _ = padded_batch()
+    hidden = torch.randn(*mask.shape, 8)
+    on_cpu = Packing(mask)
+    assert on_cpu.pack(hidden).shape == (int(mask.sum()), 8)
+    assert torch.equal(on_cpu.unpack(on_cpu.pack(hidden)), hidden * mask[..., None])
+    elsewhere = Packing(mask.to("meta"))
+    on_meta = hidden.to("meta")
+    assert elsewhere.pack(on_meta) is on_meta and elsewhere.unpack(on_meta) is on_meta
 
 
 def test_dropout_only_in_training_mode():

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import needs_data, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.bert import BertConfig, BertModel
+from model.config import TrainConfig
 from model.optimizer import AdamW, param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # scripts/ is not an installed package
@@ -115,6 +117,20 @@ def test_the_multitask_step_is_timed_after_the_gpu_finished_it(monkeypatch):
     setup.recorders, setup.config = {}, BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
     setup.step()
     assert events == ["synchronize", "step", "synchronize"]
+
+
+@needs_data
+def test_a_bi_encoded_trainer_step_counts_the_flops_its_encoder_runs(tmp_path):
+    """The two views of a bi-encoded batch run as one stacked batch: the step's count is torch's
+    (less the pooler's forward, which the formula leaves out)."""
+    cfg = TrainConfig.from_dict(tiny_config(tasks=["sts"], pair_encoding="bi", sts_head="cosine", train_limit=32))
+    args = argparse.Namespace(freeze_word_embeddings=False, compile=False)
+    setup = TrainerStep(cfg, tmp_path / "run", args)
+    with FlopCounterMode(display=False) as counter:
+        step = setup.step()
+    rows = step.examples * 2  # both sentences of each pair
+    pooler = 2 * rows * setup.config.hidden_size**2
+    assert counter.get_total_flops() - pooler == step.flops
 
 
 def build_summary(path: Path, base: float, caruana: float, gain: float) -> Path:
