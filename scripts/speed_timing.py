@@ -159,5 +159,9 @@ def tables(results: list[dict]) -> str:
                 f"| {CASE_TITLES[result['case']]} | {r['precision']} | {r['ratio']} | **{r['median']:.2f}** | "
                 f"{r['min']:.2f}-{r['max']:.2f} | {r['per_step_median']:.2f} [{q1:.2f}-{q3:.2f}] |"
             )
-    lines += ["", "GFLOP/s: model FLOPs 6*N*B*T + 12*L*B*T^2*d per step (see the script's docstring), padded tokens."]
+    lines += [
+        "",
+        "GFLOP/s: model FLOPs 6*N*R + 12*L*B*T^2*d per step (see the script's docstring): "
+        "the weight matrices on the R real tokens, attention on the padded batch.",
+    ]
     return "\n".join(lines)
