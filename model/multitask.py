@@ -29,6 +29,14 @@ def pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     return x if x.shape[1] == width else F.pad(x, (0, width - x.shape[1]))
 
 
+def stack_views(first: View, second: View) -> View:
+    """The two views of a bi-encoded batch as one batch of 2B rows, the narrower padded to the wider:
+    one encoder call (fewer, larger matrix products). The padding costs attention only, as the
+    encoder's other work skips it (model.bert.Packing)."""
+    width = max(first[0].shape[1], second[0].shape[1])
+    return tuple(torch.cat([pad_to(a, width), pad_to(b, width)]) for a, b in zip(first, second, strict=True))
+
+
 def combine_pair(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Sentence-BERT's pair features [u, v, |u-v|, u*v]."""
     return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)
@@ -220,12 +228,7 @@ class MultitaskBert(nn.Module):
 
     def encode_views(self, task: str, views: list[View], inputs_embeds: list[torch.Tensor | None]) -> list[torch.Tensor]:
         if len(views) == 2 and inputs_embeds[0] is None and inputs_embeds[1] is None:
-            # Both sentences of a bi-encoded batch go through the encoder as one batch of 2B rows
-            # (fewer, larger matrix products), the narrower view padded to the wider one: that padding
-            # costs attention only, as the encoder's other work skips it (model.bert.Packing).
-            width = max(views[0][0].shape[1], views[1][0].shape[1])
-            stacked = tuple(torch.cat([pad_to(a, width), pad_to(b, width)]) for a, b in zip(views[0], views[1], strict=True))
-            return list(self.embed(stacked, task=task).chunk(2))
+            return list(self.embed(stack_views(*views), task=task).chunk(2))
         return [self.embed(view, emb, task) for view, emb in zip(views, inputs_embeds, strict=True)]
 
 

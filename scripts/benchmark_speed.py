@@ -74,7 +74,7 @@ from data.batching import Batch, BatchStream  # noqa: E402
 from model.bert import BertConfig  # noqa: E402
 from model.build import bert_config_for, build_model  # noqa: E402
 from model.config import TrainConfig  # noqa: E402
-from model.multitask import task_loss  # noqa: E402
+from model.multitask import stack_views, task_loss  # noqa: E402
 from model.optimizer import AdamW, param_groups  # noqa: E402
 from model.runtime import autocast  # noqa: E402
 from model.splits import load_split, model_dir  # noqa: E402
@@ -107,13 +107,10 @@ def train_flops(config: BertConfig, shapes: list[tuple[int, int, int]]) -> float
 
 
 def batch_shapes(batch: Batch) -> list[tuple[int, int, int]]:
-    """(B, T, real tokens) of what the encoder runs: one view, or the two views of a bi-encoded batch
-    stacked into 2B rows padded to the wider one (as ``MultitaskBert.encode_views`` runs them)."""
-    shapes = [(*view[0].shape, int(view[1].sum())) for view in batch.views]
-    if len(shapes) == 2:
-        (b0, t0, r0), (b1, t1, r1) = shapes
-        return [(b0 + b1, max(t0, t1), r0 + r1)]
-    return shapes
+    """(B, T, real tokens) of what the encoder runs: one view, or a bi-encoded batch's two stacked
+    (``stack_views``, as ``MultitaskBert.encode_views`` runs them)."""
+    views = [stack_views(*batch.views)] if len(batch.views) == 2 else batch.views
+    return [(*view[0].shape, int(view[1].sum())) for view in views]
 
 
 # ----------------------------------------------------------------------------------------- setups
