@@ -179,8 +179,8 @@ class Packing:
     (B, T) layout, to batch each sequence's keys; its padded queries are dropped again.
 
     CPU only: finding the real tokens reads the mask, which on a GPU means waiting for the device at
-    every forward (the trainer reads from it once per step), and a GPU is not bound by these FLOPs at
-    these batch sizes. Elsewhere pack and unpack leave the padded (B, T, ...) layout as it is."""
+    every forward (the trainer reads from it once per step); whether packing would pay on a GPU has
+    not been measured. Elsewhere pack and unpack leave the padded (B, T, ...) layout as it is."""
 
     def __init__(self, attention_mask: torch.Tensor):
         self.batch, self.seq_len = attention_mask.shape
